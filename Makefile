@@ -1,0 +1,61 @@
+# tfm: every target sets up its own virtual environment (.venv) on first use.
+#   make test           the whole test suite (CPU, then CUDA kernels under Numba's simulator)
+#   make studies        every study on the default grid -> results/ (tables, figures, REPORT.md)
+#   make studies-quick  a small grid in a few minutes (into $(QUICK_OUT))
+#   make bench          the pytest-benchmark suite, saved under this machine's name
+#   make bench-compare  compare with the saved baseline; fail on a slowdown > $(BENCH_FAIL)
+#   make gpu-check      CUDA correctness at real sizes + timings against PyTorch (needs a GPU)
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+STAMP := $(VENV)/.installed
+# Compiled Numba kernels are cached here between runs (cache=True).
+export NUMBA_CACHE_DIR ?= $(CURDIR)/.venv/numba-cache
+
+QUICK_OUT ?= $(CURDIR)/results-quick
+BENCH_NAME ?= $(shell uname -m)-$(shell nproc)cpu
+BENCH_FAIL ?= median:25%
+BENCH_ARGS ?=
+
+.PHONY: all venv test test-cpu test-cudasim bench bench-compare bench-baseline studies studies-quick gpu-check clean
+
+all: test
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet -e '.[test,torch]'
+	touch $(STAMP)
+
+test: test-cpu test-cudasim
+
+test-cpu: $(STAMP)
+	$(PY) -m pytest -q --ignore=tests/cuda --benchmark-disable -p no:cacheprovider
+
+# Numba reads NUMBA_ENABLE_CUDASIM when it is first imported: this must be its own process.
+test-cudasim: $(STAMP)
+	NUMBA_ENABLE_CUDASIM=1 $(PY) -m pytest -q tests/cuda --benchmark-disable -p no:cacheprovider
+
+bench: $(STAMP)
+	$(PY) -m pytest tests/benchmarks --benchmark-only --benchmark-save=$(BENCH_NAME) \
+		--benchmark-columns=min,median,iqr,ops,rounds --benchmark-sort=fullname $(BENCH_ARGS)
+
+bench-compare: $(STAMP)
+	$(PY) -m pytest tests/benchmarks --benchmark-only --benchmark-compare \
+		--benchmark-compare-fail=$(BENCH_FAIL) --benchmark-columns=min,median,iqr,rounds \
+		--benchmark-sort=fullname $(BENCH_ARGS)
+
+studies: $(STAMP)
+	$(PY) -m studies.run_all
+
+studies-quick: $(STAMP)
+	$(PY) -m studies.run_all --quick --out $(QUICK_OUT)
+
+gpu-check: $(STAMP)
+	$(PY) -m tfm.cuda_check --out results/gpu
+
+clean:
+	rm -rf $(VENV) .pytest_cache .benchmarks results-quick

@@ -1,0 +1,114 @@
+"""Input validation shared by the public API: clear errors that name the problem."""
+
+from __future__ import annotations
+
+import numpy as np
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+IMPLS = ("naive", "fused")
+
+
+def is_device_array(x) -> bool:
+    return hasattr(x, "__cuda_array_interface__") and not isinstance(x, np.ndarray)
+
+
+def as_array(name: str, x):
+    """np.asarray for host data; device arrays (``__cuda_array_interface__``) pass through."""
+    if x is None:
+        raise TypeError(f"{name} must be an array, got None")
+    if is_device_array(x):
+        return x
+    try:
+        return np.asarray(x)
+    except Exception as exc:  # ragged lists and the like
+        raise TypeError(f"{name} could not be converted to an array: {exc}") from None
+
+
+def check_float(name: str, x, ndim: int | None = None):
+    x = as_array(name, x)
+    dtype = np.dtype(x.dtype)
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32 or float64, got dtype {dtype}")
+    if ndim is not None and len(x.shape) != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
+    if 0 in tuple(x.shape):
+        raise ValueError(f"{name} must not be empty, got shape {tuple(x.shape)}")
+    return x
+
+
+def check_impl(impl) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"unknown attention impl {impl!r}; choose one of {', '.join(IMPLS)}")
+    return impl
+
+
+def check_attention_inputs(q, k, v, mask=None):
+    """Validate (B, H, Nq, Dk), (B, H, Nk, Dk), (B, H, Nk, Dv) and a bool mask; returns them."""
+    q = check_float("q", q, 4)
+    k = check_float("k", k, 4)
+    v = check_float("v", v, 4)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    (b, h, nq, dk), (bk, hk, nk, dk2), (bv, hv, nv, _) = q.shape, k.shape, v.shape
+    if (b, h) != (bk, hk) or (b, h) != (bv, hv):
+        raise ValueError(
+            f"q, k, v must share batch and head dims (B, H): got q {tuple(q.shape)}, "
+            f"k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if dk != dk2:
+        raise ValueError(f"q and k head dims differ: q has Dk={dk}, k has Dk={dk2}")
+    if nk != nv:
+        raise ValueError(f"k and v must have the same length: k has Nk={nk}, v has Nk={nv}")
+    if mask is not None:
+        mask = as_array("mask", mask)
+        if np.dtype(mask.dtype) != np.bool_:
+            raise TypeError(f"mask must be boolean (True = may attend), got dtype {mask.dtype}")
+        if len(mask.shape) > 4:
+            raise ValueError(f"mask must have at most 4 dimensions, got shape {tuple(mask.shape)}")
+        target = (b, h, nq, nk)
+        padded = (1,) * (4 - len(mask.shape)) + tuple(mask.shape)
+        if any(m not in (1, t) for m, t in zip(padded, target)):
+            raise ValueError(
+                f"mask of shape {tuple(mask.shape)} is not broadcastable to (B, H, Nq, Nk) = {target}"
+            )
+    return q, k, v, mask
+
+
+def check_token_ids(name: str, ids, vocab: int, max_len: int | None = None) -> np.ndarray:
+    """Token ids: a (B, N) integer array with 0 <= id < vocab and N <= max_len."""
+    ids = np.asarray(ids)
+    if ids.dtype == np.bool_ or not np.issubdtype(ids.dtype, np.integer):
+        raise TypeError(f"{name} must be an integer array of token ids, got dtype {ids.dtype}")
+    if ids.ndim != 2:
+        raise ValueError(f"{name} must have shape (batch, length), got shape {ids.shape}")
+    if ids.shape[0] == 0 or ids.shape[1] == 0:
+        raise ValueError(f"{name} must not be empty, got shape {ids.shape}")
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"{name} holds token id {bad} outside the vocabulary [0, {vocab})")
+    if max_len is not None and ids.shape[1] > max_len:
+        raise ValueError(
+            f"{name} has length {ids.shape[1]}, longer than the model's max_len={max_len}"
+        )
+    return ids.astype(np.int64, copy=False)
+
+
+def check_padding_mask(name: str, mask, batch: int, length: int) -> np.ndarray | None:
+    """A (B, N) bool key-padding mask, True = padding (PyTorch's key_padding_mask)."""
+    if mask is None:
+        return None
+    mask = np.asarray(mask)
+    if mask.dtype != np.bool_:
+        raise TypeError(f"{name} must be boolean (True = padding), got dtype {mask.dtype}")
+    if mask.shape != (batch, length):
+        raise ValueError(f"{name} must have shape {(batch, length)}, got {mask.shape}")
+    return mask
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    raise AssertionError("unreachable")

@@ -1,0 +1,109 @@
+"""Model configuration: the paper's defaults in one dataclass, validated in one place."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+
+ACTIVATIONS = ("relu", "gelu")
+NORM_POSITIONS = ("post", "pre")
+DTYPES = ("float32", "float64")
+PRESETS = ("base", "big", "small", "tiny")
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    """Hyper-parameters of the encoder-decoder Transformer (paper, Table 3 "base" by default).
+
+    ``norm="post"`` is the paper's ``LayerNorm(x + Sublayer(x))``; ``"pre"`` is
+    ``x + Sublayer(LayerNorm(x))``. ``final_norm`` adds a LayerNorm after each stack
+    (as ``torch.nn.Transformer`` does). ``tie_embeddings`` shares the target embedding
+    with the output projection (section 3.4).
+    """
+
+    d_model: int = 512
+    n_heads: int = 8
+    d_ff: int = 2048
+    n_encoder_layers: int = 6
+    n_decoder_layers: int = 6
+    src_vocab: int = 32000
+    tgt_vocab: int = 32000
+    max_len: int = 1024
+    activation: str = "relu"
+    norm: str = "post"
+    final_norm: bool = False
+    layer_norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        for name in ("d_model", "n_heads", "d_ff", "src_vocab", "tgt_vocab", "max_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("n_encoder_layers", "n_decoder_layers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        if self.d_model % self.n_heads != 0:
+            raise ValueError(
+                f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}: "
+                f"each head needs d_model/n_heads dimensions"
+            )
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if self.norm not in NORM_POSITIONS:
+            raise ValueError(f"norm must be one of {NORM_POSITIONS}, got {self.norm!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if not self.layer_norm_eps > 0:
+            raise ValueError(f"layer_norm_eps must be > 0, got {self.layer_norm_eps!r}")
+
+    @property
+    def d_head(self) -> int:
+        """d_k = d_v = d_model / h."""
+        return self.d_model // self.n_heads
+
+    # presets ------------------------------------------------------------------------
+    @classmethod
+    def base(cls, **overrides) -> "TransformerConfig":
+        """The paper's base model: N=6, d_model=512, d_ff=2048, h=8 (Table 3)."""
+        return cls(**overrides)
+
+    @classmethod
+    def big(cls, **overrides) -> "TransformerConfig":
+        """The paper's big model: N=6, d_model=1024, d_ff=4096, h=16 (Table 3)."""
+        return cls(**{"d_model": 1024, "n_heads": 16, "d_ff": 4096, **overrides})
+
+    @classmethod
+    def small(cls, **overrides) -> "TransformerConfig":
+        """A small model for examples and quick studies: N=2, d_model=128, h=4."""
+        return cls(**{"d_model": 128, "n_heads": 4, "d_ff": 512, "n_encoder_layers": 2,
+                      "n_decoder_layers": 2, "src_vocab": 1000, "tgt_vocab": 1000,
+                      "max_len": 512, **overrides})
+
+    @classmethod
+    def tiny(cls, **overrides) -> "TransformerConfig":
+        """A tiny model for tests: N=2, d_model=32, h=4 (odd-sized vocabularies)."""
+        return cls(**{"d_model": 32, "n_heads": 4, "d_ff": 64, "n_encoder_layers": 2,
+                      "n_decoder_layers": 2, "src_vocab": 53, "tgt_vocab": 47,
+                      "max_len": 128, **overrides})
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "TransformerConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return getattr(cls, name)(**overrides)
+
+    def replace(self, **changes) -> "TransformerConfig":
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TransformerConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown TransformerConfig fields: {sorted(unknown)}")
+        return cls(**d)
