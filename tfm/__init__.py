@@ -14,6 +14,7 @@ from .backends import BACKENDS, BackendUnavailable, get_backend
 from .config import TransformerConfig
 from .errors import InsufficientMemoryError
 from .functional import attention
+from .interop import from_torch
 
 __version__ = "0.1.0"
 
@@ -23,5 +24,6 @@ __all__ = [
     "InsufficientMemoryError",
     "TransformerConfig",
     "attention",
+    "from_torch",
     "get_backend",
 ]
