@@ -3,7 +3,7 @@
 Converters live one module per family and are imported on demand, so tfm never needs
 PyTorch unless this function is called:
 
-    transformer.py  torch.nn.Transformer  -> TorchTransformer (embedded inputs -> outputs)
+    transformer.py  torch.nn.Transformer  -> tfm.EncoderDecoder (embedded inputs -> outputs)
     recurrent.py    torch.nn.RNN / LSTM / GRU -> recurrent stacks
     conv.py         torch.nn.Conv1d -> Conv1d layer
 """
