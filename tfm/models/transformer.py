@@ -244,11 +244,15 @@ class EncoderDecoder(_Stack):
         the decoder's self-attention keys. A query with no visible key gets a zero
         attention output. Returns a host array in the config dtype.
 
-        One difference from PyTorch: for post-norm models with an even head count, PyTorch's
-        nested-tensor fast path (eval mode, ``src_key_padding_mask`` given) zeroes the encoder
-        output at padded source positions before the final encoder norm. tfm computes those
-        positions like every other, so the results agree wherever the padded memory positions
-        are masked out with ``memory_key_padding_mask``.
+        Differences from PyTorch, both from its inference fast paths (eval mode, even head
+        count, ``src_key_padding_mask`` given), measured with torch 2.13:
+
+        * post-norm: the nested-tensor path zeroes the encoder output at padded source
+          positions before the final encoder norm; tfm computes those positions like every
+          other. Results agree wherever ``memory_key_padding_mask`` masks them out.
+        * pre-norm: the fused encoder-layer kernel returns NaN for a source sequence that is
+          entirely padding; tfm (like PyTorch's standard path, e.g. with an odd head count)
+          gives such queries a zero attention output and stays finite.
         """
         d = self.config.d_model
         src = check_float("src", src, 3)
