@@ -1,0 +1,15 @@
+"""The complexity studies of the paper's Table 1 and section 4, as thin scripts over tfm.bench.
+
+    scaling      time, FLOPs and peak memory of each layer type against n and d; fitted exponents
+    sequential   dependent steps per layer, counted on the kernels; time against n under batch parallelism
+    path_length  maximum path length of stacks, from dependency structure measured on the kernels
+    crossover    the n at which a self-attention layer becomes costlier than a recurrent one, per d
+    throughput   whole-model tokens/s (Transformer, LSTM seq2seq, ConvS2S; teacher-forced and greedy)
+    roofline     each kernel's GFLOP/s and GB/s against the measured machine ceilings
+    peers        tfm against PyTorch, side by side (A B A B) in one process
+
+Each runs alone (``python -m studies.<name> --help``); ``python -m studies.run_all`` runs
+them all and writes results/REPORT.md (``studies/report.py``).
+"""
+
+STUDIES = ("scaling", "sequential", "path_length", "crossover", "throughput", "roofline", "peers")

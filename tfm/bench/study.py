@@ -1,0 +1,254 @@
+"""Studies as data: a parameter grid, a measurement function, a tidy table out.
+
+A :class:`Study` is an ordered list of cases (dicts of parameters) and a function
+``measure(case, ctx) -> dict`` returning that case's measurements. :func:`run_study` turns
+it into one table row per case, with the machine fingerprint and ceilings as columns,
+written to ``<out>/tables/<name>.csv`` atomically after every row, so that:
+
+* an interrupted run (Ctrl-C) resumes where it stopped: rows with status ``ok``,
+  ``oom`` or ``over_budget`` are not measured again (``fresh=True`` starts over);
+  ``unavailable`` and ``error`` rows are retried, since code may have landed or been fixed;
+* nothing expected crashes a run: an unavailable backend or missing kernel
+  (``BackendUnavailable``, ``ImportError``, ``NotImplementedError``) becomes an
+  ``unavailable`` row, an out-of-memory case (``MemoryError``,
+  ``InsufficientMemoryError``) an ``oom`` row, a case whose predicted time is over the
+  budget an ``over_budget`` row; anything else an ``error`` row with the exception text.
+  Every such row has NaN measurements and a ``reason``.
+
+Time budget: in a *series* (cases equal but for the growing parameter, e.g. n), the time
+of the last measured case predicts the next one as ``t * (g / g_prev) ** p`` with the
+study's expected exponent p; a case predicted over ``max_call_s`` per call is skipped, and
+so are the larger cases of that series.
+
+Rows with ``flops`` get ``gflops`` and ``frac_sgemm`` (of the measured sgemm ceiling);
+rows with ``bytes`` get ``gbs`` and ``frac_bw``; both computed from ``time_s``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from ..backends import BackendUnavailable
+from ..errors import InsufficientMemoryError
+from .machine import fingerprint, measure_ceilings
+from .memory import MemoryPeak, peak_memory
+from .timing import Timing, time_call, time_pair
+
+DONE_STATUSES = ("ok", "oom", "over_budget")
+STATUSES = DONE_STATUSES + ("unavailable", "error")
+
+
+class Skip(Exception):
+    """Raised by a measurement to record a NaN row: ``Skip(reason, status="unavailable")``."""
+
+    def __init__(self, reason: str, status: str = "unavailable"):
+        if status not in STATUSES:
+            raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+
+
+@dataclass
+class Study:
+    name: str
+    title: str
+    cases: list[dict]
+    measure: Callable[[dict, "Context"], dict]
+    grow: str | Callable[[dict], str] | None = None  # the growing parameter of a series (e.g. "n")
+    exponent: Callable[[dict], float] | float = 1.0  # expected time ~ grow ** exponent
+    max_call_s: float = 3.0
+    budget_s: float = 0.4  # timing budget per case (repeats until reached)
+    min_repeats: int = 3
+
+    def __post_init__(self):
+        if not self.name.isidentifier():
+            raise ValueError(f"study name must be an identifier, got {self.name!r}")
+        for case in self.cases:
+            if not isinstance(case, dict):
+                raise TypeError(f"study {self.name}: every case must be a dict, got {type(case).__name__}")
+
+
+@dataclass
+class Context:
+    """What a measurement function gets besides its case: timing and memory helpers."""
+
+    study: Study
+    quick: bool
+    ceilings: dict
+    extra: dict = field(default_factory=dict)
+
+    def time(self, fn: Callable[[], object], sync: Callable[[], None] | None = None) -> Timing:
+        return time_call(fn, budget_s=self.study.budget_s, min_repeats=self.study.min_repeats, sync=sync)
+
+    def time_pair(self, fn_a, fn_b, sync_a=None, sync_b=None) -> tuple[Timing, Timing]:
+        return time_pair(fn_a, fn_b, budget_s=2 * self.study.budget_s, min_repeats=self.study.min_repeats,
+                         sync_a=sync_a, sync_b=sync_b)
+
+    def memory(self, fn: Callable[[], object]) -> MemoryPeak:
+        return peak_memory(fn)
+
+
+def case_id(case: dict) -> str:
+    return json.dumps(case, sort_keys=True, default=str)
+
+
+def classify(exc: BaseException) -> tuple[str, str]:
+    """(status, reason) of an exception raised by a measurement."""
+    if isinstance(exc, Skip):
+        return exc.status, exc.reason
+    text = f"{type(exc).__name__}: {exc}".strip()
+    if isinstance(exc, (MemoryError, InsufficientMemoryError)):
+        return "oom", text
+    if isinstance(exc, (BackendUnavailable, ImportError, NotImplementedError)):
+        return "unavailable", text
+    return "error", text
+
+
+def write_atomic(df: pd.DataFrame, path: Path) -> None:
+    """Write a CSV so that readers never see a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            df.to_csv(f, index=False)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def table_path(out: Path | str, name: str) -> Path:
+    return Path(out) / "tables" / f"{name}.csv"
+
+
+def load_table(out: Path | str, name: str) -> pd.DataFrame | None:
+    path = table_path(out, name)
+    return pd.read_csv(path) if path.exists() else None
+
+
+def _grow(study: Study, case: dict) -> str | None:
+    return study.grow(case) if callable(study.grow) else study.grow
+
+
+def _series_key(case: dict, grow: str | None) -> str:
+    return case_id({k: v for k, v in case.items() if k != grow})
+
+
+def _derived(row: dict, ceilings: dict) -> None:
+    t = row.get("time_s")
+    if t is None or not (isinstance(t, float) and t > 0):
+        return
+    if row.get("flops") is not None and np.isfinite(row["flops"]):
+        row["gflops"] = row["flops"] / t / 1e9
+        row["frac_sgemm"] = row["gflops"] / ceilings["sgemm_gflops"]
+    if row.get("bytes") is not None and np.isfinite(row["bytes"]):
+        row["gbs"] = row["bytes"] / t / 1e9
+        row["frac_bw"] = row["gbs"] / ceilings["mem_bw_gbs"]
+
+
+def run_study(study: Study, out: Path | str = "results", *, quick: bool = False, fresh: bool = False,
+              progress: bool = True) -> pd.DataFrame:
+    """Measure every case not already done; return the whole table (see module docstring)."""
+    from tqdm.auto import tqdm
+
+    path = table_path(out, study.name)
+    ceilings = measure_ceilings(quick)
+    fp = {**fingerprint(), **{k: v for k, v in ceilings.items() if k != "device_reason"}}
+    write_machine(out, quick)
+
+    old = None if fresh else load_table(out, study.name)
+    rows: list[dict] = []
+    done: set[str] = set()
+    if old is not None and "case_id" in old.columns:
+        kept = old[old["status"].isin(DONE_STATUSES)]
+        rows = kept.to_dict("records")
+        done = set(kept["case_id"])
+    # series state: last measured (grow value, time) and whether the series is over budget
+    last: dict[str, tuple[float, float]] = {}
+    blocked: dict[str, str] = {}
+    for r in rows:
+        case = json.loads(r["case_id"])
+        grow = _grow(study, case)
+        key = _series_key(case, grow)
+        if r["status"] == "ok" and grow and np.isfinite(r.get("time_s", np.nan)):
+            last[key] = (float(r[grow]), float(r["time_s"]))
+        elif r["status"] in ("oom", "over_budget"):
+            blocked[key] = f"a smaller {grow} of this series was skipped ({r['reason']})"
+
+    ctx = Context(study, quick, ceilings)
+    todo = [c for c in study.cases if case_id(c) not in done]
+    bar = tqdm(total=len(study.cases), initial=len(study.cases) - len(todo), desc=study.name,
+               unit="case", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    try:
+        for case in todo:
+            bar.set_postfix_str(", ".join(f"{k}={v}" for k, v in case.items())[:60], refresh=False)
+            grow = _grow(study, case)
+            key = _series_key(case, grow)
+            row = {**case, "case_id": case_id(case)}
+            t0 = time.perf_counter()
+            try:
+                if key in blocked:
+                    raise Skip(blocked[key], "over_budget")
+                if grow and key in last:
+                    g_prev, t_prev = last[key]
+                    p = study.exponent(case) if callable(study.exponent) else study.exponent
+                    pred = t_prev * (float(case[grow]) / g_prev) ** p
+                    if pred > study.max_call_s:
+                        raise Skip(f"over time budget: predicted {pred:.3g} s per call > {study.max_call_s:g} s "
+                                   f"(from {grow}={g_prev:g} at {t_prev:.3g} s, growth ~{grow}^{p:g})",
+                                   "over_budget")
+                row.update(study.measure(dict(case), ctx))
+                row["status"], row["reason"] = "ok", ""
+                _derived(row, ceilings)
+                if grow and np.isfinite(row.get("time_s", np.nan)):
+                    last[key] = (float(case[grow]), float(row["time_s"]))
+            except KeyboardInterrupt:
+                raise
+            except Exception as exc:  # noqa: BLE001 - every failure becomes a row with its reason
+                row["status"], row["reason"] = classify(exc)
+                if row["status"] in ("oom", "over_budget"):
+                    blocked[key] = f"a smaller {grow} of this series was skipped ({row['reason']})"
+                if row["status"] == "error":
+                    bar.write(f"[{study.name}] error at {case}: {row['reason']}")
+            row["case_s"] = time.perf_counter() - t0
+            row.update(fp)
+            rows.append(row)
+            write_atomic(pd.DataFrame(rows), path)
+            bar.update(1)
+    except KeyboardInterrupt:
+        bar.close()
+        print(f"\n[{study.name}] interrupted: {len(rows)} rows saved in {path}; run again to resume "
+              f"(--fresh starts over)", file=sys.stderr)
+        raise
+    bar.close()
+    df = pd.DataFrame(rows)
+    if df.empty:
+        df = pd.DataFrame(columns=["case_id", "status", "reason"])
+    write_atomic(df, path)
+    return df
+
+
+def write_machine(out: Path | str, quick: bool = False) -> dict:
+    """The run's fingerprint and ceilings as ``<out>/tables/machine.json``."""
+    info = {**fingerprint(), **measure_ceilings(quick)}
+    path = Path(out) / "tables" / "machine.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in info.items()}
+    fd, tmp = tempfile.mkstemp(prefix=".machine.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(clean, f, indent=2)
+    os.replace(tmp, path)
+    return info

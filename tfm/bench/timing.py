@@ -1,0 +1,99 @@
+"""Wall-clock timing of kernels: compile (first) call recorded apart, then repeats to a budget.
+
+``time_call`` runs ``fn`` once (the first call JIT-compiles or loads the Numba cache; its
+time is ``compile_s``), then repeats until ``min_repeats`` *and* ``budget_s`` are both
+reached (or ``max_repeats``), and reports the median with its spread. A single timed call
+longer than the budget ends the loop after that call: large cases cost two calls, not
+``min_repeats + 1``. Device work is timed after ``sync()`` (the backend's synchronize), so
+queued GPU kernels are counted.
+
+``time_pair`` times two callables interleaved A B A B ... in one process, the only fair
+way to compare on a shared, noisy machine; the ratio of medians is reported.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Timing:
+    median_s: float
+    min_s: float
+    q25_s: float
+    q75_s: float
+    repeats: int
+    compile_s: float  # the first call: compilation (or cache load) plus one run
+
+    @property
+    def iqr_s(self) -> float:
+        return self.q75_s - self.q25_s
+
+    def as_row(self, prefix: str = "") -> dict:
+        row = asdict(self)
+        row["iqr_s"] = self.iqr_s
+        return {f"{prefix}{k}": v for k, v in row.items()}
+
+    @classmethod
+    def from_samples(cls, samples, compile_s: float) -> "Timing":
+        s = np.asarray(samples, dtype=np.float64)
+        q25, med, q75 = np.percentile(s, [25, 50, 75])
+        return cls(float(med), float(s.min()), float(q25), float(q75), int(s.size), float(compile_s))
+
+
+def _check_counts(min_repeats: int, max_repeats: int, budget_s: float) -> None:
+    if not (isinstance(min_repeats, int) and min_repeats >= 1):
+        raise ValueError(f"min_repeats must be an integer >= 1, got {min_repeats!r}")
+    if not (isinstance(max_repeats, int) and max_repeats >= min_repeats):
+        raise ValueError(f"max_repeats must be an integer >= min_repeats={min_repeats}, got {max_repeats!r}")
+    if not budget_s >= 0:
+        raise ValueError(f"budget_s must be >= 0, got {budget_s!r}")
+
+
+def _timed(fn: Callable[[], object], sync: Callable[[], None] | None) -> float:
+    t0 = time.perf_counter()
+    fn()
+    if sync is not None:
+        sync()
+    return time.perf_counter() - t0
+
+
+def time_call(fn: Callable[[], object], *, budget_s: float = 0.5, min_repeats: int = 3,
+              max_repeats: int = 100, sync: Callable[[], None] | None = None) -> Timing:
+    """Time ``fn()`` (no arguments): first call apart, then repeats to the budget."""
+    _check_counts(min_repeats, max_repeats, budget_s)
+    if sync is not None:
+        sync()
+    compile_s = _timed(fn, sync)
+    samples: list[float] = []
+    start = time.perf_counter()
+    while len(samples) < max_repeats:
+        samples.append(_timed(fn, sync))
+        spent = time.perf_counter() - start
+        if spent >= budget_s and (len(samples) >= min_repeats or samples[-1] >= budget_s):
+            break
+    return Timing.from_samples(samples, compile_s)
+
+
+def time_pair(fn_a: Callable[[], object], fn_b: Callable[[], object], *, budget_s: float = 1.0,
+              min_repeats: int = 3, max_repeats: int = 100,
+              sync_a: Callable[[], None] | None = None,
+              sync_b: Callable[[], None] | None = None) -> tuple[Timing, Timing]:
+    """Time two callables interleaved A B A B ...; ``budget_s`` is for the pair together."""
+    _check_counts(min_repeats, max_repeats, budget_s)
+    compile_a = _timed(fn_a, sync_a)
+    compile_b = _timed(fn_b, sync_b)
+    a: list[float] = []
+    b: list[float] = []
+    start = time.perf_counter()
+    while len(a) < max_repeats:
+        a.append(_timed(fn_a, sync_a))
+        b.append(_timed(fn_b, sync_b))
+        spent = time.perf_counter() - start
+        if spent >= budget_s and (len(a) >= min_repeats or a[-1] + b[-1] >= budget_s):
+            break
+    return Timing.from_samples(a, compile_a), Timing.from_samples(b, compile_b)
