@@ -46,3 +46,20 @@ def large(benchmark, reason: str = "large size: runs only when timing (make benc
 
 
 requires_torch = pytest.mark.skipif(torch is None, reason="PyTorch is not installed (pip install 'tfm[torch]')")
+
+
+# tests/ is not a package, so ``from conftest import ...`` names whichever conftest pytest
+# imported last: this one once tests/benchmarks is collected, also for tests/test_*.py.
+# Re-export tests/conftest.py's helpers so that import works from every test module.
+def _shared_helpers():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("_tfm_tests_conftest", Path(__file__).parents[1] / "conftest.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_shared = _shared_helpers()
+HAVE_TORCH, TOL, randn, rel_err = _shared.HAVE_TORCH, _shared.TOL, _shared.randn, _shared.rel_err
