@@ -1,0 +1,216 @@
+"""The ``cuda`` backend: numba-cuda kernels (``@cuda.jit``), tested under Numba's simulator.
+
+Kernel modules (the same names as the CPU backend) are imported on first use:
+
+    linear.py      tiled GEMM (linear, FFN, batched products), add, ReLU/GELU, casts
+    norm.py        layer norm (+ residual), masked softmax, log-softmax, argmax
+    embedding.py   embedding gather, cached positional-encoding table
+    attention.py   naive and fused (FlashAttention-2 style) attention, head split/merge, KV writes
+    restricted.py  restricted (windowed) self-attention through the banded fused kernel
+    recurrent.py   Elman RNN, LSTM, GRU (one GEMM for the inputs, one launch per step)
+    conv.py        1-D convolution (im2col + GEMM), GLU
+    _launch.py     tile/block sizes (``Tuning``), checked launches (``CudaLaunchError``)
+
+Data stays on the device: every method takes and returns numba-cuda device arrays;
+``asarray`` uploads host arrays and wraps ``__cuda_array_interface__`` objects (CuPy,
+PyTorch CUDA tensors) without copying; ``to_numpy`` is the only download (and ``argmax``,
+which the interface defines as returning host int64 ids for greedy decoding).
+
+This module never touches a GPU at import: :func:`cuda_unavailable_reason` says whether
+a GPU or the simulator can be used, and ``tfm.get_backend("cuda")`` turns a reason into
+``BackendUnavailable``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import numpy as np
+
+from ..base import Backend
+
+GEMM_IMPLS = ("numba", "cupy")
+
+
+def _simulator_requested() -> bool:
+    return os.environ.get("NUMBA_ENABLE_CUDASIM", "0").strip() not in ("", "0")
+
+
+def cuda_unavailable_reason() -> str | None:
+    """None when a CUDA GPU or Numba's CUDA simulator is usable, else a one-line reason."""
+    try:
+        from numba import config, cuda
+    except Exception as exc:  # pragma: no cover - numba-cuda is a hard dependency
+        return f"numba.cuda cannot be imported ({type(exc).__name__}: {exc})"
+    if config.ENABLE_CUDASIM:
+        return None
+    try:
+        if cuda.is_available():
+            return None
+    except Exception as exc:  # a broken driver install
+        return f"the CUDA driver failed to initialise ({type(exc).__name__}: {exc})"
+    if _simulator_requested():
+        return ("NUMBA_ENABLE_CUDASIM is set but numba was imported before it was set; "
+                "set it before the process starts")
+    return ("no CUDA GPU detected (numba.cuda.is_available() is False) and "
+            "NUMBA_ENABLE_CUDASIM is not set")
+
+
+def device_view(x):
+    """A numba device array for ``x`` if it lives on the device (zero copy), else None."""
+    if getattr(x, "__cuda_ndarray__", False):  # numba's (and the simulator's) device arrays
+        return x
+    if hasattr(x, "__cuda_array_interface__"):  # CuPy, PyTorch CUDA tensors, ...
+        from numba import cuda
+
+        return cuda.as_cuda_array(x)
+    return None
+
+
+def _k(module: str):
+    return importlib.import_module(f"{__name__}.{module}")
+
+
+class CudaBackend(Backend):
+    """numba-cuda kernels. ``tuning``: a :class:`~._launch.Tuning` (tile/block sizes);
+    ``gemm``: "numba" (this package's tiled GEMM) or "cupy" (cuBLAS through CuPy)."""
+
+    name = "cuda"
+
+    def __init__(self, tuning=None, gemm: str = "numba"):
+        reason = cuda_unavailable_reason()
+        if reason is not None:
+            from .. import BackendUnavailable
+
+            raise BackendUnavailable(f"backend 'cuda' is unavailable: {reason}")
+        from ._launch import Tuning, default_tuning
+
+        if gemm not in GEMM_IMPLS:
+            raise ValueError(f"unknown gemm {gemm!r}; choose one of {', '.join(GEMM_IMPLS)}")
+        if gemm == "cupy":
+            try:
+                import cupy  # noqa: F401
+            except ImportError:
+                raise ValueError("gemm='cupy' needs CuPy, which is not installed "
+                                 "(pip install cupy-cuda12x)") from None
+        if tuning is not None and not isinstance(tuning, Tuning):
+            raise TypeError(f"tuning must be a tfm.backends.cuda._launch.Tuning, got {type(tuning).__name__}")
+        self.tuning = tuning if tuning is not None else default_tuning()
+        self.gemm = gemm
+
+    def __repr__(self) -> str:
+        return f"<tfm backend 'cuda' gemm={self.gemm!r}>"
+
+    # ------------------------------------------------------------------ data movement
+    def asarray(self, x, dtype=None):
+        """Host arrays are uploaded; device arrays pass through without a copy (cast or made
+        contiguous on the device only when they must be)."""
+        from numba import cuda
+
+        arr = device_view(x)
+        if arr is None:
+            host = np.asarray(x)
+            if dtype is not None and host.dtype != np.dtype(dtype):
+                host = host.astype(dtype)
+            return cuda.to_device(np.ascontiguousarray(host))
+        if np.dtype(arr.dtype) == np.bool_:  # masks: kernels index them through their strides
+            return arr
+        arr = _k("linear").contiguous(arr, self.tuning)  # strided views: one device copy
+        if dtype is not None and np.dtype(arr.dtype) != np.dtype(dtype):
+            arr = _k("linear").cast(arr, np.dtype(dtype), self.tuning)
+        return arr
+
+    def to_numpy(self, x) -> np.ndarray:
+        if isinstance(x, np.ndarray):
+            return x
+        return x.copy_to_host()
+
+    def empty(self, shape, dtype):
+        from numba import cuda
+
+        return cuda.device_array(tuple(shape), dtype=np.dtype(dtype))
+
+    def synchronize(self) -> None:
+        from numba import cuda
+
+        cuda.synchronize()
+
+    def free_memory_bytes(self) -> int:
+        """Free device memory (under the simulator, which reports infinity: free host RAM)."""
+        from numba import cuda
+
+        free = cuda.current_context().get_memory_info()[0]
+        if free == float("inf"):
+            import psutil
+
+            return int(psutil.virtual_memory().available)
+        return int(free)
+
+    # ------------------------------------------------------------------ dense layers
+    def linear(self, x, weight, bias=None):
+        return _k("linear").linear(x, weight, bias, self.tuning, self.gemm)
+
+    def add(self, a, b):
+        return _k("linear").add(a, b, self.tuning)
+
+    def activation(self, x, kind):
+        return _k("linear").activation(x, kind, self.tuning)
+
+    def feed_forward(self, x, w1, b1, w2, b2, activation):
+        return _k("linear").feed_forward(x, w1, b1, w2, b2, activation, self.tuning, self.gemm)
+
+    def layer_norm(self, x, gamma, beta, eps, residual=None):
+        return _k("norm").layer_norm(x, gamma, beta, eps, residual, self.tuning)
+
+    def softmax(self, x):
+        return _k("norm").softmax(x, self.tuning)
+
+    def log_softmax(self, x):
+        return _k("norm").log_softmax(x, self.tuning)
+
+    def argmax(self, x):
+        return _k("norm").argmax(x, self.tuning)
+
+    # ------------------------------------------------------------------ embeddings
+    def embedding(self, ids, table, scale=1.0):
+        return _k("embedding").embedding(ids, table, scale, self.tuning)
+
+    def add_positional_encoding(self, x, offset=0):
+        return _k("embedding").add_positional_encoding(x, offset, self.tuning)
+
+    # ------------------------------------------------------------------ attention
+    def split_heads(self, x, n_heads):
+        return _k("attention").split_heads(x, n_heads, self.tuning)
+
+    def merge_heads(self, x):
+        return _k("attention").merge_heads(x, self.tuning)
+
+    def attention(self, q, k, v, mask=None, causal=False, impl="fused"):
+        return _k("attention").attention(q, k, v, mask, causal, impl, self.tuning)
+
+    def write_rows(self, dst, src, start):
+        _k("attention").write_rows(dst, src, start, self.tuning)
+
+    # ------------------------------------------------------------------ baselines
+    def restricted_attention(self, q, k, v, window, causal=False):
+        return _k("restricted").restricted_attention(q, k, v, window, causal, self.tuning)
+
+    def rnn_layer(self, x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity="tanh"):
+        return _k("recurrent").rnn_layer(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity,
+                                         self.tuning, self.gemm)
+
+    def lstm_layer(self, x, h0, c0, w_ih, w_hh, b_ih, b_hh):
+        return _k("recurrent").lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, self.tuning, self.gemm)
+
+    def gru_layer(self, x, h0, w_ih, w_hh, b_ih, b_hh):
+        return _k("recurrent").gru_layer(x, h0, w_ih, w_hh, b_ih, b_hh, self.tuning, self.gemm)
+
+    def conv1d(self, x, weight, bias, dilation=1, pad_left=0, pad_right=0):
+        return _k("conv").conv1d(x, weight, bias, dilation, pad_left, pad_right, self.tuning)
+
+    def glu(self, x):
+        return _k("conv").glu(x, self.tuning)
+
+
+__all__ = ["CudaBackend", "GEMM_IMPLS", "cuda_unavailable_reason", "device_view"]

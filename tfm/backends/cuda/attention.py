@@ -1,0 +1,349 @@
+"""Scaled dot-product attention on the GPU, head split/merge, and in-place KV-cache writes.
+
+Variants (``VARIANTS``):
+
+* ``naive`` — the O(n^2)-memory reference point: the batched tiled GEMM
+  (``linear.gemm``) writes the scaled (B*H, Nq, Nk) scores to global memory, the row
+  softmax kernel (``norm.softmax_kernel``) applies mask/causal in place, a second GEMM
+  multiplies by V. Measured: correct under the simulator; GPU numbers pending.
+* ``fused`` — FlashAttention-2 style, one kernel, scores never leave the chip. One block
+  per (query tile of BQ rows, b*h); TY x TX threads. The Q tile (pre-scaled by
+  1/sqrt(d_k)) and each K tile are staged d-major in shared memory (padded rows, so the
+  transposing stores are bank-conflict free), the V tile row-major. Per K tile:
+  (1) each thread computes a (BQ/TY) x (BK/TX) register tile of scores, its rows and
+  columns interleaved (``ty + i*TY``, ``tx + j*TX``) so that a warp's shared loads hit
+  consecutive addresses or broadcast; (2) the row maxima are combined across the TX
+  threads of a row through a small shared array (no warp shuffles: the simulator has
+  none, and the reduction is a few per cent of the tile's FMAs); (3) each thread rescales
+  its output accumulators and its *partial* row sum by exp(m_old - m_new) (online
+  softmax, all in registers; the row sums are combined only once, at the end), writes its
+  probabilities to a shared P tile; (4) O += P V from shared memory into a
+  (BQ/TY) x ceil(Dv/TX) register tile. Extra device memory: none beyond the output
+  (O(n*d) in total), so n = 16384 and beyond run. Masking: optional broadcast boolean
+  mask read through per-axis 0/1 index factors (never materialised to (B,H,Nq,Nk));
+  causal and banded (restricted-attention) visibility as a key window [i - wl, i + wr],
+  with whole key tiles outside the window of the query tile skipped (causal: half the
+  work). Query tiles are scheduled heaviest-first (reverse order) for causal balance.
+  Rows with no visible key give zeros. Default tiles for d = 64, float32: BQ = 64,
+  BK = 32, 16 x 8 threads -> 41.7 KB shared memory, 4 x 4 scores and 4 x 8 outputs per
+  thread; tiles shrink automatically to stay under 48 KB (larger d, float64).
+  Measured: correct under the simulator; GPU throughput vs SDPA pending (``make gpu-check``).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import numpy as np
+from numba import cuda
+
+from ._launch import SHARED_BYTES_LIMIT, cdiv, grid_1d, launch, numba_dtype
+from .linear import contiguous, gemm
+from .norm import no_mask, run_softmax
+
+VARIANTS = {
+    "naive": "GEMM -> (B*H, Nq, Nk) scores in global memory -> masked row softmax -> GEMM",
+    "fused": "FlashAttention-2 style tiles in shared memory, online softmax in registers",
+}
+
+# "No band": a left window wider than any sequence.
+_UNBOUNDED = 2**62
+
+
+def fused_shared_bytes(dk, dv, bq, bk, tx, itemsize) -> int:
+    return itemsize * (dk * (bq + 1) + dk * (bk + 1) + bk * dv + bq * (bk + 1) + bq * tx)
+
+
+def fused_tiles(tuning, dk: int, dv: int, itemsize: int) -> tuple:
+    """``tuning.attn`` shrunk (BK first, then BQ) until the tiles fit in 48 KB of shared memory."""
+    bq, bk, ty, tx = tuning.attn
+    while fused_shared_bytes(dk, dv, bq, bk, tx, itemsize) > SHARED_BYTES_LIMIT:
+        if bk >= 2 * tx and (bk // 2) % tx == 0:
+            bk //= 2
+        elif bq >= 2 * ty and (bq // 2) % ty == 0:
+            bq //= 2
+        else:
+            raise ValueError(
+                f"head dims d_k={dk}, d_v={dv} are too large for the fused CUDA kernel's shared "
+                f"memory with tuning.attn={tuning.attn} ({itemsize}-byte floats); use impl='naive' "
+                f"or a Tuning with fewer threads per row (TX)"
+            )
+    return bq, bk, ty, tx
+
+
+@lru_cache(maxsize=None)
+def fused_kernel(dtype, dk, dv, bq, bkt, ty_n, tx_n, masked: bool, band: bool):
+    """Fused attention for q (B, H, Nq, dk), k (B, H, Nk, dk), v (B, H, Nk, dv) -> out (B, H, Nq, dv).
+
+    Operands may be strided views (e.g. a prefix of a KV cache). Launch: grid
+    (cdiv(Nq, bq), B*H), block ty_n * tx_n threads.
+    """
+    dt = numba_dtype(dtype)
+    tm = bq // ty_n  # query rows per thread
+    sc = bkt // tx_n  # score columns per thread per key tile
+    oc = cdiv(dv, tx_n)  # output columns per thread
+    nt = ty_n * tx_n
+    q_loads, k_loads, v_loads = cdiv(bq * dk, nt), cdiv(bkt * dk, nt), cdiv(bkt * dv, nt)
+
+    @cuda.jit(cache=True)
+    def fused(q, k, v, out, mask, fb, fh, fi, fj, scale, wl, wr):
+        q_s = cuda.shared.array((dk, bq + 1), dt)
+        k_s = cuda.shared.array((dk, bkt + 1), dt)
+        v_s = cuda.shared.array((bkt, dv), dt)
+        p_s = cuda.shared.array((bq, bkt + 1), dt)
+        red = cuda.shared.array((bq, tx_n), dt)
+        s_r = cuda.local.array((tm, sc), dt)
+        acc = cuda.local.array((tm, oc), dt)
+        m_r = cuda.local.array(tm, dt)
+        l_r = cuda.local.array(tm, dt)
+        a_r = cuda.local.array(tm, dt)
+        b_r = cuda.local.array(oc, dt)
+        c_r = cuda.local.array(sc, dt)
+        tid = cuda.threadIdx.x
+        tx = tid % tx_n
+        ty = tid // tx_n
+        nq = q.shape[2]
+        nk = k.shape[2]
+        q0 = (cuda.gridDim.x - 1 - cuda.blockIdx.x) * bq  # heaviest causal tiles first
+        b = cuda.blockIdx.y // q.shape[1]
+        h = cuda.blockIdx.y % q.shape[1]
+        ninf = dt(-math.inf)
+        zero = dt(0.0)
+
+        for load in range(q_loads):
+            idx = tid + load * nt
+            if idx < bq * dk:
+                r = idx // dk
+                c = idx % dk
+                val = zero
+                if q0 + r < nq:
+                    val = q[b, h, q0 + r, c] * scale
+                q_s[c, r] = val
+        for i in range(tm):
+            m_r[i] = ninf
+            l_r[i] = zero
+            for e in range(oc):
+                acc[i, e] = zero
+
+        k_lo = 0
+        k_hi = nk
+        if band:  # keys outside [q0 - wl, q0 + bq - 1 + wr] are invisible to the whole tile
+            k_lo = max(0, q0 - wl)
+            k_hi = min(nk, q0 + bq + wr)
+
+        for k0 in range(k_lo, k_hi, bkt):
+            cuda.syncthreads()  # the previous tile's readers are done (and Q is staged)
+            for load in range(k_loads):
+                idx = tid + load * nt
+                if idx < bkt * dk:
+                    r = idx // dk
+                    c = idx % dk
+                    val = zero
+                    if k0 + r < nk:
+                        val = k[b, h, k0 + r, c]
+                    k_s[c, r] = val
+            for load in range(v_loads):
+                idx = tid + load * nt
+                if idx < bkt * dv:
+                    r = idx // dv
+                    c = idx % dv
+                    val = zero
+                    if k0 + r < nk:
+                        val = v[b, h, k0 + r, c]
+                    v_s[r, c] = val
+            cuda.syncthreads()
+
+            # (1) scores of this thread's rows x columns
+            for i in range(tm):
+                for j in range(sc):
+                    s_r[i, j] = zero
+            for d in range(dk):
+                for i in range(tm):
+                    a_r[i] = q_s[d, ty + i * ty_n]
+                for j in range(sc):
+                    c_r[j] = k_s[d, tx + j * tx_n]
+                for i in range(tm):
+                    for j in range(sc):
+                        s_r[i, j] += a_r[i] * c_r[j]
+            # (2) visibility and this thread's share of the row maxima
+            for i in range(tm):
+                row = q0 + ty + i * ty_n
+                mx = ninf
+                for j in range(sc):
+                    col = k0 + tx + j * tx_n
+                    ok = col < k_hi
+                    if band:
+                        ok = ok and col >= row - wl and col <= row + wr
+                    if masked:
+                        ok = ok and row < nq and mask[b * fb, h * fh, row * fi, col * fj]
+                    if ok:
+                        if s_r[i, j] > mx:
+                            mx = s_r[i, j]
+                    else:
+                        s_r[i, j] = ninf
+                red[ty + i * ty_n, tx] = mx
+            cuda.syncthreads()
+            # (3) online softmax: new running max, rescale, probabilities to shared memory
+            for i in range(tm):
+                r = ty + i * ty_n
+                mx = m_r[i]
+                for t in range(tx_n):
+                    if red[r, t] > mx:
+                        mx = red[r, t]
+                if mx > ninf:
+                    alpha = math.exp(m_r[i] - mx)  # exp(-inf) = 0 on the first visible tile
+                    m_r[i] = mx
+                    l_r[i] *= alpha
+                    for e in range(oc):
+                        acc[i, e] *= alpha
+                psum = zero
+                for j in range(sc):
+                    p = zero
+                    if s_r[i, j] > ninf:
+                        p = math.exp(s_r[i, j] - mx)
+                    p_s[r, tx + j * tx_n] = p
+                    psum += p
+                l_r[i] += psum
+            cuda.syncthreads()
+            # (4) O += P V
+            for j in range(bkt):
+                for i in range(tm):
+                    a_r[i] = p_s[ty + i * ty_n, j]
+                for e in range(oc):
+                    col = tx + e * tx_n
+                    b_r[e] = v_s[j, col] if col < dv else zero
+                for i in range(tm):
+                    for e in range(oc):
+                        acc[i, e] += a_r[i] * b_r[e]
+
+        # combine the partial row sums of the TX threads sharing each row, normalise, store
+        cuda.syncthreads()
+        for i in range(tm):
+            red[ty + i * ty_n, tx] = l_r[i]
+        cuda.syncthreads()
+        for i in range(tm):
+            r = ty + i * ty_n
+            row = q0 + r
+            if row < nq:
+                total = zero
+                for t in range(tx_n):
+                    total += red[r, t]
+                inv = dt(1.0) / total if total > zero else zero
+                for e in range(oc):
+                    col = tx + e * tx_n
+                    if col < dv:
+                        out[b, h, row, col] = acc[i, e] * inv
+
+    return fused
+
+
+def _mask4(mask):
+    """A device bool mask -> (4-D view, per-axis index factors: 1 = indexed, 0 = broadcast)."""
+    shape = tuple(mask.shape)
+    if len(shape) < 4:
+        mask = mask.reshape((1,) * (4 - len(shape)) + shape)
+    return mask, tuple(int(s > 1) for s in mask.shape)
+
+
+def attention(q, k, v, mask, causal, impl, tuning):
+    b, h, nq, dk = q.shape
+    nk, dv = k.shape[2], v.shape[3]
+    dtype = np.dtype(q.dtype)
+    mask4, factors = _mask4(mask) if mask is not None else (None, (0, 0, 0, 0))
+    out = cuda.device_array((b, h, nq, dv), dtype=dtype)
+    if impl == "fused":
+        run_fused(q, k, v, out, tuning, mask4=mask4, factors=factors,
+                  window=(_UNBOUNDED, 0) if causal else None)
+        return out
+    q3 = contiguous(q, tuning).reshape(b * h, nq, dk)
+    k3 = contiguous(k, tuning).reshape(b * h, nk, dk)
+    v3 = contiguous(v, tuning).reshape(b * h, nk, dv)
+    scores = cuda.device_array((b * h, nq, nk), dtype=dtype)
+    gemm(q3, k3, scores, tuning, trans_b=True, alpha=1.0 / math.sqrt(dk))
+    s2 = scores.reshape(b * h * nq, nk)
+    run_softmax(s2, s2, tuning, mask4=mask4, factors=factors, n_heads=h, nq=nq, causal=causal)
+    gemm(scores, v3, out.reshape(b * h, nq, dv), tuning, trans_b=False)
+    return out
+
+
+def run_fused(q, k, v, out, tuning, *, mask4=None, factors=(0, 0, 0, 0), window=None):
+    """Launch the fused kernel on 4-D operands; ``window=(wl, wr)``: query i sees keys [i - wl, i + wr]."""
+    b, h, nq, dk = q.shape
+    dv = v.shape[3]
+    dtype = np.dtype(q.dtype)
+    bq, bkt, ty, tx = fused_tiles(tuning, dk, dv, dtype.itemsize)
+    kern = fused_kernel(dtype, dk, dv, bq, bkt, ty, tx, mask4 is not None, window is not None)
+    wl, wr = window if window is not None else (0, 0)
+    launch("attention_fused", kern, (cdiv(nq, bq), b * h), ty * tx, q, k, v, out,
+           mask4 if mask4 is not None else no_mask(), *factors,
+           dtype.type(1.0 / math.sqrt(dk)), wl, wr)
+
+
+# ------------------------------------------------------------------- layout kernels
+@lru_cache(maxsize=None)
+def _split_kernel():
+    @cuda.jit(cache=True)
+    def split(x, out):  # x (B, N, H*Dh) -> out (B, H, N, Dh)
+        i = cuda.grid(1)
+        bb, hh, n, dh = out.shape
+        if i < bb * hh * n * dh:
+            e = i % dh
+            pos = (i // dh) % n
+            head = (i // (dh * n)) % hh
+            bi = i // (dh * n * hh)
+            out[bi, head, pos, e] = x[bi, pos, head * dh + e]
+
+    return split
+
+
+@lru_cache(maxsize=None)
+def _merge_kernel():
+    @cuda.jit(cache=True)
+    def merge(x, out):  # x (B, H, N, Dh) -> out (B, N, H*Dh); consecutive threads write
+        i = cuda.grid(1)
+        bb, hh, n, dh = x.shape
+        if i < bb * hh * n * dh:
+            col = i % (hh * dh)
+            pos = (i // (hh * dh)) % n
+            bi = i // (hh * dh * n)
+            out[bi, pos, col] = x[bi, col // dh, pos, col % dh]
+
+    return merge
+
+
+@lru_cache(maxsize=None)
+def _write_rows_kernel():
+    @cuda.jit(cache=True)
+    def write_rows(dst, src, start):  # dst[:, :, start:start+n] = src
+        i = cuda.grid(1)
+        bb, hh, n, d = src.shape
+        if i < bb * hh * n * d:
+            e = i % d
+            pos = (i // d) % n
+            head = (i // (d * n)) % hh
+            bi = i // (d * n * hh)
+            dst[bi, head, start + pos, e] = src[bi, head, pos, e]
+
+    return write_rows
+
+
+def split_heads(x, n_heads, tuning):
+    b, n, d = x.shape
+    out = cuda.device_array((b, n_heads, n, d // n_heads), dtype=x.dtype)
+    launch("split_heads", _split_kernel(), grid_1d(out.size, tuning.elem_threads),
+           tuning.elem_threads, x, out)
+    return out
+
+
+def merge_heads(x, tuning):
+    b, h, n, dh = x.shape
+    out = cuda.device_array((b, n, h * dh), dtype=x.dtype)
+    launch("merge_heads", _merge_kernel(), grid_1d(out.size, tuning.elem_threads),
+           tuning.elem_threads, x, out)
+    return out
+
+
+def write_rows(dst, src, start, tuning):
+    launch("write_rows", _write_rows_kernel(), grid_1d(src.size, tuning.elem_threads),
+           tuning.elem_threads, dst, src, start)

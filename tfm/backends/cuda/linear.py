@@ -1,0 +1,293 @@
+"""Dense layers on the GPU: tiled GEMM (linear, FFN, batched attention products), add, activations.
+
+Variants (``VARIANTS``):
+
+* ``numba`` — tiled SIMT GEMM ``C = alpha * A @ op(B) (+ bias, + activation)`` in
+  ``@cuda.jit``. A block computes a BM x BN tile of C; K advances in BK-wide slabs staged
+  in shared memory; each thread accumulates a TM x TN register tile. Design choices:
+  both slabs are stored k-major (``As[k, m]``, ``Bs[k, n]``) so the inner loop reads one
+  row of each; a thread owns *interleaved* rows/columns (``ty + i*TY``, ``tx + j*TX``) so a
+  warp reads consecutive shared addresses (no bank conflicts) and writes consecutive columns
+  of C (coalesced); the transposing store into shared memory is padded by one element so it
+  is conflict-free too; global loads walk the contiguous axis. With the default 128 x 128
+  tile and 8 x 8 per thread a thread issues 16 shared loads per 64 FMAs, enough to be
+  FMA-bound rather than shared-memory-bound. The bias and ReLU/GELU are fused into the
+  epilogue. Small products (decoding, M = batch) switch to a 64 x 64 tile so the grid
+  still fills the GPU (``Tuning.min_blocks``). No cp.async/double buffering (not expressible
+  in Numba): latency is hidden by occupancy (2 blocks x 256 threads per SM).
+  Measured: correct under the simulator; GPU throughput pending (``make gpu-check``).
+* ``cupy`` — the same linear layer through cuBLAS (``cupy.matmul``; TF32 stays off, CuPy's
+  default), selected with ``CudaBackend(gemm="cupy")``: the reference point that says how
+  much the Numba GEMM leaves on the table. GPU numbers pending.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import numpy as np
+from numba import cuda
+
+from ._launch import cdiv, grid_1d, launch, numba_dtype
+
+VARIANTS = {
+    "numba": "tiled shared-memory GEMM with register blocking, fused bias + activation",
+    "cupy": "cuBLAS sgemm/dgemm through CuPy (optional dependency)",
+}
+
+ACTIVATIONS = {None: 0, "relu": 1, "gelu": 2}
+_SQRT1_2 = 1.0 / math.sqrt(2.0)
+
+
+def _make_act(dt):
+    """Device function ``act(v, code)`` for dtype ``dt`` (code 0 none, 1 relu, 2 exact gelu)."""
+    half, one, zero, inv_sqrt2 = dt(0.5), dt(1.0), dt(0.0), dt(_SQRT1_2)
+
+    @cuda.jit(device=True)
+    def act(v, code):
+        if code == 1:
+            return v if v > zero else zero
+        if code == 2:
+            return half * v * (one + math.erf(v * inv_sqrt2))
+        return v
+
+    return act
+
+
+@lru_cache(maxsize=None)
+def gemm_kernel(dtype, bm, bn, bk, tm, tn, trans_b: bool, act_code: int, has_bias: bool):
+    """C[z] = alpha * A[z] @ (B[z].T if trans_b else B[z]) (+ bias) (act) for 3-D operands.
+
+    A (Z, M, K); B (Z, N, K) if trans_b else (Z, K, N); C (Z, M, N); bias (N,).
+    Launch: grid (cdiv(N, bn), cdiv(M, bm), Z), block (bm/tm)*(bn/tn) threads.
+    """
+    dt = numba_dtype(dtype)
+    act = _make_act(dt)
+    ty_n, tx_n = bm // tm, bn // tn
+    nt = ty_n * tx_n
+    a_loads, b_loads = cdiv(bm * bk, nt), cdiv(bn * bk, nt)
+
+    @cuda.jit(cache=True)
+    def gemm(a, b, bias, c, m, n, k, alpha):
+        a_s = cuda.shared.array((bk, bm + 1), dt)
+        b_s = cuda.shared.array((bk, bn + 1), dt)
+        acc = cuda.local.array((tm, tn), dt)
+        a_r = cuda.local.array(tm, dt)
+        b_r = cuda.local.array(tn, dt)
+        tid = cuda.threadIdx.x
+        tx = tid % tx_n
+        ty = tid // tx_n
+        m0 = cuda.blockIdx.y * bm
+        n0 = cuda.blockIdx.x * bn
+        z = cuda.blockIdx.z
+        for i in range(tm):
+            for j in range(tn):
+                acc[i, j] = dt(0.0)
+        for k0 in range(0, k, bk):
+            for load in range(a_loads):
+                idx = tid + load * nt
+                if idx < bm * bk:
+                    r = idx // bk
+                    cc = idx % bk
+                    v = dt(0.0)
+                    if m0 + r < m and k0 + cc < k:
+                        v = a[z, m0 + r, k0 + cc]
+                    a_s[cc, r] = v
+            for load in range(b_loads):
+                idx = tid + load * nt
+                if idx < bn * bk:
+                    v = dt(0.0)
+                    if trans_b:  # B is (N, K): walk K, the contiguous axis
+                        r = idx // bk
+                        cc = idx % bk
+                        if n0 + r < n and k0 + cc < k:
+                            v = b[z, n0 + r, k0 + cc]
+                        b_s[cc, r] = v
+                    else:  # B is (K, N): walk N
+                        r = idx // bn
+                        cc = idx % bn
+                        if k0 + r < k and n0 + cc < n:
+                            v = b[z, k0 + r, n0 + cc]
+                        b_s[r, cc] = v
+            cuda.syncthreads()
+            for kk in range(bk):
+                for i in range(tm):
+                    a_r[i] = a_s[kk, ty + i * ty_n]
+                for j in range(tn):
+                    b_r[j] = b_s[kk, tx + j * tx_n]
+                for i in range(tm):
+                    for j in range(tn):
+                        acc[i, j] += a_r[i] * b_r[j]
+            cuda.syncthreads()
+        for i in range(tm):
+            row = m0 + ty + i * ty_n
+            if row < m:
+                for j in range(tn):
+                    col = n0 + tx + j * tx_n
+                    if col < n:
+                        v = alpha * acc[i, j]
+                        if has_bias:
+                            v += bias[col]
+                        c[z, row, col] = act(v, act_code)
+
+    return gemm
+
+
+@lru_cache(maxsize=None)
+def placeholder(dtype):
+    """A one-element device array passed where a kernel's optional operand is compiled out."""
+    return cuda.to_device(np.zeros(1, dtype=dtype))
+
+
+def pick_gemm_tiles(tuning, z: int, m: int, n: int) -> tuple:
+    """The large tile when it still gives ``tuning.min_blocks`` blocks, else the small one."""
+    bm, bn = tuning.gemm_large[:2]
+    if z * cdiv(m, bm) * cdiv(n, bn) >= tuning.min_blocks:
+        return tuning.gemm_large
+    return tuning.gemm_small
+
+
+def gemm(a, b, c, tuning, *, trans_b: bool, alpha: float = 1.0, bias=None, act=None) -> None:
+    """Batched product into the preallocated 3-D ``c`` (see :func:`gemm_kernel`)."""
+    z, m, k = a.shape
+    n = b.shape[1] if trans_b else b.shape[2]
+    bm, bn, bk, tm, tn = tiles = pick_gemm_tiles(tuning, z, m, n)
+    dtype = np.dtype(c.dtype)
+    kern = gemm_kernel(dtype, *tiles, bool(trans_b), ACTIVATIONS[act], bias is not None)
+    launch("gemm", kern, (cdiv(n, bn), cdiv(m, bm), z), (bm // tm) * (bn // tn),
+           a, b, placeholder(dtype) if bias is None else bias, c, m, n, k, dtype.type(alpha))
+
+
+def _cupy_linear(x2, weight, bias, act, tuning):
+    try:
+        import cupy as cp
+    except ImportError as exc:  # pragma: no cover - CuPy is optional
+        raise RuntimeError("gemm='cupy' needs CuPy (pip install cupy-cuda12x)") from exc
+    y = cp.asarray(x2) @ cp.asarray(weight).T  # cuBLAS; zero-copy views of Numba arrays
+    if bias is not None:
+        y += cp.asarray(bias)
+    out = cuda.as_cuda_array(y)  # keeps y alive as its owner
+    return out if act is None else activation(out, act, tuning)
+
+
+def linear(x, weight, bias, tuning, gemm_impl: str = "numba", act=None):
+    """``act(x @ weight.T + bias)`` for x (..., in), weight (out, in) -> (..., out)."""
+    x = contiguous(x, tuning)
+    lead = tuple(x.shape)[:-1]
+    k = tuple(x.shape)[-1]
+    m = int(np.prod(lead)) if lead else 1
+    n = weight.shape[0]
+    x2 = x.reshape(m, k)
+    if gemm_impl == "cupy":
+        return _cupy_linear(x2, weight, bias, act, tuning).reshape(lead + (n,))
+    out = cuda.device_array((1, m, n), dtype=x.dtype)
+    gemm(x2.reshape(1, m, k), weight.reshape(1, n, k), out, tuning, trans_b=True,
+         bias=bias, act=act)
+    return out.reshape(lead + (n,))
+
+
+def feed_forward(x, w1, b1, w2, b2, activation_kind, tuning, gemm_impl="numba"):
+    """Position-wise FFN (eq. 2): the activation is fused into the first GEMM's epilogue."""
+    hidden = linear(x, w1, b1, tuning, gemm_impl, act=activation_kind)
+    return linear(hidden, w2, b2, tuning, gemm_impl)
+
+
+# ---------------------------------------------------------------------- elementwise
+@lru_cache(maxsize=None)
+def _add_kernel():
+    @cuda.jit(cache=True)
+    def add_(a, b, out):
+        i = cuda.grid(1)
+        if i < out.shape[0]:
+            out[i] = a[i] + b[i]
+
+    return add_
+
+
+@lru_cache(maxsize=None)
+def _unary_kernel(dtype, act_code: int):
+    act = _make_act(numba_dtype(dtype))
+
+    @cuda.jit(cache=True)
+    def unary(x, out):
+        i = cuda.grid(1)
+        if i < out.shape[0]:
+            out[i] = act(x[i], act_code)
+
+    return unary
+
+
+@lru_cache(maxsize=None)
+def _cast_kernel():
+    @cuda.jit(cache=True)
+    def cast(x, out):
+        i = cuda.grid(1)
+        if i < out.shape[0]:
+            out[i] = x[i]
+
+    return cast
+
+
+@lru_cache(maxsize=None)
+def _copy_kernel(ndim: int):
+    if ndim == 3:
+        @cuda.jit(cache=True)
+        def copy3(x, out):
+            i = cuda.grid(1)
+            n1, n2 = out.shape[1], out.shape[2]
+            if i < out.shape[0] * n1 * n2:
+                out[i // (n1 * n2), (i // n2) % n1, i % n2] = x[i // (n1 * n2), (i // n2) % n1, i % n2]
+
+        return copy3
+
+    @cuda.jit(cache=True)
+    def copy4(x, out):
+        i = cuda.grid(1)
+        n1, n2, n3 = out.shape[1], out.shape[2], out.shape[3]
+        if i < out.shape[0] * n1 * n2 * n3:
+            a, b, c, d = i // (n1 * n2 * n3), (i // (n2 * n3)) % n1, (i // n3) % n2, i % n3
+            out[a, b, c, d] = x[a, b, c, d]
+
+    return copy4
+
+
+def contiguous(x, tuning):
+    """``x`` itself if C-contiguous, else a contiguous device copy (3-D and 4-D strided views)."""
+    if x.is_c_contiguous():
+        return x
+    if len(x.shape) not in (3, 4):
+        raise ValueError(
+            f"device array of shape {tuple(x.shape)} with strides {tuple(x.strides)} is not "
+            f"C-contiguous; the cuda backend copies only 3-D and 4-D strided views "
+            f"(call .contiguous() / cupy.ascontiguousarray first)"
+        )
+    out = cuda.device_array(tuple(x.shape), dtype=x.dtype)
+    launch("contiguous", _copy_kernel(len(x.shape)), grid_1d(out.size, tuning.elem_threads),
+           tuning.elem_threads, x, out)
+    return out
+
+
+def add(a, b, tuning):
+    out = cuda.device_array(tuple(a.shape), dtype=a.dtype)
+    n = out.size
+    launch("add", _add_kernel(), grid_1d(n, tuning.elem_threads),
+           tuning.elem_threads, a.reshape(n), b.reshape(n), out.reshape(n))
+    return out
+
+
+def activation(x, kind, tuning):
+    out = cuda.device_array(tuple(x.shape), dtype=x.dtype)
+    n = out.size
+    launch(f"activation[{kind}]", _unary_kernel(np.dtype(x.dtype), ACTIVATIONS[kind]),
+           grid_1d(n, tuning.elem_threads), tuning.elem_threads, x.reshape(n), out.reshape(n))
+    return out
+
+
+def cast(x, dtype, tuning):
+    """A converted copy of a contiguous device array (e.g. float64 -> float32)."""
+    out = cuda.device_array(tuple(x.shape), dtype=dtype)
+    n = out.size
+    launch("cast", _cast_kernel(), grid_1d(n, tuning.elem_threads), tuning.elem_threads,
+           x.reshape(n), out.reshape(n))
+    return out
