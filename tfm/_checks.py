@@ -9,6 +9,8 @@ IMPLS = ("naive", "fused")
 
 
 def is_device_array(x) -> bool:
+    if getattr(x, "__cuda_ndarray__", False):  # numba device arrays, also the CUDA simulator's
+        return True
     return hasattr(x, "__cuda_array_interface__") and not isinstance(x, np.ndarray)
 
 
@@ -17,6 +19,10 @@ def as_array(name: str, x):
     if x is None:
         raise TypeError(f"{name} must be an array, got None")
     if is_device_array(x):
+        if not getattr(x, "__cuda_ndarray__", False):  # CuPy, PyTorch: zero-copy numba view
+            from numba import cuda  # (its dtype is a NumPy dtype, unlike torch's)
+
+            x = cuda.as_cuda_array(x)
         return x
     try:
         return np.asarray(x)
