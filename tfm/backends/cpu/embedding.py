@@ -1,0 +1,66 @@
+"""Embeddings on the CPU: scaled token lookup (section 3.4) and sinusoidal positions (section 3.5).
+
+The lookup gathers and scales rows in one parallel Numba pass. The positional table is
+computed once per (d_model, dtype) in float64 with the reference formula, cast, and kept;
+it grows (doubling) when a longer position is asked for, so decoding step by step never
+recomputes sin/cos.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+from numba import njit, prange
+
+from ...reference import positional_encoding
+
+
+@njit(cache=True, parallel=True)
+def _gather_scale(ids, table, scale, out):
+    """out[b, n, :] = table[ids[b, n], :] * scale."""
+    bsz, n = ids.shape
+    d = table.shape[1]
+    s = table.dtype.type(scale)
+    for t in prange(bsz * n):
+        b = t // n
+        i = t % n
+        row = table[ids[b, i]]
+        o = out[b, i]
+        for j in range(d):
+            o[j] = row[j] * s
+
+
+def embedding(ids, table, scale=1.0):
+    """table[ids] * scale; ids (B, N) host int64 (range-checked by the caller) -> (B, N, D)."""
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    table = np.ascontiguousarray(table)
+    out = np.empty(ids.shape + (table.shape[1],), dtype=table.dtype)
+    _gather_scale(ids, table, float(scale), out)
+    return out
+
+
+_pe_tables: dict[tuple[int, np.dtype], np.ndarray] = {}
+_pe_lock = threading.Lock()
+
+
+def positional_table(n_positions: int, d_model: int, dtype) -> np.ndarray:
+    """PE[0:n_positions] of section 3.5 in ``dtype`` (read-only, from the per-(d, dtype) cache)."""
+    key = (int(d_model), np.dtype(dtype))
+    table = _pe_tables.get(key)
+    if table is None or table.shape[0] < n_positions:
+        with _pe_lock:
+            table = _pe_tables.get(key)
+            if table is None or table.shape[0] < n_positions:
+                size = max(n_positions, 2 * (0 if table is None else table.shape[0]), 512)
+                table = positional_encoding(size, d_model).astype(key[1])
+                table.flags.writeable = False
+                _pe_tables[key] = table
+    return table[:n_positions]
+
+
+def add_positional_encoding(x, offset=0):
+    """x + PE[offset : offset + N] for x (B, N, D), in x's dtype."""
+    _, n, d = x.shape
+    pe = positional_table(offset + n, d, x.dtype)[offset:]
+    return x + pe
