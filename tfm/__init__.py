@@ -8,6 +8,13 @@ Public API (stable):
     tfm.Transformer(config, seed=0, backend="cpu")
     tfm.from_torch(module, backend="cpu")   nn.Transformer -> tfm.EncoderDecoder
     tfm.get_backend(name)               "numpy" (float64 reference) | "cpu" | "cuda"
+
+Baselines of Table 1 (tfm.layers, tfm.models.lstm_seq2seq, tfm.models.convs2s):
+
+    tfm.RNN / tfm.LSTM / tfm.GRU(input_size, hidden_size, num_layers=1, ...)
+    tfm.Conv1d, tfm.ConvStack(dilated=False|True), tfm.ConvS2SBlock
+    tfm.restricted_attention(q, k, v, window, *, causal=False, backend="cpu")
+    tfm.LSTMSeq2Seq(LSTMSeq2SeqConfig(...)), tfm.ConvS2S(ConvS2SConfig(...))
 """
 
 from .backends import BACKENDS, BackendUnavailable, get_backend
@@ -15,18 +22,32 @@ from .config import TransformerConfig
 from .errors import InsufficientMemoryError
 from .functional import attention
 from .interop import from_torch
+from .layers import GRU, LSTM, RNN, Conv1d, ConvS2SBlock, ConvStack, restricted_attention
 from .models import EncoderDecoder, Transformer
+from .models.convs2s import ConvS2S, ConvS2SConfig
+from .models.lstm_seq2seq import LSTMSeq2Seq, LSTMSeq2SeqConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
     "BackendUnavailable",
+    "Conv1d",
+    "ConvS2S",
+    "ConvS2SBlock",
+    "ConvS2SConfig",
+    "ConvStack",
     "EncoderDecoder",
+    "GRU",
     "InsufficientMemoryError",
+    "LSTM",
+    "LSTMSeq2Seq",
+    "LSTMSeq2SeqConfig",
+    "RNN",
     "Transformer",
     "TransformerConfig",
     "attention",
     "from_torch",
     "get_backend",
+    "restricted_attention",
 ]
