@@ -1,0 +1,73 @@
+"""Launch configuration, checked launches and backend options of the CUDA backend."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import SIMULATOR, TOL, randn, rel_err, run
+from numba import cuda
+
+from tfm import reference as ref
+from tfm.backends.cuda import CudaBackend
+from tfm.backends.cuda._launch import CudaLaunchError, Tuning, checked_mode, launch
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"gemm_large": (8, 8, 4, 3, 2)}, "BM % TM"),
+    ({"gemm_small": (64, 64, 8, 1, 1)}, "more than 1024 threads"),
+    ({"attn": (6, 4, 4, 2)}, "BQ % TY"),
+    ({"row_threads": 6}, "power of two"),
+    ({"elem_threads": 0}, "elem_threads"),
+])
+def test_tuning_validation(bad, match):
+    with pytest.raises(ValueError, match=match):
+        Tuning(**bad)
+
+
+def test_backend_options_are_validated():
+    with pytest.raises(ValueError, match="unknown gemm 'blas'"):
+        CudaBackend(gemm="blas")
+    with pytest.raises(TypeError, match="tuning must be"):
+        CudaBackend(tuning=(64, 64))
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match="needs CuPy"):
+            CudaBackend(gemm="cupy")
+
+
+def test_invalid_launch_configuration_names_the_kernel():
+    with pytest.raises(CudaLaunchError, match="my_kernel: invalid launch configuration"):
+        launch("my_kernel", None, (1,), 2048)
+
+
+@cuda.jit
+def oob(a):
+    a[cuda.grid(1) + 100] = 1.0
+
+
+@pytest.mark.skipif(not SIMULATOR, reason="out-of-bounds accesses raise only under the simulator")
+def test_failing_kernel_is_reported_with_name_and_configuration():
+    with pytest.raises(CudaLaunchError, match=r"kernel oob_test \(grid=\(1,\), block=4\) failed: IndexError"):
+        launch("oob_test", oob, (1,), 4, cuda.to_device(np.zeros(4)))
+
+
+def test_checked_mode_follows_the_environment(monkeypatch):
+    monkeypatch.setenv("TFM_CUDA_CHECK", "1")
+    assert checked_mode()
+    monkeypatch.setenv("TFM_CUDA_CHECK", "0")
+    assert not checked_mode()
+    monkeypatch.delenv("TFM_CUDA_CHECK")
+    assert checked_mode() == SIMULATOR
+
+
+@pytest.mark.parametrize("attn,gemm", [((2, 2, 1, 1), (2, 2, 1, 1, 1)), ((8, 4, 4, 2), (4, 8, 2, 2, 4))])
+def test_other_tilings_give_the_same_results(rng, attn, gemm):
+    bk = CudaBackend(tuning=Tuning(gemm_large=gemm, gemm_small=gemm, attn=attn, row_threads=2,
+                                   elem_threads=7, step_threads=3))
+    q, k, v = randn(rng, 1, 2, 9, 5), randn(rng, 1, 2, 10, 5), randn(rng, 1, 2, 10, 3)
+    for impl in ("fused", "naive"):
+        out = run(bk, lambda *a: bk.attention(*a, causal=True, impl=impl), q, k, v)
+        assert rel_err(out, ref.scaled_dot_product_attention(q, k, v, causal=True)) < TOL[np.float32]
+    x, w = randn(rng, 3, 7), randn(rng, 6, 7)
+    assert rel_err(run(bk, bk.linear, x, w), ref.linear(x, w)) < TOL[np.float32]
