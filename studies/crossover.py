@@ -21,8 +21,8 @@ NAME = "crossover"
 RECURRENT = ("lstm", "rnn")
 GRIDS = {
     "default": dict(d=pow2(64, 1024), n=pow2(16, 8192), max_call_s=1.0, budget_s=0.2),
-    "quick": dict(d=(64, 256), n=pow2(16, 1024), max_call_s=0.3, budget_s=0.05),
-    "smoke": dict(d=(16, 32), n=(8, 16, 32, 64), max_call_s=0.2, budget_s=0.01),
+    "quick": dict(d=(64, 256), n=pow2(16, 1024), max_call_s=0.6, budget_s=0.05),
+    "smoke": dict(d=(16, 32), n=(8, 16, 32, 64), max_call_s=5.0, budget_s=0.01),
 }
 
 

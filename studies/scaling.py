@@ -28,7 +28,7 @@ WINDOW, KERNEL, DILATION = 16, 3, 4
 GRIDS = {  # n-sweep n range and its d values; d-sweep d values and its n
     "default": dict(n=pow2(16, 16384), n_ds=(64, 256, 1024), d=pow2(64, 1024), d_n=512, max_call_s=1.5, budget_s=0.25),
     "quick": dict(n=[16, 64, 256, 1024], n_ds=(64,), d=(64, 128, 256), d_n=128, max_call_s=0.3, budget_s=0.05),
-    "smoke": dict(n=[16, 32, 64], n_ds=(32,), d=(32, 64), d_n=32, max_call_s=0.2, budget_s=0.01),
+    "smoke": dict(n=[16, 32, 64], n_ds=(32,), d=(32, 64), d_n=32, max_call_s=5.0, budget_s=0.01),
 }
 
 

@@ -17,14 +17,17 @@ import sys
 from ._common import LAYER_LABELS, ok, parser, pow2, run_main, savefig
 
 NAME = "sequential"
-COUNT_LAYERS = {"self_attention": "attention_layer", "recurrent": "lstm", "convolutional": "conv",
-                "self_attention_restricted": "restricted"}
+COUNT_LAYERS = {  # Table 1 row -> (make_layer kind, options)
+    "self_attention": ("attention_layer", {}), "recurrent": ("lstm", {}), "convolutional": ("conv", {}),
+    "convolutional_dilated": ("conv", {"dilation": 4}), "self_attention_restricted": ("restricted", {}),
+}
 TIME_LAYERS = ("attention_fused", "lstm", "conv", "restricted")
-PAPER = {"self_attention": "O(1)", "recurrent": "O(n)", "convolutional": "O(1)", "self_attention_restricted": "O(1)"}
+PAPER = {"self_attention": "O(1)", "recurrent": "O(n)", "convolutional": "O(1)", "convolutional_dilated": "O(1)",
+         "self_attention_restricted": "O(1)"}
 GRIDS = {
     "default": dict(count_n=(64, 256, 1024), n=pow2(16, 2048), b=(1, 32), d=64, max_call_s=1.0, budget_s=0.2),
     "quick": dict(count_n=(64, 256), n=pow2(16, 512), b=(1, 16), d=64, max_call_s=0.3, budget_s=0.05),
-    "smoke": dict(count_n=(16, 32), n=(16, 32), b=(1, 4), d=16, max_call_s=0.2, budget_s=0.01),
+    "smoke": dict(count_n=(16, 32), n=(16, 32), b=(1, 4), d=16, max_call_s=5.0, budget_s=0.01),
 }
 
 
@@ -70,7 +73,8 @@ def measure(case: dict, ctx) -> dict:
     if case["part"] == "count":
         layer, n, d = case["layer"], case["n"], case["d"]
         bk, calls = counting_backend(get_backend(backend))
-        lay = make_layer(COUNT_LAYERS[layer], n=n, d=d, backend=bk)
+        kind, opts = COUNT_LAYERS[layer]
+        lay = make_layer(kind, n=n, d=d, backend=bk, **opts)
         lay.run()
         row = {"backend": backend, "kernel_calls": len(calls), "calls": " ".join(calls), "paper": PAPER[layer]}
         if layer == "recurrent":

@@ -16,7 +16,7 @@ written to ``<out>/tables/<name>.csv`` atomically after every row, so that:
   Every such row has NaN measurements and a ``reason``.
 
 Time budget: in a *series* (cases equal but for the growing parameter, e.g. n), the time
-of the last measured case predicts the next one as ``t * (g / g_prev) ** p`` with the
+(fastest repeat, else median) of the last measured case predicts the next one as ``t * (g / g_prev) ** p`` with the
 study's expected exponent p; a case predicted over ``max_call_s`` per call is skipped, and
 so are the larger cases of that series.
 
@@ -147,6 +147,12 @@ def _series_key(case: dict, grow: str | None) -> str:
     return case_id({k: v for k, v in case.items() if k != grow})
 
 
+def _base_time(row: dict) -> float:
+    """The time a prediction starts from: the fastest repeat where recorded (robust to load spikes)."""
+    t = row.get("min_s")
+    return float(t) if t is not None and np.isfinite(t) else float(row["time_s"])
+
+
 def _derived(row: dict, ceilings: dict) -> None:
     t = row.get("time_s")
     if t is None or not (isinstance(t, float) and t > 0):
@@ -184,8 +190,8 @@ def run_study(study: Study, out: Path | str = "results", *, quick: bool = False,
         grow = _grow(study, case)
         key = _series_key(case, grow)
         if r["status"] == "ok" and grow and np.isfinite(r.get("time_s", np.nan)):
-            last[key] = (float(r[grow]), float(r["time_s"]))
-        elif r["status"] in ("oom", "over_budget"):
+            last[key] = (float(r[grow]), _base_time(r))
+        elif r["status"] in ("oom", "over_budget") and key not in blocked:
             blocked[key] = f"a smaller {grow} of this series was skipped ({r['reason']})"
 
     ctx = Context(study, quick, ceilings)
@@ -214,12 +220,12 @@ def run_study(study: Study, out: Path | str = "results", *, quick: bool = False,
                 row["status"], row["reason"] = "ok", ""
                 _derived(row, ceilings)
                 if grow and np.isfinite(row.get("time_s", np.nan)):
-                    last[key] = (float(case[grow]), float(row["time_s"]))
+                    last[key] = (float(case[grow]), _base_time(row))
             except KeyboardInterrupt:
                 raise
             except Exception as exc:  # noqa: BLE001 - every failure becomes a row with its reason
                 row["status"], row["reason"] = classify(exc)
-                if row["status"] in ("oom", "over_budget"):
+                if row["status"] in ("oom", "over_budget") and key not in blocked:
                     blocked[key] = f"a smaller {grow} of this series was skipped ({row['reason']})"
                 if row["status"] == "error":
                     bar.write(f"[{study.name}] error at {case}: {row['reason']}")

@@ -74,7 +74,7 @@ def time_call(fn: Callable[[], object], *, budget_s: float = 0.5, min_repeats: i
     while len(samples) < max_repeats:
         samples.append(_timed(fn, sync))
         spent = time.perf_counter() - start
-        if spent >= budget_s and (len(samples) >= min_repeats or samples[-1] >= budget_s):
+        if spent >= budget_s and (len(samples) >= min_repeats or 0 < budget_s <= samples[-1]):
             break
     return Timing.from_samples(samples, compile_s)
 
@@ -94,6 +94,6 @@ def time_pair(fn_a: Callable[[], object], fn_b: Callable[[], object], *, budget_
         a.append(_timed(fn_a, sync_a))
         b.append(_timed(fn_b, sync_b))
         spent = time.perf_counter() - start
-        if spent >= budget_s and (len(a) >= min_repeats or a[-1] + b[-1] >= budget_s):
+        if spent >= budget_s and (len(a) >= min_repeats or 0 < budget_s <= a[-1] + b[-1]):
             break
     return Timing.from_samples(a, compile_a), Timing.from_samples(b, compile_b)
