@@ -85,16 +85,19 @@ def fused_kernel(dtype, dk, dv, bq, bkt, ty_n, tx_n, masked: bool, band: bool):
     oc = cdiv(dv, tx_n)  # output columns per thread
     nt = ty_n * tx_n
     q_loads, k_loads, v_loads = cdiv(bq * dk, nt), cdiv(bkt * dk, nt), cdiv(bkt * dv, nt)
+    # shared/local shapes must be compile-time constants: computed here, not in the kernel
+    q_shape, k_shape, v_shape, p_shape = (dk, bq + 1), (dk, bkt + 1), (bkt, dv), (bq, bkt + 1)
+    red_shape, s_shape, acc_shape = (bq, tx_n), (tm, sc), (tm, oc)
 
     @cuda.jit(cache=True)
     def fused(q, k, v, out, mask, fb, fh, fi, fj, scale, wl, wr):
-        q_s = cuda.shared.array((dk, bq + 1), dt)
-        k_s = cuda.shared.array((dk, bkt + 1), dt)
-        v_s = cuda.shared.array((bkt, dv), dt)
-        p_s = cuda.shared.array((bq, bkt + 1), dt)
-        red = cuda.shared.array((bq, tx_n), dt)
-        s_r = cuda.local.array((tm, sc), dt)
-        acc = cuda.local.array((tm, oc), dt)
+        q_s = cuda.shared.array(q_shape, dt)
+        k_s = cuda.shared.array(k_shape, dt)
+        v_s = cuda.shared.array(v_shape, dt)
+        p_s = cuda.shared.array(p_shape, dt)
+        red = cuda.shared.array(red_shape, dt)
+        s_r = cuda.local.array(s_shape, dt)
+        acc = cuda.local.array(acc_shape, dt)
         m_r = cuda.local.array(tm, dt)
         l_r = cuda.local.array(tm, dt)
         a_r = cuda.local.array(tm, dt)

@@ -67,11 +67,12 @@ def gemm_kernel(dtype, bm, bn, bk, tm, tn, trans_b: bool, act_code: int, has_bia
     ty_n, tx_n = bm // tm, bn // tn
     nt = ty_n * tx_n
     a_loads, b_loads = cdiv(bm * bk, nt), cdiv(bn * bk, nt)
+    a_shape, b_shape = (bk, bm + 1), (bk, bn + 1)  # shapes must be compile-time constants
 
     @cuda.jit(cache=True)
     def gemm(a, b, bias, c, m, n, k, alpha):
-        a_s = cuda.shared.array((bk, bm + 1), dt)
-        b_s = cuda.shared.array((bk, bn + 1), dt)
+        a_s = cuda.shared.array(a_shape, dt)
+        b_s = cuda.shared.array(b_shape, dt)
         acc = cuda.local.array((tm, tn), dt)
         a_r = cuda.local.array(tm, dt)
         b_r = cuda.local.array(tn, dt)
