@@ -291,3 +291,17 @@ def test_matches_torch_multihead_attention(rng, impl):
     out = cpu.linear(cpu.merge_heads(heads), mha.out_proj.weight.detach().numpy(),
                      mha.out_proj.bias.detach().numpy())
     assert rel_err(out, expected.numpy()) < 1e-5
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_kv_cache_views_are_used_in_place(rng, impl):
+    # a KV cache slice: rows of each (b, h) block contiguous, the whole array not
+    cache_k = randn(rng, 2, 3, 200, 16)
+    cache_v = randn(rng, 2, 3, 200, 8)
+    q = randn(rng, 2, 3, 1, 16)
+    k, v = cache_k[:, :, :97], cache_v[:, :, :97]
+    assert not k.flags.c_contiguous and att._rows_contiguous(k, k.dtype) is k
+    check(att.attention(q, k, v, None, False, impl), q, k, v)
+    kt = np.swapaxes(randn(rng, 2, 3, 16, 97), -1, -2)  # column-major blocks: must be copied
+    assert att._rows_contiguous(kt, kt.dtype) is not kt
+    check(att.attention(q, kt, v, None, True, impl), q, kt, v, causal=True)

@@ -271,13 +271,25 @@ def _fused_kernel(q, k, v, mask, has_mask, causal, out, tile_q, tile_k):
 _NO_MASK = np.ones((1, 1, 1, 1), dtype=np.bool_)
 
 
+def _rows_contiguous(x, dtype):
+    """x itself if each (b, h) block is a C-contiguous (N, D) matrix (what gemm needs), else a copy.
+
+    Keeps views such as a KV cache's ``cache[:, :, :n]`` copy-free during decoding.
+    """
+    x = np.asarray(x)
+    item = x.dtype.itemsize
+    if x.dtype == dtype and x.strides[-1] == item and x.strides[-2] == x.shape[-1] * item:
+        return x
+    return np.ascontiguousarray(x, dtype=dtype)
+
+
 def attention(q, k, v, mask=None, causal=False, impl="fused"):
     """softmax(Q K^T / sqrt(d_k)) V -> (B, H, Nq, Dv) in q's dtype (see the backend docs)."""
     if impl not in VARIANTS:
         raise ValueError(f"unknown attention impl {impl!r}; choose one of {', '.join(VARIANTS)}")
-    q = np.ascontiguousarray(q)
-    k = np.ascontiguousarray(k, dtype=q.dtype)
-    v = np.ascontiguousarray(v, dtype=q.dtype)
+    q = _rows_contiguous(q, q.dtype)
+    k = _rows_contiguous(k, q.dtype)
+    v = _rows_contiguous(v, q.dtype)
     b, h, nq, _ = q.shape
     nk = k.shape[2]
     full = (b, h, nq, nk)
