@@ -30,7 +30,7 @@ side by side with torch.set_num_threads(2); per-step times exclude the projectio
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange, types
+from numba import get_num_threads, njit, prange, types
 from numba.extending import overload
 
 # Hidden units per parallel block: 4*32 LSTM gate columns of float32 = one 512-byte row
@@ -135,92 +135,111 @@ def _hidden_block(h, w_hhT, acc, col0, width):
                 r0[j] += p0 * w0[j]
 
 
+def _row_starts(batch: int) -> np.ndarray:
+    """Contiguous batch-row groups, one per Numba thread: group g is rows starts[g]:starts[g+1]."""
+    n_groups = min(batch, get_num_threads())
+    return np.array([g * batch // n_groups for g in range(n_groups + 1)], dtype=np.int64)
+
+
 @njit(cache=True, fastmath=False, parallel=True)
-def _rnn_recurrence(xw, h0, w_hhT, out, units, relu):
+def _rnn_recurrence(xw, h0, w_hhT, out, units, starts, relu):
     batch, n, hidden = xw.shape
     n_blocks = (hidden + units - 1) // units
-    acc = np.empty((n_blocks, batch, units), dtype=xw.dtype)
-    h_buf = np.empty((2, batch, hidden), dtype=xw.dtype)
-    h_buf[0] = h0
-    for t in range(n):
-        h_prev, h_next = h_buf[t % 2], h_buf[(t + 1) % 2]
-        for blk in prange(n_blocks):
-            u0 = blk * units
-            w = min(units, hidden - u0)
-            a = acc[blk]
-            _hidden_block(h_prev, w_hhT, a, u0, w)
-            for b in range(batch):
-                a_row, x_row = a[b], xw[b, t, u0:u0 + w]
-                h_row, o_row = h_next[b, u0:u0 + w], out[b, t, u0:u0 + w]
-                for u in range(w):
-                    z = a_row[u] + x_row[u]
-                    hh = max(z, 0.0) if relu else _tanh(z)
-                    h_row[u] = hh
-                    o_row[u] = hh
-    return h_buf[n % 2].copy()
+    n_groups = starts.shape[0] - 1
+    h_n = np.empty((batch, hidden), dtype=xw.dtype)
+    for grp in prange(n_groups):  # each thread runs all n steps for its own rows: no barriers
+        r0, r1 = starts[grp], starts[grp + 1]
+        acc = np.empty((r1 - r0, units), dtype=xw.dtype)
+        h_buf = np.empty((2, r1 - r0, hidden), dtype=xw.dtype)
+        h_buf[0] = h0[r0:r1]
+        for t in range(n):
+            h_prev, h_next = h_buf[t % 2], h_buf[(t + 1) % 2]
+            for blk in range(n_blocks):
+                u0 = blk * units
+                w = min(units, hidden - u0)
+                _hidden_block(h_prev, w_hhT, acc, u0, w)
+                for b in range(r1 - r0):
+                    a_row, x_row = acc[b], xw[r0 + b, t, u0:u0 + w]
+                    h_row, o_row = h_next[b, u0:u0 + w], out[r0 + b, t, u0:u0 + w]
+                    for u in range(w):
+                        z = a_row[u] + x_row[u]
+                        hh = max(z, 0.0) if relu else _tanh(z)
+                        h_row[u] = hh
+                        o_row[u] = hh
+        h_n[r0:r1] = h_buf[n % 2]
+    return h_n
 
 
 @njit(cache=True, fastmath=False, parallel=True)
-def _lstm_recurrence(xw, h0, c0, w_hhT, out, units):
+def _lstm_recurrence(xw, h0, c0, w_hhT, out, units, starts):
     batch, n, gates = xw.shape
     hidden = gates // 4
     n_blocks = (hidden + units - 1) // units
-    acc = np.empty((n_blocks, batch, 4 * units), dtype=xw.dtype)
-    h_buf = np.empty((2, batch, hidden), dtype=xw.dtype)
-    h_buf[0] = h0
+    n_groups = starts.shape[0] - 1
+    h_n = np.empty((batch, hidden), dtype=xw.dtype)
     c = c0.copy()
-    for t in range(n):
-        h_prev, h_next = h_buf[t % 2], h_buf[(t + 1) % 2]
-        for blk in prange(n_blocks):
-            u0 = blk * units
-            w = min(units, hidden - u0)
-            col0 = 4 * u0  # block layout: [i(w), f(w), g(w), o(w)]
-            a = acc[blk]
-            _hidden_block(h_prev, w_hhT, a, col0, 4 * w)
-            for b in range(batch):
-                a_row, x_row = a[b], xw[b, t, col0:col0 + 4 * w]
-                c_row, h_row, o_row = c[b, u0:u0 + w], h_next[b, u0:u0 + w], out[b, t, u0:u0 + w]
-                for u in range(w):
-                    i = _sigmoid(a_row[u] + x_row[u])
-                    f = _sigmoid(a_row[w + u] + x_row[w + u])
-                    g = _tanh(a_row[2 * w + u] + x_row[2 * w + u])
-                    o = _sigmoid(a_row[3 * w + u] + x_row[3 * w + u])
-                    cc = f * c_row[u] + i * g
-                    c_row[u] = cc
-                    hh = o * _tanh(cc)
-                    h_row[u] = hh
-                    o_row[u] = hh
-    return h_buf[n % 2].copy(), c
+    for grp in prange(n_groups):  # each thread runs all n steps for its own rows: no barriers
+        r0, r1 = starts[grp], starts[grp + 1]
+        acc = np.empty((r1 - r0, 4 * units), dtype=xw.dtype)
+        h_buf = np.empty((2, r1 - r0, hidden), dtype=xw.dtype)
+        h_buf[0] = h0[r0:r1]
+        for t in range(n):
+            h_prev, h_next = h_buf[t % 2], h_buf[(t + 1) % 2]
+            for blk in range(n_blocks):
+                u0 = blk * units
+                w = min(units, hidden - u0)
+                col0 = 4 * u0  # block layout: [i(w), f(w), g(w), o(w)]
+                _hidden_block(h_prev, w_hhT, acc, col0, 4 * w)
+                for b in range(r1 - r0):
+                    a_row, x_row = acc[b], xw[r0 + b, t, col0:col0 + 4 * w]
+                    c_row, h_row = c[r0 + b, u0:u0 + w], h_next[b, u0:u0 + w]
+                    o_row = out[r0 + b, t, u0:u0 + w]
+                    for u in range(w):
+                        i = _sigmoid(a_row[u] + x_row[u])
+                        f = _sigmoid(a_row[w + u] + x_row[w + u])
+                        g = _tanh(a_row[2 * w + u] + x_row[2 * w + u])
+                        o = _sigmoid(a_row[3 * w + u] + x_row[3 * w + u])
+                        cc = f * c_row[u] + i * g
+                        c_row[u] = cc
+                        hh = o * _tanh(cc)
+                        h_row[u] = hh
+                        o_row[u] = hh
+        h_n[r0:r1] = h_buf[n % 2]
+    return h_n, c
 
 
 @njit(cache=True, fastmath=False, parallel=True)
-def _gru_recurrence(xw, h0, w_hhT, b_hn, out, units):
+def _gru_recurrence(xw, h0, w_hhT, b_hn, out, units, starts):
     batch, n, gates = xw.shape
     hidden = gates // 3
     n_blocks = (hidden + units - 1) // units
-    acc = np.empty((n_blocks, batch, 3 * units), dtype=xw.dtype)
-    h_buf = np.empty((2, batch, hidden), dtype=xw.dtype)
-    h_buf[0] = h0
-    for t in range(n):
-        h_prev, h_next = h_buf[t % 2], h_buf[(t + 1) % 2]
-        for blk in prange(n_blocks):
-            u0 = blk * units
-            w = min(units, hidden - u0)
-            col0 = 3 * u0  # block layout: [r(w), z(w), n(w)]
-            a = acc[blk]
-            _hidden_block(h_prev, w_hhT, a, col0, 3 * w)
-            for b in range(batch):
-                a_row, x_row = a[b], xw[b, t, col0:col0 + 3 * w]
-                hp_row, bn = h_prev[b, u0:u0 + w], b_hn[u0:u0 + w]
-                h_row, o_row = h_next[b, u0:u0 + w], out[b, t, u0:u0 + w]
-                for u in range(w):
-                    r = _sigmoid(a_row[u] + x_row[u])
-                    z = _sigmoid(a_row[w + u] + x_row[w + u])
-                    nn = _tanh(x_row[2 * w + u] + r * (a_row[2 * w + u] + bn[u]))
-                    hh = nn + z * (hp_row[u] - nn)
-                    h_row[u] = hh
-                    o_row[u] = hh
-    return h_buf[n % 2].copy()
+    n_groups = starts.shape[0] - 1
+    h_n = np.empty((batch, hidden), dtype=xw.dtype)
+    for grp in prange(n_groups):  # each thread runs all n steps for its own rows: no barriers
+        r0, r1 = starts[grp], starts[grp + 1]
+        acc = np.empty((r1 - r0, 3 * units), dtype=xw.dtype)
+        h_buf = np.empty((2, r1 - r0, hidden), dtype=xw.dtype)
+        h_buf[0] = h0[r0:r1]
+        for t in range(n):
+            h_prev, h_next = h_buf[t % 2], h_buf[(t + 1) % 2]
+            for blk in range(n_blocks):
+                u0 = blk * units
+                w = min(units, hidden - u0)
+                col0 = 3 * u0  # block layout: [r(w), z(w), n(w)]
+                _hidden_block(h_prev, w_hhT, acc, col0, 3 * w)
+                for b in range(r1 - r0):
+                    a_row, x_row = acc[b], xw[r0 + b, t, col0:col0 + 3 * w]
+                    hp_row, bn = h_prev[b, u0:u0 + w], b_hn[u0:u0 + w]
+                    h_row, o_row = h_next[b, u0:u0 + w], out[r0 + b, t, u0:u0 + w]
+                    for u in range(w):
+                        r = _sigmoid(a_row[u] + x_row[u])
+                        z = _sigmoid(a_row[w + u] + x_row[w + u])
+                        nn = _tanh(x_row[2 * w + u] + r * (a_row[2 * w + u] + bn[u]))
+                        hh = nn + z * (hp_row[u] - nn)
+                        h_row[u] = hh
+                        o_row[u] = hh
+        h_n[r0:r1] = h_buf[n % 2]
+    return h_n
 
 
 # ------------------------------------------------------------------------------ wrappers
@@ -263,7 +282,8 @@ def rnn_layer(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity="tanh"):
     bias = _vec(b_ih, hidden, x.dtype) + _vec(b_hh, hidden, x.dtype)
     xw, w_hhT = _prepare(x, h0, w_ih, w_hh, bias, 1)
     out = np.empty((x.shape[0], x.shape[1], hidden), x.dtype)
-    h_n = _rnn_recurrence(xw, h0, w_hhT, out, UNITS, _NONLINEARITIES[nonlinearity] == 1)
+    h_n = _rnn_recurrence(xw, h0, w_hhT, out, UNITS, _row_starts(x.shape[0]),
+                          _NONLINEARITIES[nonlinearity] == 1)
     return out, h_n
 
 
@@ -275,7 +295,7 @@ def lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh):
     bias = _vec(b_ih, 4 * hidden, x.dtype) + _vec(b_hh, 4 * hidden, x.dtype)
     xw, w_hhT = _prepare(x, h0, w_ih, w_hh, bias, 4)
     out = np.empty((x.shape[0], x.shape[1], hidden), x.dtype)
-    h_n, c_n = _lstm_recurrence(xw, h0, c0, w_hhT, out, UNITS)
+    h_n, c_n = _lstm_recurrence(xw, h0, c0, w_hhT, out, UNITS, _row_starts(x.shape[0]))
     return out, h_n, c_n
 
 
@@ -290,5 +310,6 @@ def gru_layer(x, h0, w_ih, w_hh, b_ih, b_hh):
     bias[:2 * hidden] += b_hh[:2 * hidden]  # r and z: both biases add outside any gate
     xw, w_hhT = _prepare(x, h0, w_ih, w_hh, bias, 3)
     out = np.empty((x.shape[0], x.shape[1], hidden), x.dtype)
-    h_n = _gru_recurrence(xw, h0, w_hhT, np.ascontiguousarray(b_hh[2 * hidden:]), out, UNITS)
+    h_n = _gru_recurrence(xw, h0, w_hhT, np.ascontiguousarray(b_hh[2 * hidden:]), out, UNITS,
+                          _row_starts(x.shape[0]))
     return out, h_n
