@@ -4,7 +4,7 @@
     python -m tfm.cuda_check --out results/gpu --quick    # smaller grid, fewer repeats
     NUMBA_ENABLE_CUDASIM=1 python -m tfm.cuda_check --out /tmp/x --sim-smoke   # toy sizes, CI
 
-Writes under ``--out``: ``device.csv``, ``correctness.csv``, ``attention.csv``,
+Writes under ``--out``: ``device.csv``, ``correctness.csv``, ``gemm.csv``, ``attention.csv``,
 ``forward.csv``, ``memory.csv`` and ``SUMMARY.md`` (device, driver, the float32 peak and how
 it was derived, every table, the exact command).
 
@@ -13,7 +13,9 @@ it was derived, every table, the exact command).
    and random rows; reference in float64 NumPy on the host), plus the whole float32
    base-config encoder-decoder against the float64 numpy backend with the same weights.
 2. Timings, side by side in one process (A B A B ...; warm-up first; median and
-   inter-quartile range of repeats; a synchronize closes every timed call): tfm fused and
+   inter-quartile range of repeats; a synchronize closes every timed call): the linear
+   layer's GEMM at model shapes for several Numba tilings vs cuBLAS (CuPy; PyTorch, which
+   also gives the measured sgemm ceiling); tfm fused and
    naive attention vs ``torch.nn.functional.scaled_dot_product_attention`` in float32
    (B=4, H=16, d=64, n = 1024 ... 16384), and the base-config ``nn.Transformer`` forward
    (eager, float32) vs the same weights in ``tfm.from_torch(...)`` on backend "cuda" with
@@ -52,12 +54,18 @@ GRIDS = {
     "full": {"attn_n": [1024, 2048, 4096, 8192, 16384], "attn_bhd": (4, 16, 64),
              "naive_max_n": 8192, "check_n": [1, 37, 1000, 4097, 16384],
              "fwd": [(8, 128), (8, 256)], "mem_n": [1024, 2048, 4096, 8192, 16384],
-             "repeats": 10, "warmup": 2, "preset": "base"},
+             "repeats": 10, "warmup": 2, "preset": "base",
+             "gemm": [(2048, 512, 2048), (2048, 2048, 512), (2048, 512, 1536), (8192, 8192, 8192)],
+             "gemm_tiles": [(128, 128, 16, 8, 8), (128, 64, 16, 8, 4), (64, 64, 16, 4, 4),
+                            (64, 128, 8, 4, 8)]},
     "quick": {"attn_n": [1024, 4096], "attn_bhd": (4, 16, 64), "naive_max_n": 4096,
               "check_n": [37, 1000, 4097], "fwd": [(8, 128)], "mem_n": [1024, 4096],
-              "repeats": 5, "warmup": 1, "preset": "base"},
+              "repeats": 5, "warmup": 1, "preset": "base",
+              "gemm": [(2048, 512, 2048), (4096, 4096, 4096)],
+              "gemm_tiles": [(128, 128, 16, 8, 8), (128, 64, 16, 8, 4), (64, 64, 16, 4, 4)]},
     "sim": {"attn_n": [13], "attn_bhd": (1, 2, 8), "naive_max_n": 13, "check_n": [1, 13],
-            "fwd": [(1, 4)], "mem_n": [8, 16], "repeats": 1, "warmup": 1, "preset": "sim"},
+            "fwd": [(1, 4)], "mem_n": [8, 16], "repeats": 1, "warmup": 1, "preset": "sim",
+            "gemm": [(9, 12, 10)], "gemm_tiles": [(8, 8, 4, 2, 2), (4, 8, 2, 2, 4)]},
 }
 
 
@@ -268,6 +276,43 @@ def time_attention(bk, grid, peak, rng) -> list[dict]:
     return out
 
 
+def time_gemm(grid, peak, rng) -> list[dict]:
+    """``linear`` (x @ W.T) at model shapes: each Numba GEMM tiling, cuBLAS via CuPy and torch."""
+    from . import cost
+    from .backends.cuda import CudaBackend
+
+    torch, torch_reason = _torch_cuda()
+    cupy_reason = _cupy()
+    out = []
+    for m, k, n in grid["gemm"]:
+        x, w = (rng.standard_normal(s).astype(np.float32) for s in ((m, k), (n, k)))
+        fns, notes = {}, {}
+        for tiles in grid["gemm_tiles"]:
+            bk = CudaBackend(tuning=CudaBackend().tuning.replace(gemm_large=tiles, gemm_small=tiles))
+            dx, dw = bk.asarray(x), bk.asarray(w)
+            fns[f"numba{tiles}"] = (lambda b=bk, a=dx, c=dw: b.linear(a, c))
+        if cupy_reason is None:
+            bk = CudaBackend(gemm="cupy")
+            dx, dw = bk.asarray(x), bk.asarray(w)
+            fns["cupy_cublas"] = lambda: bk.linear(dx, dw)
+        else:
+            notes["cupy_cublas"] = cupy_reason
+        if torch is not None:
+            tx, tw = torch.as_tensor(x, device="cuda"), torch.as_tensor(w, device="cuda")
+            fns["torch_matmul"] = lambda: tx @ tw.T
+        else:
+            notes["torch_matmul"] = torch_reason
+        timed = time_side_by_side(fns, grid["repeats"], grid["warmup"])
+        flops = cost.flops("linear", tokens=m, d_in=k, d_out=n, bias=False)
+        for impl in list(fns) + list(notes):
+            med, iqr = timed.get(impl, (np.nan, np.nan))
+            gf = _gflops(flops, med)
+            out.append({"impl": impl, "M": m, "K": k, "N": n, "median_ms": med * 1e3, "iqr_ms": iqr * 1e3,
+                        "gflops": gf, "frac_fp32_peak": gf / peak if peak == peak else np.nan,
+                        "note": notes.get(impl, "")})
+    return out
+
+
 def time_forward(grid, peak, rng) -> list[dict]:
     from . import cost
     from .backends.cuda import CudaBackend
@@ -429,6 +474,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     tables = {
         "correctness": pd.DataFrame(check_correctness(bk, grid, rng)),
+        "gemm": pd.DataFrame(time_gemm(grid, peak, rng)),
         "attention": pd.DataFrame(time_attention(bk, grid, peak, rng)),
         "forward": pd.DataFrame(time_forward(grid, peak, rng)),
         "memory": pd.DataFrame(measure_memory(bk, grid, rng)),

@@ -15,7 +15,7 @@ from tfm import cuda_check
 def test_sim_smoke_writes_every_table(tmp_path):
     assert cuda_check.main(["--out", str(tmp_path), "--sim-smoke"]) == 0
     names = sorted(os.listdir(tmp_path))
-    assert names == ["SUMMARY.md", "attention.csv", "correctness.csv", "device.csv", "forward.csv",
+    assert names == ["SUMMARY.md", "attention.csv", "correctness.csv", "device.csv", "forward.csv", "gemm.csv",
                      "memory.csv"]
     correct = pd.read_csv(tmp_path / "correctness.csv")
     assert correct["passed"].all() and (correct["rel_err"] < correct["tol"]).all()
@@ -24,6 +24,8 @@ def test_sim_smoke_writes_every_table(tmp_path):
     assert (attn.loc[attn["impl"] == "tfm_fused", "median_ms"] > 0).all()
     sdpa = attn[attn["impl"] == "torch_sdpa"]
     assert sdpa["median_ms"].isna().all() == sdpa["note"].notna().all()  # NaN rows say why
+    gemm = pd.read_csv(tmp_path / "gemm.csv")
+    assert gemm["impl"].str.startswith("numba").sum() == 2 and (gemm["median_ms"].dropna() > 0).all()
     mem = pd.read_csv(tmp_path / "memory.csv")
     fused = mem[mem["impl"] == "tfm_fused"]
     naive = mem[mem["impl"] == "tfm_naive"]
