@@ -15,7 +15,7 @@ process with ``torch.nn.functional.scaled_dot_product_attention`` (float32, B=1,
 
 Threading: ``prange`` over (batch, head, query-tile) work items, each calling a
 single-threaded BLAS ``?gemm`` (``_threads.single_threaded_blas``): 2 Numba threads x 1 BLAS
-thread. The exp of the score tile is a vectorisable polynomial (float32), not libm.
+thread. The exp of the score tile is a vectorisable polynomial (float32; ``norm.exp_shift_sum``).
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.extending import intrinsic, overload
+from numba import njit, prange
+from numba.extending import overload
 from numba.np.linalg import _BLAS, ensure_blas, get_blas_kind
 
 from ._threads import single_threaded_blas
+from .norm import exp_shift_sum, maxnum, row_max
 
 VARIANTS = {
     "naive": "per (b, h): the full (Nq, Nk) score matrix, then softmax, then P @ V",
@@ -68,98 +68,6 @@ def _gemm_impl(transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
     return impl
 
 
-# ---------------------------------------------------------------------------- row softmax pieces
-@intrinsic
-def _maxnum(typingctx, a, b):
-    """llvm.maxnum: a max that LLVM vectorises as a reduction (Python's max() does not)."""
-    if a != b or not isinstance(a, types.Float):
-        return None
-    sig = a(a, b)
-
-    def codegen(context, builder, signature, args):
-        t = args[0].type
-        fn = builder.module.declare_intrinsic("llvm.maxnum", [t], ir.FunctionType(t, [t, t]))
-        return builder.call(fn, args)
-
-    return sig, codegen
-
-
-@intrinsic
-def _int32_as_float32(typingctx, x):
-    """Reinterpret the bits of an int32 as a float32 (builds 2**k for the exp below)."""
-    sig = types.float32(types.int32)
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
-
-    return sig, codegen
-
-
-# reassoc/nsz only: lets LLVM vectorise the reductions; NaN and inf keep their IEEE meaning.
-@njit(cache=True, fastmath={"reassoc", "nsz"})
-def _row_max(row, n):
-    m = row.dtype.type(-np.inf)
-    for j in range(n):
-        m = _maxnum(m, row[j])
-    return m
-
-
-@njit(cache=True, fastmath={"reassoc", "nsz", "contract"})
-def _exp_shift_sum_f32(row, n, m):
-    """row[:n] = exp(row[:n] - m) in place, returns the sum; needs row <= m (no overflow).
-
-    Cephes expf: x = k ln2 + r, |r| <= ln2/2, e^r by a degree-7 polynomial (~1 ulp), 2**k
-    from the exponent bits. Vectorises (8 lanes) where libm's expf runs one at a time.
-    exp(x) for x < -87.3 (incl. -inf: masked keys) is exactly 0.
-    """
-    s = 0.0  # float64: a float32 sum of ~1000 terms would add ~4e-7 relative error
-    for j in range(n):
-        x = row[j] - m
-        xc = np.float32(-87.0) if x < np.float32(-87.0) else x
-        ki = np.int32(xc * np.float32(1.4426950408889634) - np.float32(0.5))  # round(x/ln2), x <= 0
-        kf = np.float32(ki)
-        r = xc - kf * np.float32(0.693359375) + kf * np.float32(2.12194440e-4)
-        p = np.float32(1.9875691500e-4)
-        p = p * r + np.float32(1.3981999507e-3)
-        p = p * r + np.float32(8.3334519073e-3)
-        p = p * r + np.float32(4.1665795894e-2)
-        p = p * r + np.float32(1.6666665459e-1)
-        p = p * r + np.float32(5.0000001201e-1)
-        p = (p * r * r + r + np.float32(1.0)) * _int32_as_float32((ki + np.int32(127)) << 23)
-        p = np.float32(0.0) if x < np.float32(-87.0) else p
-        row[j] = p
-        s += p
-    return s
-
-
-@njit(cache=True, fastmath={"reassoc", "nsz", "contract"})
-def _exp_shift_sum_f64(row, n, m):
-    """float64 version of the above, with libm's exp (float64 speed is not the target)."""
-    s = 0.0
-    for j in range(n):
-        p = math.exp(row[j] - m)
-        row[j] = p
-        s += p
-    return s
-
-
-def _exp_shift_sum(row, n, m):
-    """row[:n] = exp(row[:n] - m), returns the sum (in @njit code: the kernel for row's dtype)."""
-    row[:n] = np.exp(row[:n] - m)
-    return row[:n].sum()
-
-
-@overload(_exp_shift_sum)
-def _exp_shift_sum_impl(row, n, m):
-    kernel = _exp_shift_sum_f32 if row.dtype == types.float32 else _exp_shift_sum_f64
-    dt = row.dtype
-
-    def impl(row, n, m):
-        return kernel(row, n, dt(m))
-
-    return impl
-
-
 @njit(cache=True)
 def _mask_row(row, n, keep_mask, has_mask, j0, causal_limit):
     """Set row[j] = -inf where key j0 + j is hidden: by ``keep_mask`` (a (Nk,) view) or j > limit."""
@@ -192,11 +100,11 @@ def _naive_kernel(q, k, v, mask, has_mask, causal, out):
         for i in range(NQ):
             row = s[i]
             _mask_row(row, NK, mask[b, h, i], has_mask, 0, i if causal else NK)
-            m = _row_max(row, NK)
+            m = row_max(row, NK)
             if m == -np.inf:  # no visible key: zero weights
                 row[:] = 0
                 continue
-            inv = dt(1.0 / _exp_shift_sum(row, NK, m))
+            inv = dt(1.0 / exp_shift_sum(row, NK, m))
             for j in range(NK):
                 row[j] *= inv
         _gemm(_N, _N, DV, NQ, NK, one, v[b, h], DV, s, NK, zero, out[b, h], DV)
@@ -248,11 +156,11 @@ def _fused_kernel(q, k, v, mask, has_mask, causal, out, tile_q, tile_k):
                     row = s[r]
                     i = i0 + r
                     _mask_row(row, tk, mask[b, h, i], has_mask, j0, i if causal else NK)
-                    m_new = _maxnum(_row_max(row, tk), m_run[r])
+                    m_new = maxnum(row_max(row, tk), m_run[r])
                     if m_new == -np.inf:  # nothing visible yet: this tile adds nothing
                         row[:tk] = 0
                         continue
-                    l_tile = _exp_shift_sum(row, tk, m_new)
+                    l_tile = exp_shift_sum(row, tk, m_new)
                     c = math.exp(m_run[r] - m_new)  # rescale of what came before
                     l_run[r] = l_run[r] * c + l_tile
                     m_run[r] = m_new

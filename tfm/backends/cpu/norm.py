@@ -2,9 +2,14 @@
 
 Each is one Numba ``prange`` over rows of a 2-D view of the last axis. LayerNorm(x + residual)
 is fused: the residual sum is formed once in the output row, then mean and variance (two
-passes over a row that sits in L1, the numerically safe form) and the affine map. Row sums
-use eight independent partial accumulators (in float64), which keeps the FP adds pipelined
-without fastmath; softmax subtracts the row max first, so exp never overflows.
+passes over a row that sits in L1: the numerically safe form, accumulated in float64) and
+the affine map. Softmax subtracts the row max first, so exp never overflows.
+
+The row primitives here (``maxnum``, ``row_max``, ``exp_shift_sum``) are shared with the
+attention kernels. Reductions are compiled with ``fastmath={"reassoc", "nsz"}`` only (NaN and
+inf keep their IEEE meaning) so that LLVM vectorises them; float32 exp is a polynomial
+(Cephes expf, ~1 ulp) that vectorises, where libm's expf runs one element at a time:
+measured 2.6x slower than torch for LayerNorm and 40x for softmax before these changes.
 """
 
 from __future__ import annotations
@@ -12,47 +17,120 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic, overload
 
-_LANES = 8
+_REDUCE = {"reassoc", "nsz", "contract"}
 
 
-@njit(cache=True)
-def _row_sum(row, shift):
-    """sum(row - shift) in float64 with 8 independent accumulators (pipelined, deterministic)."""
-    n = row.shape[0]
-    acc = np.zeros(_LANES, np.float64)
-    main = n - n % _LANES
-    for j in range(0, main, _LANES):
-        for lane in range(_LANES):
-            acc[lane] += row[j + lane] - shift
+# ---------------------------------------------------------------------------- row primitives
+@intrinsic
+def maxnum(typingctx, a, b):
+    """llvm.maxnum (a NaN operand yields the other): a max LLVM vectorises as a reduction."""
+    if a != b or not isinstance(a, types.Float):
+        return None
+    sig = a(a, b)
+
+    def codegen(context, builder, signature, args):
+        t = args[0].type
+        fn = builder.module.declare_intrinsic("llvm.maxnum", [t], ir.FunctionType(t, [t, t]))
+        return builder.call(fn, args)
+
+    return sig, codegen
+
+
+@intrinsic
+def _int32_as_float32(typingctx, x):
+    """Reinterpret the bits of an int32 as a float32 (builds 2**k for the exp below)."""
+    sig = types.float32(types.int32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return sig, codegen
+
+
+@njit(cache=True, fastmath=_REDUCE)
+def row_max(row, n):
+    """max(row[:n]), -inf for n == 0."""
+    m = row.dtype.type(-np.inf)
+    for j in range(n):
+        m = maxnum(m, row[j])
+    return m
+
+
+@njit(cache=True, fastmath=_REDUCE)
+def _exp_shift_sum_f32(row, n, m):
+    """Cephes expf: x = k ln2 + r, |r| <= ln2/2, e^r by a degree-7 polynomial, 2**k from the
+    exponent bits. exp(x) for x < -87 (incl. -inf: masked keys) is exactly 0.
+    """
+    s = 0.0  # float64: a float32 sum of ~1000 terms would add ~4e-7 relative error
+    for j in range(n):
+        x = row[j] - m
+        xc = np.float32(-87.0) if x < np.float32(-87.0) else x
+        ki = np.int32(xc * np.float32(1.4426950408889634) - np.float32(0.5))  # round(x/ln2), x <= 0
+        kf = np.float32(ki)
+        r = xc - kf * np.float32(0.693359375) + kf * np.float32(2.12194440e-4)
+        p = np.float32(1.9875691500e-4)
+        p = p * r + np.float32(1.3981999507e-3)
+        p = p * r + np.float32(8.3334519073e-3)
+        p = p * r + np.float32(4.1665795894e-2)
+        p = p * r + np.float32(1.6666665459e-1)
+        p = p * r + np.float32(5.0000001201e-1)
+        p = (p * r * r + r + np.float32(1.0)) * _int32_as_float32((ki + np.int32(127)) << 23)
+        p = np.float32(0.0) if x < np.float32(-87.0) else p
+        row[j] = p
+        s += p
+    return s
+
+
+@njit(cache=True, fastmath=_REDUCE)
+def _exp_shift_sum_f64(row, n, m):
+    s = 0.0
+    for j in range(n):
+        p = math.exp(row[j] - m)
+        row[j] = p
+        s += p
+    return s
+
+
+def exp_shift_sum(row, n, m):
+    """row[:n] = exp(row[:n] - m) in place, returns the sum (float64); needs row <= m.
+
+    In @njit code this is the kernel for row's dtype (float32: the polynomial above).
+    """
+    row[:n] = np.exp(row[:n] - m)
+    return float(row[:n].sum())
+
+
+@overload(exp_shift_sum)
+def _exp_shift_sum_impl(row, n, m):
+    kernel = _exp_shift_sum_f32 if row.dtype == types.float32 else _exp_shift_sum_f64
+    dt = row.dtype
+
+    def impl(row, n, m):
+        return kernel(row, n, dt(m))
+
+    return impl
+
+
+@njit(cache=True, fastmath=_REDUCE)
+def _mean_var(y):
+    """Mean and biased variance of a row, two passes, float64 accumulators."""
+    n = y.shape[0]
     total = 0.0
-    for j in range(main, n):
-        total += row[j] - shift
-    for lane in range(_LANES):
-        total += acc[lane]
-    return total
+    for j in range(n):
+        total += y[j]
+    mean = total / n
+    sq = 0.0
+    for j in range(n):
+        d = y[j] - mean
+        sq += d * d
+    return mean, sq / n
 
 
-@njit(cache=True)
-def _row_sq_sum(row, shift):
-    """sum((row - shift)**2) in float64, as _row_sum."""
-    n = row.shape[0]
-    acc = np.zeros(_LANES, np.float64)
-    main = n - n % _LANES
-    for j in range(0, main, _LANES):
-        for lane in range(_LANES):
-            d = row[j + lane] - shift
-            acc[lane] += d * d
-    total = 0.0
-    for j in range(main, n):
-        d = row[j] - shift
-        total += d * d
-    for lane in range(_LANES):
-        total += acc[lane]
-    return total
-
-
+# ---------------------------------------------------------------------------- kernels
 @njit(cache=True, parallel=True)
 def _layer_norm_kernel(x, residual, has_residual, gamma, beta, eps, out):
     rows, d = x.shape
@@ -63,8 +141,7 @@ def _layer_norm_kernel(x, residual, has_residual, gamma, beta, eps, out):
                 y[j] = x[i, j] + residual[i, j]
         else:
             y[:] = x[i]
-        mean = _row_sum(y, 0.0) / d
-        var = _row_sq_sum(y, mean) / d  # biased, as PyTorch
+        mean, var = _mean_var(y)
         inv = 1.0 / math.sqrt(var + eps)
         for j in range(d):
             y[j] = (y[j] - mean) * inv * gamma[j] + beta[j]
@@ -74,32 +151,18 @@ def _layer_norm_kernel(x, residual, has_residual, gamma, beta, eps, out):
 def _softmax_kernel(x, out, log):
     rows, n = x.shape
     for i in prange(rows):
-        row = x[i]
-        m = row[0]
-        for j in range(1, n):
-            m = max(m, row[j])
         o = out[i]
+        o[:] = x[i]
+        m = row_max(o, n)
+        total = exp_shift_sum(o, n, m)
         if log:
-            lse = m + math.log(_exp_sum(row, m))
+            shift = m + math.log(total)
             for j in range(n):
-                o[j] = row[j] - lse
+                o[j] = x[i, j] - shift
         else:
-            total = 0.0
-            for j in range(n):
-                e = math.exp(row[j] - m)
-                o[j] = e
-                total += e
             inv = 1.0 / total
             for j in range(n):
                 o[j] *= inv
-
-
-@njit(cache=True)
-def _exp_sum(row, m):
-    total = 0.0
-    for j in range(row.shape[0]):
-        total += math.exp(row[j] - m)
-    return total
 
 
 def _rows(x):
