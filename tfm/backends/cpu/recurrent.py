@@ -5,26 +5,37 @@ Each layer runs in two phases:
 
 1. The input projections of all N steps at once: one (B*N, I) x (I, G) sgemm (OpenBLAS,
    multi-threaded), with every bias that no gate multiplies folded in.
-2. The recurrence: N sequential steps inside one ``@njit(parallel=True)`` kernel. Per step
-   each thread owns blocks of ``UNITS`` hidden units; for all B rows it computes that
-   block's slice of h_{t-1} W_hh^T with its own loops (W_hh^T is permuted once per call so
-   that a block's gate columns are contiguous) and then the fused gate/state update of
-   those units. No BLAS call runs inside the parallel loop (no oversubscription), and the
-   weights are read once per step for the whole batch.
+2. The recurrence, inside one ``@njit(parallel=True)`` kernel: the batch rows are split into
+   one contiguous group per Numba thread and each thread runs all N steps for its rows, so
+   the threads never synchronise between steps. Per step and per block of ``UNITS`` hidden
+   units, the thread computes its rows' slice of h_{t-1} W_hh^T with its own register-
+   blocked loops (W_hh^T is permuted once per call so that a block's gate columns are
+   contiguous) and then the fused gate/state update of those units. No BLAS call runs
+   inside the parallel region (no oversubscription).
 
 float32 gates use a rational tanh (Eigen's, |error| < 4e-7) that LLVM vectorises, with
-sigmoid(x) = (1 + tanh(x/2)) / 2; libm's scalar expf/tanhf cost ~270 us per step at
-B=8, H=512, more than the matrix product. float64 uses libm (exact to the last bits).
+sigmoid(x) = (1 + tanh(x/2)) / 2; libm's scalar expf/tanhf took ~270 us per step at
+B=8, H=512, more than the matrix product. float64 uses libm.
 
-Variants (measured at B=8, I=H=512, n=256 on this 2-core AVX-512 machine, float32,
-side by side with torch.set_num_threads(2); per-step times exclude the projection GEMM):
+Variants, LSTM at B=8, I=H=512, float32, 2 threads (torch.set_num_threads(2)), medians
+measured side by side in one process on this shared 2-core machine (loaded by other jobs,
+so only ratios mean anything):
 
-    fused  (kept)  own blocked h W_hh^T + fused gates, prange over unit blocks: see
-                   tests/benchmarks/test_bench_baselines.py and the report for the ratios
-                   against nn.LSTM / nn.GRU / nn.RNN.
-    blas   (dropped) one OpenBLAS np.dot per step + scalar gates: 350-600 us per step for
-                   the (8,512)x(512,2048) product alone vs 91 us for PyTorch's MKL, because
-                   OpenBLAS packs the 4 MB weight on every call; 6x slower than nn.LSTM.
+    row groups (kept)     each thread owns batch rows for all steps. n=128: 935 ms vs
+                          2194 ms for the per-step variant below, same run.
+    per-step blocks (dropped) prange over unit blocks inside every step: a barrier per
+                          step; 2.3x slower than row groups under load, and never faster
+                          when the machine was quiet.
+    blas per step (dropped) one OpenBLAS np.dot per step + scalar libm gates: 350-600 us
+                          per step for the (8,512)x(512,2048) product alone vs 91 us for
+                          PyTorch's MKL (OpenBLAS packs the 4 MB weight on every call).
+    plain k-b-j loop (dropped) 1 store per multiply-add: 1.4x slower than the 4x2-unrolled
+                          _hidden_block.
+
+Against PyTorch (whose nn.LSTM/nn.GRU call MKL/oneDNN): see the report of issue 3 and
+tests/benchmarks/test_bench_baselines.py. The remaining gap is the step product: without
+FMA contraction (``fastmath=False`` forbids it) every multiply-add is two instructions,
+half the machine's peak; ``fastmath={"contract"}`` measured 1.35x faster on that product.
 """
 
 from __future__ import annotations
