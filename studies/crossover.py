@@ -15,7 +15,7 @@ import sys
 
 import numpy as np
 
-from ._common import ok, parser, pow2, run_main, savefig
+from ._common import TIME, ok, parser, pow2, run_main, savefig
 
 NAME = "crossover"
 RECURRENT = ("lstm", "rnn")
@@ -85,20 +85,20 @@ def flops_nstar(d: int, recurrent: str) -> float:
 
 
 def time_nstar(att, rec) -> tuple[float, str]:
-    """n* from two (n, time) series: interpolated where the ratio crosses 1, else extrapolated."""
+    """n* from two (n, fastest-repeat time) series: interpolated where the ratio crosses 1, else extrapolated."""
     from tfm.bench import loglog_slope
 
     m = att.merge(rec, on="n", suffixes=("_a", "_r")).sort_values("n")
     if m.empty:
         return float("nan"), "no common measurements"
-    lr = np.log(m["time_s_a"].to_numpy() / m["time_s_r"].to_numpy())
+    lr = np.log(m[TIME + "_a"].to_numpy() / m[TIME + "_r"].to_numpy())
     ln = np.log(m["n"].to_numpy(dtype=float))
     if lr[0] > 0:
         return float(m["n"].iloc[0]), f"attention already slower at the smallest n={int(m['n'].iloc[0])} (upper bound)"
     for i in range(1, lr.size):
         if lr[i] > 0 >= lr[i - 1]:
             return float(np.exp(ln[i - 1] + (0 - lr[i - 1]) * (ln[i] - ln[i - 1]) / (lr[i] - lr[i - 1]))), "interpolated"
-    fa, fr = loglog_slope(att["n"], att["time_s"]), loglog_slope(rec["n"], rec["time_s"])
+    fa, fr = loglog_slope(att["n"], att[TIME]), loglog_slope(rec["n"], rec[TIME])
     if np.isfinite(fa.slope) and np.isfinite(fr.slope) and fa.slope > fr.slope:
         n = np.exp((fr.intercept - fa.intercept) / (fa.slope - fr.slope))
         if n > m["n"].max():
@@ -114,9 +114,9 @@ def summary(df):
     if good.empty:
         return pd.DataFrame(columns=["d", "recurrent", "nstar_flops", "nstar_time", "time_method"])
     for d in sorted(good["d"].unique()):
-        att = good[(good["d"] == d) & (good["layer"] == "attention_layer")][["n", "time_s"]]
+        att = good[(good["d"] == d) & (good["layer"] == "attention_layer")][["n", TIME]]
         for rec in RECURRENT:
-            r = good[(good["d"] == d) & (good["layer"] == rec)][["n", "time_s"]]
+            r = good[(good["d"] == d) & (good["layer"] == rec)][["n", TIME]]
             nt, how = time_nstar(att, r)
             rows.append({"d": int(d), "recurrent": rec, "nstar_flops": flops_nstar(int(d), rec),
                          "nstar_time": nt, "time_method": how, "nstar_paper": int(d)})

@@ -3,7 +3,7 @@
 Each layer runs alone (batch 1, float32) on the chosen backend: the attention core (naive
 and fused; d/64 heads of width 64), LSTM and plain RNN layers, a k=3 convolution
 (contiguous and dilated), restricted self-attention (r=16) and the position-wise FFN.
-n-sweeps run at several d, a d-sweep at fixed n. The log-log slope of time and of counted
+n-sweeps run at several d, a d-sweep at fixed n. The log-log slope of time (fastest repeat) and of counted
 FLOPs is fitted over the asymptotic range (tfm.bench.fit) with 95% intervals and written
 to tables/scaling_fits.csv, beside the paper's exponents (n^2*d, n*d^2, k*n*d^2, r*n*d).
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-from ._common import LAYER_LABELS, ok, parser, pow2, run_main, savefig
+from ._common import LAYER_LABELS, TIME, ok, parser, pow2, run_main, savefig
 
 NAME = "scaling"
 LAYERS = ("attention_naive", "attention_fused", "lstm", "rnn", "conv", "conv_dilated", "restricted", "ffn")
@@ -99,11 +99,11 @@ def fits(df):
     for (layer, sweep), grp in good.groupby(["layer", "sweep"]):
         fixed_col = "d" if sweep == "n" else "n"
         for fixed, sub in grp.groupby(fixed_col):
-            for qty in ("time_s", "flops"):
+            for qty in (TIME, "flops"):
                 f = loglog_slope(sub[sweep], sub[qty])
                 paper = PAPER[layer][0 if sweep == "n" else 1]
                 rows.append({"layer": layer, "sweep": sweep, "fixed": f"{fixed_col}={fixed}",
-                             "quantity": "time" if qty == "time_s" else "flops", "exponent": f.slope,
+                             "quantity": "time" if qty == TIME else "flops", "exponent": f.slope,
                              "ci_low": f.ci_low, "ci_high": f.ci_high, "points": f.points,
                              "range_from": f.x_from, "range_to": f.x_to, "paper_exponent": paper,
                              "paper_complexity": PAPER[layer][2]})
@@ -130,10 +130,10 @@ def plot(df, out):
             sub = nsw[(nsw["layer"] == layer) & (nsw["d"] == d)].sort_values("n")
             if sub.empty:
                 continue
-            fit = loglog_slope(sub["n"], sub["time_s"])
+            fit = loglog_slope(sub["n"], sub[TIME])
             lab = f"{LAYER_LABELS[layer]}: slope {fit.slope:.2f}" if np.isfinite(fit.slope) else LAYER_LABELS[layer]
-            ax.loglog(sub["n"], sub["time_s"] * 1e3, "o-", ms=3, label=lab)
-        ax.set(xlabel="sequence length n (tokens)", ylabel="time per layer call (ms)", title=f"d = {d}")
+            ax.loglog(sub["n"], sub[TIME] * 1e3, "o-", ms=3, label=lab)
+        ax.set(xlabel="sequence length n (tokens)", ylabel="time per layer call, fastest repeat (ms)", title=f"d = {d}")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle("Time against n (batch 1, float32); legend: fitted log-log slope over the upper half of n")
@@ -146,10 +146,10 @@ def plot(df, out):
             sub = dsw[dsw["layer"] == layer].sort_values("d")
             if sub.empty:
                 continue
-            fit = loglog_slope(sub["d"], sub["time_s"])
-            ax.loglog(sub["d"], sub["time_s"] * 1e3, "o-", ms=3,
+            fit = loglog_slope(sub["d"], sub[TIME])
+            ax.loglog(sub["d"], sub[TIME] * 1e3, "o-", ms=3,
                       label=f"{LAYER_LABELS[layer]}: slope {fit.slope:.2f}")
-        ax.set(xlabel="model width d", ylabel="time per layer call (ms)",
+        ax.set(xlabel="model width d", ylabel="time per layer call, fastest repeat (ms)",
                title=f"Time against d at n = {int(dsw['n'].iloc[0])}")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 
-from ._common import LAYER_LABELS, ok, parser, pow2, run_main, savefig
+from ._common import LAYER_LABELS, TIME, ok, parser, pow2, run_main, savefig
 
 NAME = "sequential"
 COUNT_LAYERS = {  # Table 1 row -> (make_layer kind, options)
@@ -127,7 +127,7 @@ def plot(df, out):
             sub = t[(t["layer"] == layer) & (t["b"] == b)].sort_values("n")
             if sub.empty:
                 continue
-            ax.loglog(sub["n"], sub["time_s"] / sub["time_s"].iloc[0], "o-", ms=3, label=LAYER_LABELS[layer])
+            ax.loglog(sub["n"], sub[TIME] / sub[TIME].iloc[0], "o-", ms=3, label=LAYER_LABELS[layer])
         ns = sorted(t["n"].unique())
         ax.loglog(ns, [x / ns[0] for x in ns], "k:", lw=1, label="proportional to n")
         ax.set(xlabel="sequence length n (tokens)", ylabel=f"time / time at n={ns[0]}", title=f"batch {b}, d = {int(t['d'].iloc[0])}")

@@ -280,3 +280,13 @@ def test_recurrent_structure_and_unrolled_paths():
     assert s["chain_rel_err"] < 1e-12
     dist = deps.unrolled_path_lengths(40)
     assert dist[0, 39] == 40 and dist[5, 5] == 1 and np.isinf(dist[6, 5])
+
+
+def test_make_layer_naive_attention_out_of_memory_is_an_error(monkeypatch):
+    import tfm.functional
+    from tfm.errors import InsufficientMemoryError
+
+    monkeypatch.setattr(tfm.functional, "available_memory_bytes", lambda: 1000)
+    with pytest.raises(InsufficientMemoryError, match="score"):
+        make_layer("attention_naive", n=64, d=64, backend="numpy")
+    make_layer("attention_fused", n=64, d=64, backend="numpy")  # the fused kernel needs no score matrix

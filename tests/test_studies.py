@@ -104,8 +104,8 @@ def test_dilated_closed_form():
 def test_crossover_helpers():
     assert flops_nstar(512, "lstm") == pytest.approx(1024, rel=0.01)  # 4 n^2 d = 8 n d^2 -> n* = 2d
     assert math.isnan(flops_nstar(512, "rnn"))  # projections alone outweigh a plain RNN
-    att = pd.DataFrame({"n": [16, 32, 64], "time_s": [1.0, 2.0, 8.0]})
-    rec = pd.DataFrame({"n": [16, 32, 64], "time_s": [4.0, 4.0, 4.0]})
+    att = pd.DataFrame({"n": [16, 32, 64], "min_s": [1.0, 2.0, 8.0]})
+    rec = pd.DataFrame({"n": [16, 32, 64], "min_s": [4.0, 4.0, 4.0]})
     n, how = time_nstar(att, rec)
     assert how == "interpolated" and 32 < n < 64
 

@@ -77,6 +77,14 @@ def make_layer(kind: str, *, n: int, d: int, b: int = 1, backend="cpu", dtype="f
             by = cost.bytes_moved("restricted_attention", item, b=b, h=h, n=n, d=dh, window=window, causal=causal)
         else:
             impl = kind.split("_")[1]
+            if impl == "naive":  # the backend method has no guard of its own: check as tfm.attention does
+                from ..errors import InsufficientMemoryError
+                from ..functional import available_memory_bytes, naive_attention_bytes
+
+                need, free = naive_attention_bytes(b, h, n, n, item), available_memory_bytes()
+                if need > free:
+                    raise InsufficientMemoryError(f"naive attention needs {need / 2 ** 30:.1f} GiB for its score "
+                                                  f"matrices; {free / 2 ** 30:.1f} GiB available")
             run = lambda: bk.attention(q, kk, v, None, causal, impl)  # noqa: E731
             fl = cost.flops("attention", b=b, h=h, nq=n, nk=n, dk=dh, causal=causal)
             by = cost.bytes_moved("attention", item, b=b, h=h, nq=n, nk=n, dk=dh, causal=causal, impl=impl)

@@ -78,6 +78,8 @@ def fingerprint() -> dict:
         "python": platform.python_version(),
         "git_commit": (commit + ("+dirty" if dirty else "")) if commit else "unknown",
         "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        # other processes competing for the cores when the run started (1-minute load average)
+        "load_avg_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
     }
     for lib in _LIBRARIES:
         fp[f"v_{lib.replace('-', '_')}"] = _version(lib)
