@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import numba
 import numpy as np
 import pytest
 from conftest import TOL, randn, rel_err, requires_torch
@@ -305,3 +306,16 @@ def test_kv_cache_views_are_used_in_place(rng, impl):
     kt = np.swapaxes(randn(rng, 2, 3, 16, 97), -1, -2)  # column-major blocks: must be copied
     assert att._rows_contiguous(kt, kt.dtype) is not kt
     check(att.attention(q, kt, v, None, True, impl), q, kt, v, causal=True)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_small_and_large_paths_agree(rng, impl, monkeypatch):
+    q, k, v = qkv(rng, 1, 3, 5, 97, 16, 16, np.float32)
+    mask = rng.random((1, 1, 5, 97)) < 0.6
+    small = att.attention(q, k, v, mask, True, impl)  # under SMALL_FLOPS: one Numba thread
+    monkeypatch.setattr(att, "SMALL_FLOPS", 0)
+    threads = numba.get_num_threads()
+    large = att.attention(q, k, v, mask, True, impl)
+    assert numba.get_num_threads() == threads  # the setting is restored
+    check(small, q, k, v, mask=mask, causal=True)
+    assert rel_err(small, large) < TOL[np.float32]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 
+import numba
 import numpy as np
 from numba import njit, prange
 from numba.extending import overload
@@ -38,6 +39,10 @@ VARIANTS = {
 # Tile sizes of the fused kernel (rows of Q, rows of K/V per step); chosen by measurement.
 TILE_Q = 256
 TILE_K = 1024
+# Below this many FLOPs a call runs on one Numba thread (a B=1, H=8, d=64 decoding step with
+# up to ~1000 cached keys): waking the pool costs more than the work (Nk=100 on the busy
+# shared machine: 0.12 ms on one thread, 2.5 ms on two).
+SMALL_FLOPS = 2_000_000
 
 ensure_blas()  # Numba's BLAS is SciPy's; fail at import, not inside a prange loop.
 
@@ -204,12 +209,27 @@ def attention(q, k, v, mask=None, causal=False, impl="fused"):
     # Zero-stride views: one compiled signature for every mask rank, nothing materialised.
     keep = np.broadcast_to(_NO_MASK if mask is None else np.asarray(mask, dtype=np.bool_), full)
     out = np.empty((b, h, nq, v.shape[3]), dtype=q.dtype)
-    with single_threaded_blas():
-        if impl == "naive":
-            _naive_kernel(q, k, v, keep, mask is not None, bool(causal), out)
-        else:
-            _fused_kernel(q, k, v, keep, mask is not None, bool(causal), out, TILE_Q, TILE_K)
+    args = (q, k, v, keep, mask is not None, bool(causal), out)
+    if 2 * b * h * nq * nk * (q.shape[3] + v.shape[3]) < SMALL_FLOPS:
+        # Decoding-sized: waking the Numba workers and re-limiting BLAS would cost more
+        # than the work. One Numba thread; BLAS may thread itself (no nesting, no oversubscription).
+        previous = numba.get_num_threads()
+        numba.set_num_threads(1)
+        try:
+            _run(impl, args)
+        finally:
+            numba.set_num_threads(previous)
+    else:
+        with single_threaded_blas():
+            _run(impl, args)
     return out
+
+
+def _run(impl, args):
+    if impl == "naive":
+        _naive_kernel(*args)
+    else:
+        _fused_kernel(*args, TILE_Q, TILE_K)
 
 
 def split_heads(x, n_heads):
