@@ -52,18 +52,21 @@ FP32_LANES_PER_SM = {(6, 0): 64, (6, 1): 128, (6, 2): 128, (7, 0): 64, (7, 2): 6
 
 GRIDS = {
     "full": {"attn_n": [1024, 2048, 4096, 8192, 16384], "attn_bhd": (4, 16, 64),
-             "naive_max_n": 8192, "check_n": [1, 37, 1000, 4097, 16384],
+             "naive_max_n": 8192, "attn_sweep_n": [4096],
+             "attn_tiles": [(64, 32, 8, 8), (32, 32, 8, 8), (128, 32, 16, 8)], "check_n": [1, 37, 1000, 4097, 16384],
              "fwd": [(8, 128), (8, 256)], "mem_n": [1024, 2048, 4096, 8192, 16384],
              "repeats": 10, "warmup": 2, "preset": "base",
              "gemm": [(2048, 512, 2048), (2048, 2048, 512), (2048, 512, 1536), (8192, 8192, 8192)],
              "gemm_tiles": [(128, 128, 16, 8, 8), (128, 64, 16, 8, 4), (64, 64, 16, 4, 4),
                             (64, 128, 8, 4, 8)]},
     "quick": {"attn_n": [1024, 4096], "attn_bhd": (4, 16, 64), "naive_max_n": 4096,
+              "attn_sweep_n": [4096], "attn_tiles": [(64, 32, 8, 8), (32, 32, 8, 8)],
               "check_n": [37, 1000, 4097], "fwd": [(8, 128)], "mem_n": [1024, 4096],
               "repeats": 5, "warmup": 1, "preset": "base",
               "gemm": [(2048, 512, 2048), (4096, 4096, 4096)],
               "gemm_tiles": [(128, 128, 16, 8, 8), (128, 64, 16, 8, 4), (64, 64, 16, 4, 4)]},
-    "sim": {"attn_n": [13], "attn_bhd": (1, 2, 8), "naive_max_n": 13, "check_n": [1, 13],
+    "sim": {"attn_n": [13], "attn_bhd": (1, 2, 8), "naive_max_n": 13, "attn_sweep_n": [13],
+            "attn_tiles": [(8, 4, 4, 2)], "check_n": [1, 13],
             "fwd": [(1, 4)], "mem_n": [8, 16], "repeats": 1, "warmup": 1, "preset": "sim",
             "gemm": [(9, 12, 10)], "gemm_tiles": [(8, 8, 4, 2, 2), (4, 8, 2, 2, 4)]},
 }
@@ -242,6 +245,7 @@ def check_correctness(bk, grid, rng) -> list[dict]:
 
 def time_attention(bk, grid, peak, rng) -> list[dict]:
     from . import cost
+    from .backends.cuda import CudaBackend
 
     torch, torch_reason = _torch_cuda()
     b, h, d = grid["attn_bhd"]
@@ -251,6 +255,10 @@ def time_attention(bk, grid, peak, rng) -> list[dict]:
             q, k, v = (bk.asarray(rng.standard_normal((b, h, n, d)).astype(np.float32)) for _ in range(3))
             fns = {"tfm_fused": lambda: bk.attention(q, k, v, None, causal, "fused")}
             notes = {}
+            if n in grid["attn_sweep_n"]:  # other tilings of the fused kernel (Tuning.attn)
+                for tiles in grid["attn_tiles"]:
+                    other = CudaBackend(tuning=bk.tuning.replace(attn=tiles))
+                    fns[f"tfm_fused{tiles}"] = (lambda b=other: b.attention(q, k, v, None, causal, "fused"))
             naive_bytes = 3 * b * h * n * n * 4
             if n <= grid["naive_max_n"] and naive_bytes < 0.8 * bk.free_memory_bytes():
                 fns["tfm_naive"] = lambda: bk.attention(q, k, v, None, causal, "naive")
@@ -265,7 +273,7 @@ def time_attention(bk, grid, peak, rng) -> list[dict]:
             timed = time_side_by_side(fns, grid["repeats"], grid["warmup"])
             flops = cost.flops("attention", b=b, h=h, nq=n, nk=n, dk=d, causal=causal)
             sdpa = timed.get("torch_sdpa", (np.nan, np.nan))[0]
-            for impl in ("tfm_fused", "tfm_naive", "torch_sdpa"):
+            for impl in list(fns) + [name for name in notes if name not in fns]:
                 med, iqr = timed.get(impl, (np.nan, np.nan))
                 gf = _gflops(flops, med)
                 out.append({"impl": impl, "B": b, "H": h, "n": n, "d": d, "causal": causal,

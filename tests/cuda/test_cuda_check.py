@@ -22,6 +22,7 @@ def test_sim_smoke_writes_every_table(tmp_path):
     assert {"attention_fused", "attention_naive", "encoder_decoder_forward"} <= set(correct["check"])
     attn = pd.read_csv(tmp_path / "attention.csv")
     assert (attn.loc[attn["impl"] == "tfm_fused", "median_ms"] > 0).all()
+    assert "tfm_fused(8, 4, 4, 2)" in set(attn["impl"])  # the tiling sweep
     sdpa = attn[attn["impl"] == "torch_sdpa"]
     assert sdpa["median_ms"].isna().all() == sdpa["note"].notna().all()  # NaN rows say why
     gemm = pd.read_csv(tmp_path / "gemm.csv")
