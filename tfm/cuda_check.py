@@ -105,8 +105,12 @@ def device_info() -> dict:
                 "peak_derivation": "none: the simulator has no timing model"}
     dev = cuda.get_current_device()
     cc = tuple(dev.compute_capability)
-    sms, clock_khz = int(dev.MULTIPROCESSOR_COUNT), int(dev.CLOCK_RATE)
-    lanes = FP32_LANES_PER_SM.get(cc)
+    sms = int(dev.MULTIPROCESSOR_COUNT)
+    try:
+        clock_khz = int(dev.CLOCK_RATE)
+    except Exception:  # deprecated attribute; then the peak column is NaN, the measured sgemm stays
+        clock_khz = 0
+    lanes = FP32_LANES_PER_SM.get(cc) if clock_khz else None
     name = dev.name.decode() if isinstance(dev.name, bytes) else str(dev.name)
     try:
         from numba.cuda.cudadrv.driver import driver
@@ -119,7 +123,7 @@ def device_info() -> dict:
             "clock_mhz": clock_khz / 1e3, "driver": drv, "fp32_peak_gflops": peak,
             "peak_derivation": (f"{sms} SMs x {lanes} FP32 lanes/SM x 2 FLOP/FMA x "
                                 f"{clock_khz / 1e6:.3f} GHz (max boost clock, device attribute)"
-                                if lanes else f"unknown FP32 lanes per SM for sm_{cc[0]}{cc[1]}")}
+                                if lanes else f"unknown FP32 lanes per SM or clock for sm_{cc[0]}{cc[1]}")}
 
 
 def _sync():

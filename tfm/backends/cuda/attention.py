@@ -25,8 +25,13 @@ Variants (``VARIANTS``):
   with whole key tiles outside the window of the query tile skipped (causal: half the
   work). Query tiles are scheduled heaviest-first (reverse order) for causal balance.
   Rows with no visible key give zeros. Default tiles for d = 64, float32: BQ = 64,
-  BK = 32, 16 x 8 threads -> 41.7 KB shared memory, 4 x 4 scores and 4 x 8 outputs per
-  thread; tiles shrink automatically to stay under 48 KB (larger d, float64).
+  BK = 32, 16 x 8 threads -> 42.8 KB shared memory, 4 x 4 scores and 4 x 8 outputs per
+  thread; tiles shrink automatically to stay under 48 KB (larger d, float64). ptxas
+  (sm_90, tests/test_cuda_ptx.py): 110 registers (136 with a mask), no spills, so 3-4
+  blocks (12-16 warps) per SM. Per key tile a thread issues 8 shared loads per 16 FMAs
+  for the scores and 12 per 32 for P V: shared-memory bandwidth, not the FMA pipes, is
+  the expected limit (about half the FP32 peak at best); ``cuda_check`` also times
+  (64, 32, 8, 8), which doubles the rows per thread (195 registers).
   Measured: correct under the simulator; GPU throughput vs SDPA pending (``make gpu-check``).
 """
 

@@ -14,7 +14,10 @@ Variants (``VARIANTS``):
   FMA-bound rather than shared-memory-bound. The bias and ReLU/GELU are fused into the
   epilogue. Small products (decoding, M = batch) switch to a 64 x 64 tile so the grid
   still fills the GPU (``Tuning.min_blocks``). No cp.async/double buffering (not expressible
-  in Numba): latency is hidden by occupancy (2 blocks x 256 threads per SM).
+  in Numba). ptxas (sm_90, tests/test_cuda_ptx.py): 160 registers for 128 x 128 (one
+  256-thread block per SM; 64 independent FMAs per k step hide the FMA latency, but the
+  global loads of each slab are exposed at the barrier), 84 for 64 x 64; no spills
+  (capping at 128 registers spills 80 bytes). ``cuda_check`` times several tilings.
   Measured: correct under the simulator; GPU throughput pending (``make gpu-check``).
 * ``cupy`` — the same linear layer through cuBLAS (``cupy.matmul``; TF32 stays off, CuPy's
   default), selected with ``CudaBackend(gemm="cupy")``: the reference point that says how
