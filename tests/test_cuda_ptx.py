@@ -44,8 +44,9 @@ CC = (9, 0)
 @pytest.fixture(scope="module")
 def compile_ptx():
     """``compile_ptx(kernel, signature) -> (ptx, ptxas report)`` for sm_90 without a GPU."""
-    os.environ.setdefault("CUDA_HOME", ROOT)
     mp = pytest.MonkeyPatch()
+    if not os.environ.get("CUDA_HOME"):
+        mp.setenv("CUDA_HOME", ROOT)  # where numba looks for libNVVM
     try:
         import numba.cuda.codegen as codegen
         import numba.cuda.cudadrv.nvvm as nvvm
