@@ -88,8 +88,9 @@ def measure(case: dict, ctx) -> dict:
         m = max(1, _ceil_log(n, p))
         rels = {}
         for level in range(m):
-            rels[level], how1 = deps.one_hop(deps.apply_fn(layer, d=D, backend=backend, k=p, dilation=p ** level,
-                                                           causal=causal), n, D)
+            dil = p ** level
+            rels[level], how1 = deps.one_hop(deps.apply_fn(layer, d=D, backend=backend, k=p, dilation=dil,
+                                                           causal=causal), n, D, margin=max(48, dil * (p - 1) + 8))
         dist = deps.stack_path_lengths(lambda l: rels[l % m], 4 * m + 4)
         how = f"{m} dilations 1..{p ** (m - 1)} measured, {how1}; stack cycles through them"
     else:

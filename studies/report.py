@@ -265,6 +265,7 @@ def section_path(out: Path) -> str:
           "layers, of the fewest layer applications linking them. The formula column says which closed form "
           f"each row is compared with. **{int(eq.sum())} of {len(good)} measured path lengths equal their closed form.**\n\n")
     cols = ["layer", "n", "param_name", "param", "causal", "measured", "theory", "formula"]
+    good = good.assign(param_name=good["param_name"].fillna(""))
     top = good[good["n"] == good["n"].max()][cols]
     s += f"At the largest n ({int(good['n'].max())}); every n is in tables/path_length.csv:\n\n" + md_table(top) + "\n"
     if not eq.all():

@@ -49,11 +49,15 @@ def _changed(apply: Callable[[np.ndarray], np.ndarray], base: np.ndarray, positi
 
 
 def one_hop(apply: Callable[[np.ndarray], np.ndarray], n: int, d: int, *, seed: int = 0,
-            exhaustive_max: int = 1024, margin: int = 48, interior: int = 16) -> tuple[np.ndarray, str]:
-    """(n, n_out) bool relation R[i, j] = output j depends on input i, and how it was measured."""
+            exhaustive_max: int = 256, margin: int = 48, interior: int = 16) -> tuple[np.ndarray, str]:
+    """(n, n_out) bool relation R[i, j] = output j depends on input i, and how it was measured.
+
+    ``margin`` must cover the layer's dependency span (e.g. dilation * (k - 1) for a
+    convolution); a smaller one makes the translation-invariance check fail, never pass.
+    """
     rng = np.random.default_rng(seed)
     base = rng.standard_normal((1, n, d))
-    if n <= exhaustive_max:
+    if n <= exhaustive_max or 2 * margin + interior >= n:
         return _changed(apply, base, list(range(n))), f"all {n} positions perturbed"
     border = sorted(set(range(min(margin, n))) | set(range(max(0, n - margin), n)))
     inner = [int(p) for p in np.linspace(margin, n - margin - 1, interior).round()]
