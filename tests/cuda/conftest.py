@@ -23,8 +23,7 @@ _spec = importlib.util.spec_from_file_location(
     "_tfm_tests_conftest", os.path.join(os.path.dirname(os.path.dirname(__file__)), "conftest.py"))
 _root = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_root)
-TOL, rel_err, randn, requires_torch, HAVE_TORCH = (
-    _root.TOL, _root.rel_err, _root.randn, _root.requires_torch, _root.HAVE_TORCH)
+TOL, rel_err, randn, requires_torch = _root.TOL, _root.rel_err, _root.randn, _root.requires_torch
 
 SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM", "0").strip() not in ("", "0")
 
