@@ -68,6 +68,24 @@ def device_view(x):
     return None
 
 
+# numba releases device memory with cuMemFree, which synchronizes the device, in batches of
+# NUMBA_CUDA_MAX_PENDING_DEALLOCS_COUNT pending frees (default 10). A forward pass makes
+# hundreds of temporaries, so the default would stall the launch pipeline every ~10 ops.
+# Batch this many instead, unless the user chose a value; numba still flushes when pending
+# frees exceed 20% of device memory and before retrying an allocation that ran out of memory.
+PENDING_FREES = 1024
+
+
+def batch_device_frees() -> None:
+    if os.environ.get("NUMBA_CUDA_MAX_PENDING_DEALLOCS_COUNT"):
+        return
+    try:
+        from numba.cuda.core import config
+    except ImportError:  # the simulator frees nothing on a device
+        return
+    config.CUDA_DEALLOCS_COUNT = max(config.CUDA_DEALLOCS_COUNT, PENDING_FREES)
+
+
 def _k(module: str):
     return importlib.import_module(f"{__name__}.{module}")
 
@@ -98,6 +116,7 @@ class CudaBackend(Backend):
             raise TypeError(f"tuning must be a tfm.backends.cuda._launch.Tuning, got {type(tuning).__name__}")
         self.tuning = tuning if tuning is not None else default_tuning()
         self.gemm = gemm
+        batch_device_frees()
 
     def __repr__(self) -> str:
         return f"<tfm backend 'cuda' gemm={self.gemm!r}>"
