@@ -25,7 +25,8 @@ SIZES = {"tiny": (2, 16, 16), "small": (4, 64, 64), "base": (8, 128, 128)}
 
 
 def _config(preset: str) -> TransformerConfig:
-    return TransformerConfig.preset(preset, dtype="float32")  # base: vocabularies of 32000
+    # final_norm: as nn.Transformer, the peer; base: vocabularies of 32000
+    return TransformerConfig.preset(preset, dtype="float32", final_norm=True)
 
 
 def _inputs(cfg, b, ns, nt, seed=0):
