@@ -136,15 +136,18 @@ def plot(df, out):
     fig, ax = plt.subplots(figsize=(6.5, 4.8))
     ds = sorted(s["d"].unique())
     ax.loglog(ds, ds, "k--", lw=1, label="paper: n* = d")
-    for rec, marker in zip(RECURRENT, "os"):
+    for rec, marker, color in zip(RECURRENT, "os", ("tab:blue", "tab:red")):
         sub = s[s["recurrent"] == rec].sort_values("d")
-        ax.loglog(sub["d"], sub["nstar_flops"], marker + "-", label=f"vs {rec.upper()}: counted FLOPs")
+        ax.loglog(sub["d"], sub["nstar_flops"], marker + "-", color=color, label=f"vs {rec.upper()}: counted FLOPs")
         interp = sub[sub["time_method"] == "interpolated"]
         other = sub[sub["time_method"] != "interpolated"]
-        ax.loglog(interp["d"], interp["nstar_time"], marker, ms=9, mfc="none", mew=2, label=f"vs {rec.upper()}: measured time")
+        ax.loglog(interp["d"], interp["nstar_time"], marker, color=color, ms=9, mfc="none", mew=2,
+                  label=f"vs {rec.upper()}: measured time")
         if not other.empty:
-            ax.loglog(other["d"], other["nstar_time"], marker, ms=9, mfc="none", mew=1, ls="none", alpha=0.5,
-                      label=f"vs {rec.upper()}: time, extrapolated/bounded")
+            ax.loglog(other["d"], other["nstar_time"], marker, color=color, ms=9, mfc="none", mew=1, ls="none",
+                      alpha=0.5, label=f"vs {rec.upper()}: time, extrapolated or bound")
+    ax.set_xticks(ds, [str(d) for d in ds])
+    ax.minorticks_off()
     ax.set(xlabel="model width d", ylabel="crossover length n* (tokens)",
            title="Where a self-attention layer (with projections)\nbecomes costlier than a recurrent layer")
     ax.grid(True, which="both", alpha=0.3)

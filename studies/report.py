@@ -207,7 +207,9 @@ def section_scaling(out: Path) -> str:
               "(Linux VmHWM after clear_refs; free heap returned to the OS first), so it counts allocations made "
               f"inside Numba kernels too (tfm.bench.memory). At d={int(d0)}:\n\n" + "\n".join(lines) + "\n\n")
         s += ("The naive kernel materialises the (n, n) score matrix per head, so its memory should grow as n^2; "
-              "the fused kernel keeps O(n*d) (inputs and output dominate), so about n^1.\n\n")
+              "the fused kernel keeps O(n*d) (inputs and output dominate), so about n^1. Device memory is not "
+              "measured by the studies (numba-cuda exposes no peak counter); `make gpu-check` records the GPU's "
+              "fused-against-naive memory.\n\n")
     return s
 
 
@@ -320,6 +322,21 @@ def section_throughput(out: Path) -> str:
           "target tokens (teacher-forced) or n generated tokens (greedy with the cache; PyTorch's "
           "nn.Transformer has no cache, so its greedy loop re-runs the decoder over the prefix).\n\n")
     s += md_table(t) + "\n"
+    lines = []
+    for mode, sub in t.groupby("mode"):
+        if "tfm" not in sub.columns:
+            continue
+        top = sub[(sub["b"] == sub["b"].max()) & (sub["n"] == sub["n"].max())].dropna(subset=["tfm"])
+        if not top.empty:
+            best = top.sort_values("tfm").iloc[-1]
+            lines.append(f"- {mode}, b={int(best['b'])}, n={int(best['n'])}: the fastest tfm model is {best['model']} "
+                         f"({best['tfm']:.3g} tokens/s)")
+        if "tfm/torch" in sub.columns and sub["tfm/torch"].notna().any():
+            r = sub["tfm/torch"].dropna()
+            lines.append(f"- {mode}: tfm tokens/s over PyTorch's, geometric mean {math.exp(np.log(r).mean()):.2f} over "
+                         f"{len(r)} cases (range {r.min():.2f}..{r.max():.2f})")
+    if lines:
+        s += "\n".join(lines) + "\n\n"
     return s
 
 
@@ -384,6 +401,13 @@ def write_report(out: Path | str = "results", run_seconds: float | None = None) 
         parts.append(md_table(pd.DataFrame([{"key": k, "value": v} for k, v in m.items()]), "{:.4g}") + "\n")
     if run_seconds is not None:
         parts.append(f"The whole run took {run_seconds / 60:.1f} minutes.\n\n")
+    load, cores = m.get("load_avg_1min"), m.get("cpu_logical_cores")
+    if load is not None and cores and load > 0.5 * cores:
+        parts.append(f"**Warning: the machine was busy when this run started (1-minute load average {load} on "
+                     f"{cores} logical cores).** Other processes competed for the cores, so times include their "
+                     "interference (fits use each case's fastest repeat to limit it); parallel kernels suffer most, "
+                     "since a thread that loses its core stalls the others at every synchronisation. Rerun on an "
+                     "idle machine for numbers to cite.\n\n")
     parts.append("Regenerate: `make studies` (default grid, into results/), `make studies-quick` (small grid), "
                  "one study: `python -m studies.<name> --help` or `tfm study <name>`; this report alone: "
                  "`python -m studies.report` or `tfm report`. Runs resume where they stopped; `--fresh` starts over.\n\n")
