@@ -97,6 +97,13 @@ def test_restricted_attention(bk, rng, causal, window, dtype):
     assert rel_err(out, ref_base.restricted_attention(q, k, v, window, causal)) < TOL[dtype]
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_restricted_attention_nq_differs_from_nk(bk, rng, causal):
+    q, k, v = randn(rng, 1, 2, 7, 4), randn(rng, 1, 2, 12, 4), randn(rng, 1, 2, 12, 6)
+    out = run(bk, lambda *a: bk.restricted_attention(*a, 3, causal=causal), q, k, v)
+    assert rel_err(out, ref_base.restricted_attention(q, k, v, 3, causal)) < TOL[np.float32]
+
+
 def test_public_api_host_in_host_out_and_device_in_device_out(bk, rng):
     q, k, v = randn(rng, 1, 3, 7, 4), randn(rng, 1, 3, 9, 4), randn(rng, 1, 3, 9, 4)
     mask = _mask(rng, (1, 1, 1, 9))
