@@ -171,6 +171,14 @@ def test_backend_switch_of_converted_model(rng):
     assert rel_err(conv.to("cpu")(src, tgt), ref) < TOL["float32"]
 
 
+def test_converted_model_save_load(tmp_path, rng):
+    conv = tfm.from_torch(torch_transformer(15, 5, 2, 1, 20, True, "gelu"), backend="cpu")
+    loaded = EncoderDecoder.load(conv.save(tmp_path / "converted"), backend="cpu")
+    assert loaded.config == conv.config
+    src, tgt = rng.standard_normal((2, 4, 15), dtype=np.float32), rng.standard_normal((2, 3, 15), dtype=np.float32)
+    np.testing.assert_array_equal(loaded(src, tgt), conv(src, tgt))
+
+
 # ---------------------------------------------------------------------- full model vs PyTorch
 class TorchSeq2Seq(nn.Module if HAVE_TORCH else object):
     """Embeddings * sqrt(d) + sinusoidal PE -> nn.Transformer -> bias-free projection."""
