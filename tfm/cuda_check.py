@@ -41,6 +41,7 @@ import shlex
 import sys
 import time
 from contextlib import contextmanager
+from functools import lru_cache
 
 import numpy as np
 
@@ -73,6 +74,7 @@ GRIDS = {
 
 
 # ------------------------------------------------------------------------------ helpers
+@lru_cache(maxsize=None)
 def _torch_cuda():
     """(torch, None) when PyTorch with CUDA is usable, else (None, reason)."""
     try:
