@@ -9,8 +9,9 @@ Writes under ``--out``: ``device.csv``, ``correctness.csv``, ``gemm.csv``, ``att
 it was derived, every table, the exact command).
 
 1. Correctness against float64: fused (n up to 16384) and naive attention, causal or not,
-   with a key-padding mask, on query rows sampled from the output (first, last, ragged
-   and random rows; reference in float64 NumPy on the host), plus the whole float32
+   with a key-padding mask: every row against PyTorch's SDPA in float64 on the GPU up to
+   n = 4097, beyond that (or without CUDA PyTorch) on query rows sampled from the output
+   (first, last, ragged and random rows) against float64 NumPy, plus the whole float32
    base-config encoder-decoder against the float64 numpy backend with the same weights.
 2. Timings, side by side in one process (A B A B ...; warm-up first; median and
    inter-quartile range of repeats; a synchronize closes every timed call): the linear
@@ -177,6 +178,26 @@ def attention_rows_reference(q, k, v, rows, keep=None, causal=False) -> np.ndarr
     return p @ v.astype(np.float64)
 
 
+# Largest n checked against a full float64 SDPA on the GPU ((B, H, n, n) float64 scores).
+TORCH_FULL_MAX_N = 4097
+
+
+def _torch_reference(q, k, v, keep, causal):
+    """Float64 SDPA on the GPU, or None without CUDA PyTorch or when a row has no visible key
+    (SDPA returns NaN there, tfm returns zeros)."""
+    torch, _ = _torch_cuda()
+    if torch is None:
+        return None
+    n = q.shape[2]
+    allowed = torch.as_tensor(keep, device="cuda")[:, None, None, :]  # (B, 1, 1, Nk)
+    if causal:
+        allowed = allowed & torch.ones(n, n, dtype=torch.bool, device="cuda").tril()
+    if not bool(allowed.any(-1).all()):
+        return None
+    tq, tk, tv = (torch.as_tensor(a, device="cuda", dtype=torch.float64) for a in (q, k, v))
+    return torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, attn_mask=allowed).cpu().numpy()
+
+
 @contextmanager
 def track_allocations():
     """Record the bytes of every ``numba.cuda.device_array`` made inside the block."""
@@ -225,11 +246,16 @@ def check_correctness(bk, grid, rng) -> list[dict]:
                 keep[0, n - max(1, n // 5):] = False  # padding at the end of sequence 0
                 out = bk.to_numpy(bk.attention(bk.asarray(q), bk.asarray(k), bk.asarray(v),
                                                bk.asarray(keep[:, None, None, :]), causal, impl))
-                rows = sample_rows(n, rng)
-                err = _rel(out[:, :, rows], attention_rows_reference(q, k, v, rows, keep, causal))
+                full = _torch_reference(q, k, v, keep, causal) if n <= TORCH_FULL_MAX_N else None
+                if full is not None:
+                    err, note = _rel(out, full), "every row vs PyTorch SDPA in float64 on the GPU"
+                else:
+                    rows = sample_rows(n, rng)
+                    err = _rel(out[:, :, rows], attention_rows_reference(q, k, v, rows, keep, causal))
+                    note = f"{len(rows)} sampled query rows vs float64 NumPy"
                 rows_out.append({"check": f"attention_{impl}", "size": f"B={b} H={h} n={n} d={d}",
                                  "causal": causal, "rel_err": err, "tol": 2e-5,
-                                 "passed": err < 2e-5, "note": f"{len(rows)} sampled query rows, key padding"})
+                                 "passed": err < 2e-5, "note": note + "; key padding"})
     cfg = (TransformerConfig.base() if grid["preset"] == "base" else
            TransformerConfig.tiny(n_encoder_layers=1, n_decoder_layers=1, d_model=16, n_heads=2, d_ff=24))
     bsz, n = 2, 16 if grid["preset"] == "base" else 4
