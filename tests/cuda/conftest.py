@@ -79,10 +79,9 @@ def poison_device_allocations(monkeypatch):
     yield
 
 
-def run(bk, fn, *args, dtype=None):
+def run(bk, fn, *args):
     """Upload host arrays (None passes through), call ``fn`` on the backend, download."""
-    dev = [None if a is None else bk.asarray(a, None if np.asarray(a).dtype == np.bool_ else dtype)
-           for a in args]
+    dev = [None if a is None else bk.asarray(a) for a in args]
     out = fn(*dev)
     if isinstance(out, tuple):
         return tuple(bk.to_numpy(o) for o in out)
