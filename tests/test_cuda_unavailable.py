@@ -40,20 +40,7 @@ def test_simulator_variable_set_too_late_is_explained(monkeypatch):
 
 
 @pytest.mark.parametrize("module", ["linear", "norm", "embedding", "attention", "restricted",
-                                    "recurrent", "conv", "_launch"])
+                                    "recurrent", "conv", "_launch", "_memory"])
 def test_kernel_modules_import_without_a_gpu(module):
     importlib.import_module(f"tfm.backends.cuda.{module}")
 
-
-def test_device_frees_are_batched_unless_the_user_chose(monkeypatch):
-    from numba.cuda.core import config
-
-    from tfm.backends.cuda import PENDING_FREES, batch_device_frees
-
-    monkeypatch.setattr(config, "CUDA_DEALLOCS_COUNT", 10)
-    monkeypatch.setenv("NUMBA_CUDA_MAX_PENDING_DEALLOCS_COUNT", "10")
-    batch_device_frees()
-    assert config.CUDA_DEALLOCS_COUNT == 10
-    monkeypatch.delenv("NUMBA_CUDA_MAX_PENDING_DEALLOCS_COUNT")
-    batch_device_frees()
-    assert config.CUDA_DEALLOCS_COUNT == PENDING_FREES

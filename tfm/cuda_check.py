@@ -129,6 +129,20 @@ def device_info() -> dict:
                                 if lanes else f"unknown FP32 lanes per SM or clock for sm_{cc[0]}{cc[1]}")}
 
 
+def _allocator() -> str:
+    from .backends.cuda._launch import simulator_enabled
+
+    if simulator_enabled():
+        return "simulator (host memory)"
+    from numba import cuda
+
+    from .backends.cuda._memory import PoolMemoryManager
+
+    if isinstance(cuda.current_context().memory_manager, PoolMemoryManager):
+        return "tfm caching pool (TFM_CUDA_POOL=1)"
+    return "numba's default (cuMemAlloc/cuMemFree; frees batched, see tfm.backends.cuda)"
+
+
 def _sync():
     from numba import cuda
 
@@ -530,6 +544,7 @@ def main(argv=None) -> int:
         f"{info['sms']} SMs, driver {info['driver']})",
         f"- float32 FMA peak: {peak:.0f} GFLOP/s = {info['peak_derivation']}",
         f"- tuning: {bk.tuning.to_dict()}",
+        f"- device allocator: {_allocator()}",
         f"- correctness: {len(tables['correctness']) - failed} of {len(tables['correctness'])} checks passed",
         f"- wall time: {time.perf_counter() - t0:.0f} s", "",
         "Timings: median of repeats after warm-up, A B A B order in one process; GFLOP/s from "

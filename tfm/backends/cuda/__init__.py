@@ -10,6 +10,7 @@ Kernel modules (the same names as the CPU backend) are imported on first use:
     recurrent.py   Elman RNN, LSTM, GRU (one GEMM for the inputs, one launch per step)
     conv.py        1-D convolution (im2col + GEMM), GLU
     _launch.py     tile/block sizes (``Tuning``), checked launches (``CudaLaunchError``)
+    _memory.py     opt-in caching device allocator (``TFM_CUDA_POOL=1``)
 
 Data stays on the device: every method takes and returns numba-cuda device arrays;
 ``asarray`` uploads host arrays and wraps ``__cuda_array_interface__`` objects (CuPy,
@@ -102,7 +103,13 @@ class CudaBackend(Backend):
             from .. import BackendUnavailable
 
             raise BackendUnavailable(f"backend 'cuda' is unavailable: {reason}")
-        from ._launch import Tuning, default_tuning
+        from ._launch import Tuning, default_tuning, simulator_enabled
+
+        if not simulator_enabled():
+            from ._memory import install_pool, pool_requested
+
+            if pool_requested():  # before default_tuning() creates the CUDA context
+                install_pool()
 
         if gemm not in GEMM_IMPLS:
             raise ValueError(f"unknown gemm {gemm!r}; choose one of {', '.join(GEMM_IMPLS)}")

@@ -1,0 +1,82 @@
+"""An opt-in caching device allocator for the CUDA backend (``TFM_CUDA_POOL=1``).
+
+Numba allocates every device array with ``cuMemAlloc`` and frees it with ``cuMemFree``,
+which synchronizes the device. A forward pass creates hundreds of short-lived
+activations of a few recurring sizes, so :class:`PoolMemoryManager` (a Numba EMM plugin
+built on Numba's own manager) keeps freed blocks in per-size free lists and hands them
+out again, as PyTorch's caching allocator does. Reuse is stream-ordered: every tfm kernel
+runs on the default stream, so a block handed out again is written only after the kernels
+that read it. When an allocation fails for lack of memory, the cached blocks are released
+and the allocation is retried once.
+
+It must be installed before the process creates its CUDA context; ``CudaBackend`` does so
+when ``TFM_CUDA_POOL=1`` and warns if a context already existed. Status: exercised by
+unit tests of its bookkeeping only; GPU measurements pending (run ``make gpu-check`` with
+and without ``TFM_CUDA_POOL=1``).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+import weakref
+
+from numba.cuda.cudadrv.driver import CudaAPIError, MemoryPointer, NumbaCUDAMemoryManager, binding
+
+GRANULE = 512  # bytes; allocations are rounded up to a multiple
+
+
+def pool_requested() -> bool:
+    return os.environ.get("TFM_CUDA_POOL", "0").strip() not in ("", "0")
+
+
+def _is_out_of_memory(exc: CudaAPIError) -> bool:
+    return exc.code == binding.CUresult.CUDA_ERROR_OUT_OF_MEMORY
+
+
+class PoolMemoryManager(NumbaCUDAMemoryManager):
+    """Numba's memory manager plus per-size free lists of device blocks."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._free: dict[int, list] = {}
+
+    def memalloc(self, size):
+        size = max(GRANULE, -(-int(size) // GRANULE) * GRANULE)
+        bucket = self._free.setdefault(size, [])
+        block = bucket.pop() if bucket else self._allocate(size)
+        ctx = self.context if self.context is None else weakref.proxy(self.context)
+        # When the array's pointer dies, its block returns to the free list (no cuMemFree).
+        return MemoryPointer(ctx, block.device_pointer, size, finalizer=functools.partial(bucket.append, block))
+
+    def _allocate(self, size):
+        try:
+            return super().memalloc(size)
+        except CudaAPIError as exc:
+            if not _is_out_of_memory(exc):
+                raise
+            self.release_cached()
+            return super().memalloc(size)
+
+    def cached_bytes(self) -> int:
+        return sum(size * len(blocks) for size, blocks in self._free.items())
+
+    def release_cached(self) -> None:
+        """Drop the free lists: Numba's own finalizers then free the blocks."""
+        self._free.clear()
+        self.deallocations.clear()
+
+    def reset(self):
+        self.release_cached()
+        super().reset()
+
+
+def install_pool() -> None:
+    """Make new CUDA contexts use :class:`PoolMemoryManager`; warn if one already exists."""
+    from numba import cuda
+
+    cuda.set_memory_manager(PoolMemoryManager)
+    if not isinstance(cuda.current_context().memory_manager, PoolMemoryManager):
+        warnings.warn("TFM_CUDA_POOL=1 has no effect: this process created its CUDA context "
+                      "before the cuda backend; create the backend first", RuntimeWarning, stacklevel=3)
