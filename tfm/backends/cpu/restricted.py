@@ -41,7 +41,7 @@ def _scores(qrow, kt, s, a, z):
     for jj in range(a, z):
         s[jj] = 0.0
     d4 = d_k - d_k % 4
-    for d in range(0, d4, 4):
+    for d in range(0, d_k - 3, 4):  # `n - 3`, not `d4`: LLVM keeps the trip count (recurrent.py)
         q0, q1, q2, q3 = qrow[d], qrow[d + 1], qrow[d + 2], qrow[d + 3]
         k0, k1, k2, k3 = kt[d], kt[d + 1], kt[d + 2], kt[d + 3]
         for jj in range(a, z):
@@ -57,8 +57,8 @@ def _weighted_values(s, vwin, acc, a, z):
     """acc = sum_{jj in [a, z)} s[jj] * vwin[jj], in sequential key order."""
     for e in range(acc.shape[0]):
         acc[e] = 0.0
-    z4 = a + (z - a) - (z - a) % 4
-    for jj in range(a, z4, 4):
+    z4 = z - (z - a) % 4
+    for jj in range(a, z - 3, 4):
         p0, p1, p2, p3 = s[jj], s[jj + 1], s[jj + 2], s[jj + 3]
         v0, v1, v2, v3 = vwin[jj], vwin[jj + 1], vwin[jj + 2], vwin[jj + 3]
         for e in range(acc.shape[0]):
