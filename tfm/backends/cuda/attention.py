@@ -52,7 +52,7 @@ VARIANTS = {
     "fused": "FlashAttention-2 style tiles in shared memory, online softmax in registers",
 }
 
-# "No band": a left window wider than any sequence.
+# Causal attention as a band: a left window wider than any sequence, no right window.
 _UNBOUNDED = 2**62
 
 
@@ -72,7 +72,7 @@ def fused_tiles(tuning, dk: int, dv: int, itemsize: int) -> tuple:
             raise ValueError(
                 f"head dims d_k={dk}, d_v={dv} are too large for the fused CUDA kernel's shared "
                 f"memory with tuning.attn={tuning.attn} ({itemsize}-byte floats); use impl='naive' "
-                f"or a Tuning with fewer threads per row (TX)"
+                f"or a Tuning with a smaller thread grid (TY, TX) in attn"
             )
     return bq, bk, ty, tx
 
