@@ -10,7 +10,6 @@ layers) is the path length, written beside its closed form in tables/path_length
 
 from __future__ import annotations
 
-import math
 import sys
 
 from ._common import ok, parser, run_main, savefig
