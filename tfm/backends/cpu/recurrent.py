@@ -17,25 +17,23 @@ float32 gates use a rational tanh (Eigen's, |error| < 4e-7) that LLVM vectorises
 sigmoid(x) = (1 + tanh(x/2)) / 2; libm's scalar expf/tanhf took ~270 us per step at
 B=8, H=512, more than the matrix product. float64 uses libm.
 
-Variants, LSTM at B=8, I=H=512, float32, 2 threads (torch.set_num_threads(2)), medians
-measured side by side in one process on this shared 2-core machine (loaded by other jobs,
-so only ratios mean anything):
+Measured on this shared 2-core AVX-512 machine while other jobs loaded it (load 6-8), so
+only ratios taken side by side in one process mean anything. float32, B=8, I=H=512:
 
-    row groups (kept)     each thread owns batch rows for all steps. n=128: 935 ms vs
-                          2194 ms for the per-step variant below, same run.
-    per-step blocks (dropped) prange over unit blocks inside every step: a barrier per
-                          step; 2.3x slower than row groups under load (not measured on
-                          a quiet machine).
-    blas per step (dropped) one OpenBLAS np.dot per step + scalar libm gates: 350-600 us
-                          per step for the (8,512)x(512,2048) product alone vs 91 us for
-                          PyTorch's MKL (OpenBLAS packs the 4 MB weight on every call).
-    plain k-b-j loop (dropped) 1 store per multiply-add: 1.4x slower than the 4x2-unrolled
-                          _hidden_block.
-
-Against PyTorch (whose nn.LSTM/nn.GRU call MKL/oneDNN): see the report of issue 3 and
-tests/benchmarks/test_bench_baselines.py. The remaining gap is the step product: without
-FMA contraction (``fastmath=False`` forbids it) every multiply-add is two instructions,
-half the machine's peak; ``fastmath={"contract"}`` measured 1.35x faster on that product.
+    step product h W_hh^T, (8,512)x(512,2048), one thread (CPU time):
+      _hidden_block, 4 k x 2 rows unrolled (kept)  430 us  (torch.mm / MKL: 205 us)
+      plain k-b-j loop (dropped)                   770 us  (one store per multiply-add)
+      unrolled, bounds `n - n % 4` (a fixed bug)  2000 us  (LLVM lost the trip count)
+      OpenBLAS np.dot per step (dropped)        350-600 us (2 threads; packs W every call)
+      fastmath={"contract"} (not used: rule)      395 us  (FMA; 8% faster)
+    whole layer vs PyTorch, one thread each (CPU time), n = 128 and 512:
+      LSTM 1.65x nn.LSTM's time, GRU 1.07-1.15x nn.GRU's, RNN 1.76x nn.RNN's; the gap is
+      the step product (MKL's small-M sgemm is 2x ours) plus OpenBLAS for the projection.
+    threading, 2 threads, wall clock (loaded machine), LSTM n=128:
+      row groups (kept): 935 ms; prange over unit blocks inside every step (dropped): 2194
+      ms, a barrier per step. PyTorch (OpenMP, also a barrier per step) suffers the same
+      way under load: there tfm's LSTM ran 6x faster than nn.LSTM; on an idle machine
+      expect the one-thread ratios above.
 """
 
 from __future__ import annotations

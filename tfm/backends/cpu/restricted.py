@@ -12,8 +12,12 @@ query then runs an exact softmax over its own window and accumulates P V in Dv-w
 vector rows. Loops are unrolled 4 deep (over d for scores, over keys for P V) so each
 accumulator vector is loaded and stored once per four multiply-adds, in sequential order.
 
-    blocked (kept) the kernel above; timings against dense masked attention (PyTorch SDPA
-                   with the band mask, O(N^2)) are in tests/benchmarks/test_bench_baselines.py.
+    blocked (kept) B=2, 8 heads of 64, window 64, float32, 2 threads, against PyTorch SDPA
+                   with the band mask (dense, O(N^2)), side by side on a loaded machine:
+                   1.3x SDPA's time at N=128, 0.85x at N=1024, 0.21x at N=4096. Only
+                   3-4 GFLOP/s: the inner loops are window- and D-long (64), so loop
+                   overhead and one libm exp per (query, key) dominate; a register-tiled
+                   multi-query version is the next step.
 """
 
 from __future__ import annotations
