@@ -4,18 +4,29 @@ softmax(Q K^T / sqrt(d_k)) V on (B, H, N, D) operands, float32 and float64, with
 boolean mask (True = may attend, broadcast with zero strides, never materialised) and
 top-left-aligned causal masking. Query rows with no visible key return zeros.
 
-Variants (``VARIANTS``); ratios are SDPA time / our time, measured side by side in one
-process with ``torch.nn.functional.scaled_dot_product_attention`` (float32, B=1, H=8, d=64,
-2 threads each, this 2-core AVX-512 machine; SDPA ran at 190-225 GFLOP/s at n=4096):
+Variants (``VARIANTS``). Ratios are SDPA time / our time, measured side by side in one
+process against ``torch.nn.functional.scaled_dot_product_attention`` (float32, B=1, H=8,
+d=64, 2 Numba threads + 1 BLAS thread vs torch.set_num_threads(2), this 2-core AVX-512 VM,
+machine quiet; its 2-thread sgemm peaks at ~300 GFLOP/s, SDPA ran at 145-225 GFLOP/s):
 
-    naive  full (Nq, Nk) scores per (b, h), two BLAS products: 0.45x SDPA at n=4096, 0.25x
-           causal (computes then masks); O(Nq*Nk) memory per head.
-    fused  online softmax over 256-query x 1024-key tiles: 0.85x SDPA at n=4096 (~190
-           GFLOP/s), 0.89x causal, 0.88x / ~1.0x (causal) at n=1024; n=32768 runs.
+    naive  full (Nq, Nk) scores per (b, h), two BLAS gemms: 0.45x SDPA at n=4096 (100
+           GFLOP/s: the 64 MiB score matrix leaves L2), 0.25x causal (computes, then masks).
+    fused  256-query x 1024-key tiles, online softmax: 0.85x SDPA at n=4096 (192 GFLOP/s),
+           0.89x causal; 0.88x at n=1024, 0.98x causal; n=32768 runs in O(n d) memory.
+
+How fused got there (n=4096, full): 128x256 tiles with a scalar row max, 0.45x; max
+vectorised (llvm.maxnum) 0.53x; 256x1024 tiles (fewer, larger gemm calls) 0.85x.
+Where the time goes now: gemms alone 147 ms (234 GFLOP/s = 0.77 of the sgemm peak;
+OpenBLAS reaches only 110-135 GFLOP/s per core on these K=64 / N=64 shapes), softmax alone
+33 ms, together ~180 ms vs SDPA ~153 ms: the gap is the gemm on these shapes (torch's CPU
+build brings its own BLAS, MKL), not the softmax. Tried and dropped: a transposed score tile
+(S^T, column-wise softmax, its gemm ~5% faster alone): no end-to-end gain (busy machine).
 
 Threading: ``prange`` over (batch, head, query-tile) work items, each calling a
 single-threaded BLAS ``?gemm`` (``_threads.single_threaded_blas``): 2 Numba threads x 1 BLAS
-thread. The exp of the score tile is a vectorisable polynomial (float32; ``norm.exp_shift_sum``).
+thread. Serial items with 2-thread BLAS and 2 x 2 (oversubscribed) were both many times
+slower (``_threads``). The exp of the score tile is a vectorised polynomial
+(``norm.exp_shift_sum``; float32), not libm.
 """
 
 from __future__ import annotations

@@ -8,8 +8,9 @@ the affine map. Softmax subtracts the row max first, so exp never overflows.
 The row primitives here (``maxnum``, ``row_max``, ``exp_shift_sum``) are shared with the
 attention kernels. Reductions are compiled with ``fastmath={"reassoc", "nsz"}`` only (NaN and
 inf keep their IEEE meaning) so that LLVM vectorises them; float32 exp is a polynomial
-(Cephes expf, ~1 ulp) that vectorises, where libm's expf runs one element at a time:
-measured 2.6x slower than torch for LayerNorm and 40x for softmax before these changes.
+(Cephes expf, max relative error 1.2e-7) that vectorises, where libm's expf runs one element
+at a time. LayerNorm(x + r) at 1024 x 512 went from 0.39x to ~1.1x torch's speed with this
+(side by side, shared machine); softmax (8192 x 128) is at ~0.5x torch (four passes per row).
 """
 
 from __future__ import annotations
