@@ -319,3 +319,21 @@ def test_small_and_large_paths_agree(rng, impl, monkeypatch):
     assert numba.get_num_threads() == threads  # the setting is restored
     check(small, q, k, v, mask=mask, causal=True)
     assert rel_err(small, large) < TOL[np.float32]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_kernels_write_every_output_element(rng, impl, causal):
+    """Call the kernels on a NaN-poisoned output: an element left unwritten stays NaN."""
+    q, k, v = qkv(rng, 2, 3, 300, 1100, 16, 24, np.float32)  # > one tile each way
+    mask = rng.random((2, 1, 1, 1100)) < 0.8
+    mask[1] = False  # fully masked batch entry: must be written as zeros
+    keep = np.broadcast_to(mask, (2, 3, 300, 1100))
+    out = np.full((2, 3, 300, 24), np.nan, np.float32)
+    with att.single_threaded_blas():
+        if impl == "naive":
+            att._naive_kernel(q, k, v, keep, True, causal, out)
+        else:
+            att._fused_kernel(q, k, v, keep, True, causal, out, 128, 256)
+    assert np.all(out[1] == 0)
+    check(out, q, k, v, mask=mask, causal=causal)

@@ -194,3 +194,33 @@ def test_cpu_backend_delegates_to_these_kernels(rng):
     assert rel_err(cpu.softmax(x), npb.softmax(x)) < TOL[np.float32]
     assert np.array_equal(cpu.argmax(x), npb.argmax(x))
     assert rel_err(cpu.add_positional_encoding(x, 3), npb.add_positional_encoding(x, 3)) < TOL[np.float32]
+
+
+def test_row_kernels_write_every_output_element(rng):
+    """NaN-poisoned outputs: every element must be written by the Numba kernels themselves."""
+    x, r = randn(rng, 37, 65), randn(rng, 37, 65)
+    g, b = randn(rng, 65), randn(rng, 65)
+    out = np.full_like(x, np.nan)
+    norm._layer_norm_kernel(x, r, True, g, b, 1e-5, out)
+    assert rel_err(out, ref.layer_norm(x, g, b, 1e-5, r)) < TOL[np.float32]
+    for log in (False, True):
+        out = np.full_like(x, np.nan)
+        norm._softmax_kernel(x, out, log)
+        expected = ref.log_softmax(x) if log else ref.softmax(x)
+        assert rel_err(out, expected) < TOL[np.float32]
+    table, ids = randn(rng, 11, 65), rng.integers(0, 11, size=(3, 37))
+    out = np.full((3, 37, 65), np.nan, np.float32)
+    emb._gather_scale(ids, table, 2.0, out)
+    assert rel_err(out, ref.embed(ids, table, 2.0)) < TOL[np.float32]
+
+
+def test_exp_shift_sum_polynomial(rng):
+    """The float32 exp used by softmax and attention: ~1 ulp, exact zeros below -87 and at -inf."""
+    x = np.concatenate([-rng.random(10_000, dtype=np.float32) * 80, [0.0, -87.5, -200.0, -np.inf]])
+    row = x.astype(np.float32)
+    total = norm._exp_shift_sum_f32(row, row.size, np.float32(0.0))
+    expected = np.exp(x.astype(np.float64))
+    expected[-3:] = 0.0
+    assert np.all(row[-3:] == 0)
+    assert np.max(np.abs(row - expected) / np.maximum(expected, 1e-30)) < 2.5e-7
+    assert abs(total - expected.sum()) <= 1e-6 * expected.sum()
