@@ -51,7 +51,8 @@ def main(argv=None) -> int:
         study = mod.build(mod.arg_parser().parse_args(common))
         print(f"[{i}/{len(names)}] {name}: {len(study.cases)} cases", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
-        df = run_study(study, args.out, quick=args.quick, fresh=args.fresh, progress=not args.no_progress)
+        df = run_study(study, args.out, quick=args.quick or args.grid == "smoke", fresh=args.fresh,
+                       progress=not args.no_progress)
         mod.plot(df, args.out)
         counts = df["status"].value_counts().to_dict() if "status" in df.columns else {}
         print(f"[{i}/{len(names)}] {name}: {counts} in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
