@@ -41,9 +41,9 @@ def cases(grid: str) -> list[dict]:
 def measure(case: dict, ctx) -> dict:
     from tfm.bench.layers import make_layer
 
-    lay = make_layer(case["layer"], n=case["n"], d=case["d"], backend=ctx.extra["backend"])
+    lay = make_layer(case["layer"], n=case["n"], d=case["d"], backend=ctx.options["backend"])
     t = ctx.time(lay.run, lay.sync)
-    return {"backend": ctx.extra["backend"], "time_s": t.median_s, **t.as_row(), "flops": lay.flops, "bytes": lay.bytes}
+    return {"backend": ctx.options["backend"], "time_s": t.median_s, **t.as_row(), "flops": lay.flops, "bytes": lay.bytes}
 
 
 def build(args):
@@ -51,17 +51,9 @@ def build(args):
 
     grid = args.grid or ("quick" if args.quick else "default")
     g = GRIDS[grid]
-    study = Study(NAME, "n-vs-d crossover", cases(grid), measure, grow="n",
-                  exponent=lambda c: 1.5 if c["layer"] == "attention_layer" else 1.0,
-                  max_call_s=g["max_call_s"], budget_s=g["budget_s"])
-    inner = study.measure
-
-    def with_backend(case, ctx):
-        ctx.extra["backend"] = args.backend
-        return inner(case, ctx)
-
-    study.measure = with_backend
-    return study
+    return Study(NAME, "n-vs-d crossover", cases(grid), measure, grow="n",
+                 exponent=lambda c: 1.5 if c["layer"] == "attention_layer" else 1.0,
+                 max_call_s=g["max_call_s"], budget_s=g["budget_s"], options={"backend": args.backend})
 
 
 def flops_nstar(d: int, recurrent: str) -> float:

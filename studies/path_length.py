@@ -72,7 +72,7 @@ def measure(case: dict, ctx) -> dict:
     from tfm.bench import Skip, deps
 
     layer, n, p, causal = case["layer"], case["n"], case["param"], case["causal"]
-    backend = ctx.extra["backend"]
+    backend = ctx.options["backend"]
     th, formula = theory(layer, n, p, causal)
     row = {"backend": backend, "theory": th, "formula": formula}
     if layer == "recurrent":
@@ -104,15 +104,8 @@ def build(args):
     from tfm.bench import Study
 
     ns = [int(x) for x in args.n.split(",")] if args.n else GRIDS[args.grid or ("quick" if args.quick else "default")]
-    study = Study(NAME, "Maximum path length, measured", cases(ns), measure, max_call_s=60.0)
-    inner = study.measure
-
-    def with_backend(case, ctx):
-        ctx.extra["backend"] = args.backend
-        return inner(case, ctx)
-
-    study.measure = with_backend
-    return study
+    return Study(NAME, "Maximum path length, measured", cases(ns), measure, max_call_s=60.0,
+                 options={"backend": args.backend})
 
 
 def label(row) -> str:

@@ -60,7 +60,7 @@ def measure(case: dict, ctx) -> dict:
     except ImportError as exc:
         raise Skip(f"PyTorch is not installed: {exc}") from None
     torch.set_num_threads(numba.get_num_threads())
-    backend = ctx.extra["backend"]
+    backend = ctx.options["backend"]
     bk = tfm.get_backend(backend)
     rng = np.random.default_rng(0)
     b, n, d, causal = case["b"], case["n"], case["d"], case["causal"]
@@ -127,17 +127,9 @@ def build(args):
     from tfm.bench import Study
 
     grid = args.grid or ("quick" if args.quick else "default")
-    study = Study(NAME, "tfm against PyTorch", cases(grid), measure, grow="n",
-                  exponent=lambda c: 2.0 if c["pair"].startswith("attention") else 1.0,
-                  budget_s=GRIDS[grid]["budget_s"], max_call_s=5.0)
-    inner = study.measure
-
-    def with_opts(case, ctx):
-        ctx.extra["backend"] = args.backend
-        return inner(case, ctx)
-
-    study.measure = with_opts
-    return study
+    return Study(NAME, "tfm against PyTorch", cases(grid), measure, grow="n",
+                 exponent=lambda c: 2.0 if c["pair"].startswith("attention") else 1.0,
+                 budget_s=GRIDS[grid]["budget_s"], max_call_s=5.0, options={"backend": args.backend})
 
 
 def plot(df, out):

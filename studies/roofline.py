@@ -53,8 +53,8 @@ def measure(case: dict, ctx) -> dict:
     from tfm.backends import get_backend
     from tfm.bench.layers import make_layer
 
-    backend = ctx.extra["backend"]
-    kernel, dims = case["kernel"], _dims(case["kernel"], SIZES[ctx.extra["grid"]])
+    backend = ctx.options["backend"]
+    kernel, dims = case["kernel"], _dims(case["kernel"], SIZES[ctx.options["grid"]])
     if kernel in ("linear", "layer_norm", "softmax"):
         bk = get_backend(backend)
         rng = np.random.default_rng(0)
@@ -90,15 +90,8 @@ def build(args):
     from tfm.bench import Study
 
     grid = args.grid or ("quick" if args.quick else "default")
-    study = Study(NAME, "Roofline", [{"kernel": k} for k in KERNELS], measure, budget_s=0.5 if grid == "default" else 0.05)
-    inner = study.measure
-
-    def with_opts(case, ctx):
-        ctx.extra.update(backend=args.backend, grid=grid)
-        return inner(case, ctx)
-
-    study.measure = with_opts
-    return study
+    return Study(NAME, "Roofline", [{"kernel": k} for k in KERNELS], measure,
+                 budget_s=0.5 if grid == "default" else 0.05, options={"backend": args.backend, "grid": grid})
 
 
 def plot(df, out):

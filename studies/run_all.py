@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     for i, name in enumerate(names, 1):
         mod = importlib.import_module(f"studies.{name}")
         study = mod.build(mod.arg_parser().parse_args(common))
-        print(f"[{i}/{len(names)}] {name}: {len(study.cases)} cases", file=sys.stderr, flush=True)
+        print(f"[{i}/{len(names)}] {name} ({study.title}): {len(study.cases)} cases", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         df = run_study(study, args.out, quick=args.quick or args.grid == "smoke", fresh=args.fresh,
                        progress=not args.no_progress)

@@ -54,11 +54,11 @@ def measure(case: dict, ctx) -> dict:
 
     layer = case["layer"]
     kind = "conv" if layer.startswith("conv") else layer
-    lay = make_layer(kind, n=case["n"], d=case["d"], backend=ctx.extra["backend"], k=KERNEL,
+    lay = make_layer(kind, n=case["n"], d=case["d"], backend=ctx.options["backend"], k=KERNEL,
                      dilation=DILATION if layer == "conv_dilated" else 1, window=WINDOW)
     t = ctx.time(lay.run, lay.sync)
     mem = ctx.memory(lay.run)
-    return {"backend": ctx.extra["backend"], "time_s": t.median_s, **t.as_row(), "flops": lay.flops,
+    return {"backend": ctx.options["backend"], "time_s": t.median_s, **t.as_row(), "flops": lay.flops,
             "bytes": lay.bytes, "rss_bytes": mem.rss_bytes, "traced_bytes": mem.traced_bytes}
 
 
@@ -76,16 +76,9 @@ def build(args):
         quad = case["layer"].startswith("attention")
         return (2.0 if quad else 1.0) if case["sweep"] == "n" else (1.0 if quad or case["layer"] == "restricted" else 2.0)
 
-    study = Study(NAME, "Scaling of each layer type in n and d", cases(grid, layers), measure,
-                  grow=lambda c: c["sweep"], exponent=exponent, max_call_s=g["max_call_s"], budget_s=g["budget_s"])
-    study_measure = study.measure
-
-    def with_backend(case, ctx):
-        ctx.extra["backend"] = args.backend
-        return study_measure(case, ctx)
-
-    study.measure = with_backend
-    return study
+    return Study(NAME, "Scaling of each layer type in n and d", cases(grid, layers), measure,
+                 grow=lambda c: c["sweep"], exponent=exponent, max_call_s=g["max_call_s"], budget_s=g["budget_s"],
+                 options={"backend": args.backend})
 
 
 def fits(df):

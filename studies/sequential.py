@@ -69,7 +69,7 @@ def measure(case: dict, ctx) -> dict:
     from tfm.bench import Skip, deps
     from tfm.bench.layers import make_layer
 
-    backend = ctx.extra["backend"]
+    backend = ctx.options["backend"]
     if case["part"] == "count":
         layer, n, d = case["layer"], case["n"], case["d"]
         bk, calls = counting_backend(get_backend(backend))
@@ -98,19 +98,12 @@ def measure(case: dict, ctx) -> dict:
 def build(args):
     from tfm.bench import Study
 
-    g = GRIDS[args.grid or ("quick" if args.quick else "default")]
-    study = Study(NAME, "Sequential operations", cases(args.grid or ("quick" if args.quick else "default")), measure,
-                  grow=lambda c: "n" if c["part"] == "time" else None,
-                  exponent=lambda c: 2.0 if c["layer"].startswith("attention") else 1.0,
-                  max_call_s=g["max_call_s"], budget_s=g["budget_s"])
-    inner = study.measure
-
-    def with_backend(case, ctx):
-        ctx.extra["backend"] = args.backend
-        return inner(case, ctx)
-
-    study.measure = with_backend
-    return study
+    grid = args.grid or ("quick" if args.quick else "default")
+    g = GRIDS[grid]
+    return Study(NAME, "Sequential operations", cases(grid), measure,
+                 grow=lambda c: "n" if c["part"] == "time" else None,
+                 exponent=lambda c: 2.0 if c["layer"].startswith("attention") else 1.0,
+                 max_call_s=g["max_call_s"], budget_s=g["budget_s"], options={"backend": args.backend})
 
 
 def plot(df, out):

@@ -159,7 +159,7 @@ def measure(case: dict, ctx) -> dict:
     from tfm.bench import Skip
 
     model, impl, mode, b, n = case["model"], case["impl"], case["mode"], case["b"], case["n"]
-    grid, backend = ctx.extra["grid"], ctx.extra["backend"]
+    grid, backend = ctx.options["grid"], ctx.options["backend"]
     if model.startswith("transformer"):
         config = transformer_config(model, grid)
     elif impl == "tfm":
@@ -203,15 +203,8 @@ def build(args):
 
     grid = args.grid or ("quick" if args.quick else "default")
     g = GRIDS[grid]
-    study = Study(NAME, "Whole-model throughput", cases(grid), measure, budget_s=g["budget_s"])
-    inner = study.measure
-
-    def with_opts(case, ctx):
-        ctx.extra.update(backend=args.backend, grid=grid)
-        return inner(case, ctx)
-
-    study.measure = with_opts
-    return study
+    return Study(NAME, "Whole-model throughput", cases(grid), measure, budget_s=g["budget_s"],
+                 options={"backend": args.backend, "grid": grid})
 
 
 def plot(df, out):

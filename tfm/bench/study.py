@@ -71,6 +71,7 @@ class Study:
     max_call_s: float = 3.0
     budget_s: float = 0.4  # timing budget per case (repeats until reached)
     min_repeats: int = 3
+    options: dict = field(default_factory=dict)  # run-wide settings handed to measure as ctx.options
 
     def __post_init__(self):
         if not self.name.isidentifier():
@@ -87,7 +88,10 @@ class Context:
     study: Study
     quick: bool
     ceilings: dict
-    extra: dict = field(default_factory=dict)
+
+    @property
+    def options(self) -> dict:
+        return self.study.options
 
     def time(self, fn: Callable[[], object], sync: Callable[[], None] | None = None) -> Timing:
         return time_call(fn, budget_s=self.study.budget_s, min_repeats=self.study.min_repeats, sync=sync)
