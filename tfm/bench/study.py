@@ -1,7 +1,9 @@
 """Studies as data: a parameter grid, a measurement function, a tidy table out.
 
 A :class:`Study` is an ordered list of cases (dicts of parameters) and a function
-``measure(case, ctx) -> dict`` returning that case's measurements. :func:`run_study` turns
+``measure(case, ctx) -> dict`` returning that case's measurements (``ctx`` offers
+``time``, ``time_pair`` and ``memory`` with the study's budget, and the run-wide
+``options``, e.g. the backend). :func:`run_study` turns
 it into one table row per case, with the machine fingerprint and ceilings as columns,
 written to ``<out>/tables/<name>.csv`` atomically after every row, so that:
 
