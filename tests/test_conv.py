@@ -142,3 +142,22 @@ def test_bad_inputs(rng):
         layers.ConvS2SBlock(6, 3)(randn(rng, 1, 5, 4))
     with pytest.raises(ValueError, match="kernel_size >= 2"):
         layers.ConvStack(4, 1, 2, dilated=True)
+
+
+@pytest.mark.parametrize("dil,pl,pr", [(1, 1, 1), (8, 16, 0), (3, 0, 0)])
+def test_shifted_sum_writes_every_output(rng, dil, pl, pr):
+    """conv1d's njit pass fills a NaN-poisoned output buffer, rows fed by padding included."""
+    x, w, b = randn(rng, 2, 10, 3), randn(rng, 4, 3, 3), randn(rng, 4)
+    n_out = 10 + pl + pr - dil * 2
+    shifts = np.array([j * dil - pl for j in range(3)], dtype=np.int64)
+    y = (x.reshape(20, 3) @ w.transpose(1, 2, 0).reshape(3, 12)).reshape(2, 10, 3, 4)
+    out = np.full((2, n_out, 4), np.nan, np.float32)
+    cpu_conv._shifted_sum(y, shifts, b, out)
+    assert rel_err(out, ref.conv1d(x, w, b, dil, pl, pr)) < TOL[np.float32]
+
+
+def test_glu_kernel_writes_every_output(rng):
+    x = randn(rng, 7, 10)
+    out = np.full((7, 5), np.nan, np.float32)
+    cpu_conv._glu(x, out)
+    assert rel_err(out, ref.glu(x)) < TOL[np.float32]

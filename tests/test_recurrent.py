@@ -181,3 +181,34 @@ def test_numpy_backend_is_the_reference(rng):
     w = _weights(rng, "gru", 3, 4, np.float32)
     for a, b in zip(bk.gru_layer(x, h0, *w), ref.gru_layer(x, h0, *w)):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("batch", [1, 5])
+def test_recurrence_kernel_writes_every_output(rng, kind, batch):
+    """The njit recurrence fills a NaN-poisoned output buffer completely and correctly."""
+    n, d_in, hidden = 13, 6, 37
+    x = randn(rng, batch, n, d_in)
+    h0, c0 = randn(rng, batch, hidden), randn(rng, batch, hidden)
+    w_ih, w_hh, b_ih, b_hh = _weights(rng, kind, d_in, hidden, np.float32)
+    out = np.full((batch, n, hidden), np.nan, np.float32)
+    starts = cpu_rec._row_starts(batch)
+    if kind == "lstm":
+        xw, w_hhT = cpu_rec._prepare(x, h0, w_ih, w_hh, b_ih + b_hh, 4)
+        h_n, c_n = cpu_rec._lstm_recurrence(xw, h0, c0, w_hhT, out, cpu_rec.UNITS, starts)
+        want = ref.lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
+        got = (out, h_n, c_n)
+    elif kind == "gru":
+        bias = b_ih.copy()
+        bias[:2 * hidden] += b_hh[:2 * hidden]
+        xw, w_hhT = cpu_rec._prepare(x, h0, w_ih, w_hh, bias, 3)
+        h_n = cpu_rec._gru_recurrence(xw, h0, w_hhT, b_hh[2 * hidden:].copy(), out, cpu_rec.UNITS, starts)
+        want = ref.gru_layer(x, h0, w_ih, w_hh, b_ih, b_hh)
+        got = (out, h_n)
+    else:
+        xw, w_hhT = cpu_rec._prepare(x, h0, w_ih, w_hh, b_ih + b_hh, 1)
+        h_n = cpu_rec._rnn_recurrence(xw, h0, w_hhT, out, cpu_rec.UNITS, starts, kind == "rnn_relu")
+        want = ref.rnn_layer(x, h0, w_ih, w_hh, b_ih, b_hh, kind[4:])
+        got = (out, h_n)
+    for a, b in zip(got, want):
+        assert rel_err(a, b) < TOL[np.float32]  # inf (fails) if any NaN survived

@@ -113,3 +113,14 @@ def test_bad_inputs(rng):
         layers.restricted_attention(q[0], q[0], q[0], 2)
     with pytest.raises(ValueError, match="unknown backend"):
         layers.restricted_attention(q, q, q, 2, backend="tpu")
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_kernel_writes_every_output(rng, causal):
+    """The njit kernel fills a NaN-poisoned buffer, zero rows (Nq > Nk) included."""
+    q, k, v = randn(rng, 2, 3, 70, 5), randn(rng, 2, 3, 41, 5), randn(rng, 2, 3, 41, 6)
+    left, right = cpu_restricted.window_bounds(7, causal)
+    out = np.full((2, 3, 70, 6), np.nan, np.float32)
+    cpu_restricted._restricted(q, k, v, left, right, np.float32(1 / np.sqrt(5)),
+                               cpu_restricted.QUERY_BLOCK, out)
+    assert rel_err(out, ref.restricted_attention(q, k, v, 7, causal)) < TOL[np.float32]
