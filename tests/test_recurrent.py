@@ -59,6 +59,13 @@ def test_long_sequence_float32(rng, kind):
         assert rel_err(a, b) < TOL[np.float32]
 
 
+def test_row_groups_cover_the_batch():
+    for batch in (1, 7, 8, 16, 33, 100):
+        starts = cpu_rec._row_starts(batch)
+        assert starts[0] == 0 and starts[-1] == batch and np.all(np.diff(starts) >= 1)
+        assert len(starts) == 2 or np.all(np.diff(starts) >= cpu_rec.MIN_GROUP_ROWS)
+
+
 def test_no_bias_is_zero_bias(rng):
     x, h0, c0 = randn(rng, 2, 9, 4), randn(rng, 2, 6), randn(rng, 2, 6)
     w_ih, w_hh, _, _ = _weights(rng, "lstm", 4, 6, np.float32)
@@ -184,15 +191,16 @@ def test_numpy_backend_is_the_reference(rng):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("batch", [1, 5])
-def test_recurrence_kernel_writes_every_output(rng, kind, batch):
-    """The njit recurrence fills a NaN-poisoned output buffer completely and correctly."""
+@pytest.mark.parametrize("batch,groups", [(1, None), (5, None), (5, [0, 2, 5]), (3, [0, 1, 2, 3])])
+def test_recurrence_kernel_writes_every_output(rng, kind, batch, groups):
+    """The njit recurrence fills a NaN-poisoned output buffer completely and correctly,
+    with the default row groups and with several groups (one per thread)."""
     n, d_in, hidden = 13, 6, 37
     x = randn(rng, batch, n, d_in)
     h0, c0 = randn(rng, batch, hidden), randn(rng, batch, hidden)
     w_ih, w_hh, b_ih, b_hh = _weights(rng, kind, d_in, hidden, np.float32)
     out = np.full((batch, n, hidden), np.nan, np.float32)
-    starts = cpu_rec._row_starts(batch)
+    starts = cpu_rec._row_starts(batch) if groups is None else np.array(groups, dtype=np.int64)
     if kind == "lstm":
         xw, w_hhT = cpu_rec._prepare(x, h0, w_ih, w_hh, b_ih + b_hh, 4)
         h_n, c_n = cpu_rec._lstm_recurrence(xw, h0, c0, w_hhT, out, cpu_rec.UNITS, starts)

@@ -6,8 +6,9 @@ Each layer runs in two phases:
 1. The input projections of all N steps at once: one (B*N, I) x (I, G) sgemm (OpenBLAS,
    multi-threaded), with every bias that no gate multiplies folded in.
 2. The recurrence, inside one ``@njit(parallel=True)`` kernel: the batch rows are split into
-   one contiguous group per Numba thread and each thread runs all N steps for its rows, so
-   the threads never synchronise between steps. Per step and per block of ``UNITS`` hidden
+   contiguous groups of at least ``MIN_GROUP_ROWS`` rows, at most one per Numba thread, and
+   each thread runs all N steps for its rows, so the threads never synchronise between
+   steps. Per step and per block of ``UNITS`` hidden
    units, the thread computes its rows' slice of h_{t-1} W_hh^T with its own register-
    blocked loops (W_hh^T is permuted once per call so that a block's gate columns are
    contiguous) and then the fused gate/state update of those units. No BLAS call runs
@@ -29,11 +30,14 @@ only ratios taken side by side in one process mean anything. float32, B=8, I=H=5
     whole layer vs PyTorch, one thread each (CPU time), n = 128 and 512:
       LSTM 1.65x nn.LSTM's time, GRU 1.07-1.15x nn.GRU's, RNN 1.76x nn.RNN's; the gap is
       the step product (MKL's small-M sgemm is 2x ours) plus OpenBLAS for the projection.
-    threading, 2 threads, wall clock (loaded machine), LSTM n=128:
-      row groups (kept): 935 ms; prange over unit blocks inside every step (dropped): 2194
-      ms, a barrier per step. PyTorch (OpenMP, also a barrier per step) suffers the same
-      way under load: there tfm's LSTM ran 6x faster than nn.LSTM; on an idle machine
-      expect the one-thread ratios above.
+    threading, LSTM, wall clock (loaded machine), us per step:
+      row groups (kept), B=8, 2 threads: 935 ms at n=128 vs 2194 ms for a prange over
+      unit blocks inside every step (a barrier per step; later 7800 vs 650 us per step
+      with the fast step product). PyTorch (OpenMP, also a barrier per step) suffers the
+      same way under load: there nn.LSTM ran 2-16x slower than this kernel.
+      One group vs two: 540 vs 650 (B=8), 1000 vs 1125 (B=16), 1870 vs 1940 (B=32): with
+      other jobs on the second core it never paid here, hence MIN_GROUP_ROWS = 8 (B=8 runs
+      on one thread); on an idle machine groups of >= 8 rows should scale.
 """
 
 from __future__ import annotations
@@ -46,6 +50,10 @@ from numba.extending import overload
 # a (rows, 512) float32 accumulator that stays in L1. Measured at B=8, H=512, one thread:
 # 753 / 632 / 561 / 500 / 541 us per LSTM step for 16 / 32 / 64 / 128 / 512 units.
 UNITS = 128
+
+# Fewest batch rows per thread. At B=8 (LSTM, H=512) two groups of 4 rows took 650 us per
+# step against 540 us for one group of 8 (each group streams the 4 MB W_hh^T every step).
+MIN_GROUP_ROWS = 8
 
 _NONLINEARITIES = {"tanh": 0, "relu": 1}
 
@@ -151,8 +159,12 @@ def _hidden_block(h, w_hhT, acc, col0, width):
 
 
 def _row_starts(batch: int) -> np.ndarray:
-    """Contiguous batch-row groups, one per Numba thread: group g is rows starts[g]:starts[g+1]."""
-    n_groups = min(batch, get_num_threads())
+    """Contiguous batch-row groups, one per thread: group g is rows starts[g]:starts[g+1].
+
+    Every group streams all of W_hh^T once per step, so a group needs enough rows for the
+    arithmetic, not that stream, to bound its step: at least MIN_GROUP_ROWS.
+    """
+    n_groups = max(1, min(get_num_threads(), batch // MIN_GROUP_ROWS))
     return np.array([g * batch // n_groups for g in range(n_groups + 1)], dtype=np.int64)
 
 
