@@ -4,8 +4,8 @@ Section 4 says self-attention is faster than a recurrent layer when n < d. For e
 one self-attention layer *with its projections* (Q, K, V, output: 8 n d^2 FLOPs, plus
 4 n^2 d for the core) and one recurrent layer (LSTM: 16 n d^2; plain RNN: 4 n d^2) are
 timed over n at batch 1. The crossover n* is where the attention/recurrent ratio crosses
-1: in counted FLOPs exactly (tfm.cost), in time by log-log interpolation between the
-bracketing measurements, or, when the measured range never crosses, by extrapolating
+1 for good (attention slower at every larger measured n): in counted FLOPs exactly
+(tfm.cost), in time by log-log interpolation between the bracketing measurements, or, when the measured range never crosses, by extrapolating
 power-law fits of both curves (flagged). tables/crossover_nstar.csv holds n* per d.
 """
 
@@ -85,11 +85,12 @@ def time_nstar(att, rec) -> tuple[float, str]:
         return float("nan"), "no common measurements"
     lr = np.log(m[TIME + "_a"].to_numpy() / m[TIME + "_r"].to_numpy())
     ln = np.log(m["n"].to_numpy(dtype=float))
-    if lr[0] > 0:
-        return float(m["n"].iloc[0]), f"attention already slower at the smallest n={int(m['n'].iloc[0])} (upper bound)"
-    for i in range(1, lr.size):
-        if lr[i] > 0 >= lr[i - 1]:
-            return float(np.exp(ln[i - 1] + (0 - lr[i - 1]) * (ln[i] - ln[i - 1]) / (lr[i] - lr[i - 1]))), "interpolated"
+    if lr[-1] > 0:  # n* is where attention becomes, and stays, slower: the last upward crossing
+        slower = np.flatnonzero(lr <= 0)
+        if slower.size == 0:
+            return float(m["n"].iloc[0]), f"attention already slower at the smallest n={int(m['n'].iloc[0])} (upper bound)"
+        i = slower[-1] + 1
+        return float(np.exp(ln[i - 1] + (0 - lr[i - 1]) * (ln[i] - ln[i - 1]) / (lr[i] - lr[i - 1]))), "interpolated"
     fa, fr = loglog_slope(att["n"], att[TIME]), loglog_slope(rec["n"], rec[TIME])
     if np.isfinite(fa.slope) and np.isfinite(fr.slope) and fa.slope > fr.slope:
         n = np.exp((fr.intercept - fa.intercept) / (fa.slope - fr.slope))

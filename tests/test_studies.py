@@ -108,6 +108,11 @@ def test_crossover_helpers():
     rec = pd.DataFrame({"n": [16, 32, 64], "min_s": [4.0, 4.0, 4.0]})
     n, how = time_nstar(att, rec)
     assert how == "interpolated" and 32 < n < 64
+    noisy = pd.DataFrame({"n": [16, 32, 64], "min_s": [5.0, 2.0, 8.0]})  # a load spike at n=16
+    n, how = time_nstar(noisy, rec)
+    assert how == "interpolated" and 32 < n < 64
+    n, how = time_nstar(pd.DataFrame({"n": [16, 32, 64], "min_s": [1.0, 1.0, 2.0]}), rec)
+    assert "extrapolated" in how or "no crossing" in how
 
 
 def test_agreement_rule():
