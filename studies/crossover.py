@@ -5,8 +5,9 @@ one self-attention layer *with its projections* (Q, K, V, output: 8 n d^2 FLOPs,
 4 n^2 d for the core) and one recurrent layer (LSTM: 16 n d^2; plain RNN: 4 n d^2) are
 timed over n at batch 1. The crossover n* is where the attention/recurrent ratio crosses
 1 for good (attention slower at every larger measured n): in counted FLOPs exactly
-(tfm.cost), in time by log-log interpolation between the bracketing measurements, or, when the measured range never crosses, by extrapolating
-power-law fits of both curves (flagged). tables/crossover_nstar.csv holds n* per d.
+(tfm.cost), in time by log-log interpolation between the bracketing measurements, or,
+when the measured range never crosses, by extrapolating power-law fits of both curves
+(flagged). tables/crossover_nstar.csv holds n* per d.
 """
 
 from __future__ import annotations
