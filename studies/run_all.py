@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from . import STUDIES
-from . import _common  # noqa: F401 - sets NUMBA_CACHE_DIR and the Agg backend first
+from . import _common  # noqa: F401 - sets NUMBA_CACHE_DIR, the Agg backend and OMP_WAIT_POLICY first
 
 ORDER = ("path_length", "scaling", "sequential", "crossover", "roofline", "peers", "throughput")
 assert sorted(ORDER) == sorted(STUDIES)

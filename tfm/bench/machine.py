@@ -60,6 +60,15 @@ def _blas_threads() -> int | None:
     return max(counts) if counts else None
 
 
+def _threading_layer() -> str:
+    import numba
+
+    try:
+        return numba.threading_layer()
+    except ValueError:  # no parallel kernel has run yet
+        return f"not yet chosen ({numba.config.THREADING_LAYER})"
+
+
 @lru_cache(maxsize=1)
 def fingerprint() -> dict:
     """What decides a timing, as flat scalar columns (stored with every table)."""
@@ -80,6 +89,8 @@ def fingerprint() -> dict:
         "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         # other processes competing for the cores when the run started (1-minute load average)
         "load_avg_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
+        "numba_threading_layer": _threading_layer(),
     }
     for lib in _LIBRARIES:
         fp[f"v_{lib.replace('-', '_')}"] = _version(lib)
