@@ -220,3 +220,15 @@ def test_recurrence_kernel_writes_every_output(rng, kind, batch, groups):
         got = (out, h_n)
     for a, b in zip(got, want):
         assert rel_err(a, b) < TOL[np.float32]  # inf (fails) if any NaN survived
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n_gates,hidden,units", [(1, 1, 128), (3, 37, 128), (4, 70, 16), (4, 33, 8)])
+def test_permuted_transpose(rng, dtype, n_gates, hidden, units):
+    """The tiled permute-and-transpose of W_hh equals NumPy's, tiles not dividing the shape."""
+    w = randn(rng, n_gates * hidden, hidden, dtype=dtype)
+    perm = cpu_rec._block_permutation(n_gates, hidden, units)
+    assert sorted(perm) == list(range(n_gates * hidden))
+    got = cpu_rec._permuted_transpose(w, perm)
+    assert got.dtype == dtype and got.flags.c_contiguous
+    np.testing.assert_array_equal(got, w[perm].T)
