@@ -8,12 +8,7 @@ from pathlib import Path
 
 os.environ.setdefault("NUMBA_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".venv" / "numba-cache"))
 os.environ.setdefault("MPLBACKEND", "Agg")
-# OpenMP threads that spin after a parallel region (libgomp's default) take the cores from
-# the OpenBLAS threads of the next NumPy product and vice versa: on 2 cores a small model's
-# forward pass measured 124 ms instead of 1.35 ms, a small conv1d 18 ms instead of 0.23 ms.
-# Idle threads sleep instead. Must be set before the OpenMP runtime loads (the first parallel
-# kernel, or importing torch); recorded in the fingerprint. Override by setting it yourself.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# `import tfm` sets OMP_WAIT_POLICY=PASSIVE unless it is set (see tfm/__init__.py).
 
 # Fits and plots use each case's fastest repeat: on a shared machine other processes only ever
 # add time, so the minimum is the least disturbed estimate (tables keep the median and IQR too).

@@ -7,6 +7,8 @@ import zlib
 import numpy as np
 import pytest
 
+import tfm  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch loads its OpenMP runtime)
+
 
 def rel_err(out, ref) -> float:
     """||out - ref|| / ||ref|| in float64; NaN or inf anywhere gives inf (never passes)."""
