@@ -232,3 +232,19 @@ def test_permuted_transpose(rng, dtype, n_gates, hidden, units):
     got = cpu_rec._permuted_transpose(w, perm)
     assert got.dtype == dtype and got.flags.c_contiguous
     np.testing.assert_array_equal(got, w[perm].T)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch", [1, 2, 3, 4, 5, 7, 9])
+@pytest.mark.parametrize("hidden", [1, 6, 37])
+def test_step_product_block(rng, dtype, batch, hidden):
+    """The register-blocked step product: every row remainder (B % 4) and k remainder
+    (H % 4), a column block inside a wider W_hh^T, NaN-poisoned accumulator."""
+    w_hhT = randn(rng, hidden, 3 * hidden + 5, dtype=dtype)
+    h = randn(rng, batch, hidden, dtype=dtype)
+    col0, width = 2, 3 * hidden
+    acc = np.full((batch, width + 3), np.nan, dtype)
+    cpu_rec._hidden_block(h, w_hhT, acc, col0, width)
+    want = h.astype(np.float64) @ w_hhT[:, col0:col0 + width].astype(np.float64)
+    assert rel_err(acc[:, :width], want) < TOL[dtype]
+    assert np.all(np.isnan(acc[:, width:]))  # columns past the block untouched
