@@ -119,7 +119,10 @@ def _sigmoid_overload(x):
 
 
 # ------------------------------------------------------------------------------ kernels
-@njit(cache=True, fastmath=False)
+# fastmath={"contract"} here only: fuses each multiply-add into one FMA (one rounding instead
+# of two, so never less accurate; no reassociation, no finite-math assumptions). Step product
+# at B=8, H=512, one thread, side by side: 300-334 us vs 352-413 us without.
+@njit(cache=True, fastmath={"contract"})
 def _hidden_block(h, w_hhT, acc, col0, width):
     """acc[:, :width] = h @ w_hhT[:, col0:col0+width]  (B, width), for one unit block.
 
