@@ -4,7 +4,8 @@ Pairs: fused attention (tfm.attention, backend cpu) against
 torch.nn.functional.scaled_dot_product_attention; the base-config encoder-decoder stack
 (tfm.from_torch(nn.Transformer) -> tfm.EncoderDecoder) against nn.Transformer itself; one
 LSTM and one GRU layer (the backend's kernels fed nn.LSTM / nn.GRU's weights) against
-nn.LSTM / nn.GRU. Each pair is interleaved (tfm, torch, tfm, torch, ...) so both see the
+nn.LSTM / nn.GRU; a k=3 'same' convolution against nn.Conv1d (each side in its own layout:
+tfm (B, N, C), PyTorch (B, C, N)). Each pair is interleaved (tfm, torch, tfm, torch, ...) so both see the
 same machine load; PyTorch uses as many threads as Numba. ``ratio`` is tfm's median time
 over PyTorch's (below 1: tfm faster); ``rel_err`` checks both computed the same thing.
 """
@@ -19,10 +20,10 @@ from ._common import ok, parser, run_main, savefig
 
 NAME = "peers"
 GRIDS = {
-    "default": dict(att_n=(256, 1024, 4096), att_b=1, model=[(1, 64), (8, 64)], rnn=[(16, 128, 256), (16, 128, 512)],
-                    budget_s=1.0),
-    "quick": dict(att_n=(256, 1024), att_b=1, model=[(1, 32)], rnn=[(8, 64, 256)], budget_s=0.2),
-    "smoke": dict(att_n=(37,), att_b=1, model=[(2, 8)], rnn=[(2, 9, 16)], budget_s=0.01),
+    "default": dict(att_n=(256, 1024, 4096), att_b=1, model=[(1, 64), (8, 128)], rnn=[(16, 128, 256), (8, 128, 512)],
+                    conv=[(8, 512, 512)], budget_s=1.0),
+    "quick": dict(att_n=(256, 1024), att_b=1, model=[(1, 32)], rnn=[(8, 64, 256)], conv=[(8, 128, 256)], budget_s=0.2),
+    "smoke": dict(att_n=(37,), att_b=1, model=[(2, 8)], rnn=[(2, 9, 16)], conv=[(2, 9, 16)], budget_s=0.01),
 }
 
 
@@ -40,6 +41,7 @@ def cases(grid: str) -> list[dict]:
             for b, n in g["model"]]
     out += [{"pair": f"{kind} vs nn.{kind.upper()}", "b": b, "n": n, "d": d, "causal": True}
             for kind in ("lstm", "gru") for b, n, d in g["rnn"]]
+    out += [{"pair": "conv1d vs nn.Conv1d", "b": b, "n": n, "d": d, "causal": False} for b, n, d in g["conv"]]
     return out
 
 
@@ -65,6 +67,7 @@ def measure(case: dict, ctx) -> dict:
     rng = np.random.default_rng(0)
     b, n, d, causal = case["b"], case["n"], case["d"], case["causal"]
     pair = case["pair"]
+    peer_out = lambda t: t.numpy()  # noqa: E731  (PyTorch's output in tfm's layout, for the check)
     if pair.startswith("attention"):
         h = 8
         q, k, v = (rng.standard_normal((b, h, n, d)).astype(np.float32) for _ in range(3))
@@ -93,6 +96,20 @@ def measure(case: dict, ctx) -> dict:
                 return peer(ts, tt, tgt_mask=mask, tgt_is_causal=True)
 
         flops = cost.flops("transformer_forward", config=c, b=b, n_src=n, n_tgt=n, output_projection=False)
+    elif pair.startswith("conv1d"):
+        torch.manual_seed(0)
+        peer = torch.nn.Conv1d(d, d, 3, padding=1).eval()
+        w, bias = (bk.asarray(p.detach().numpy().astype(np.float32)) for p in (peer.weight, peer.bias))
+        x = rng.standard_normal((b, n, d)).astype(np.float32)
+        xs, tx = bk.asarray(x), torch.from_numpy(np.ascontiguousarray(x.transpose(0, 2, 1)))
+        fa = lambda: bk.to_numpy(bk.conv1d(xs, w, bias, 1, 1, 1))  # noqa: E731
+        peer_out = lambda t: t.numpy().transpose(0, 2, 1)  # noqa: E731
+
+        def fb():
+            with torch.inference_mode():
+                return peer(tx)
+
+        flops = cost.flops("conv1d", b=b, n_out=n, c_in=d, c_out=d, k=3)
     else:
         kind = pair.split()[0]
         torch.manual_seed(0)
@@ -113,7 +130,7 @@ def measure(case: dict, ctx) -> dict:
                 return peer(tx)[0]
 
         flops = cost.flops(kind, b=b, n=n, d_in=d, d_hidden=d)
-    err = _rel(fa(), fb().numpy())
+    err = _rel(fa(), peer_out(fb()))
     if not err < 1e-3:  # not the same computation: a timing comparison would mean nothing
         raise Skip(f"tfm and PyTorch outputs differ (relative error {err:.2e})", "error")
     ta, tb = ctx.time_pair(fa, fb, sync_a=bk.synchronize)
