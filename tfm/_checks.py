@@ -100,6 +100,23 @@ def check_token_ids(name: str, ids, vocab: int, max_len: int | None = None) -> n
     return ids.astype(np.int64, copy=False)
 
 
+def check_generation_args(max_new_tokens, bos_id, eos_id, tgt_vocab: int, max_len: int) -> None:
+    """Greedy-decoding arguments shared by every model's ``generate``."""
+    for name, value in (("max_new_tokens", max_new_tokens), ("bos_id", bos_id)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+            raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+    if eos_id is not None and (not isinstance(eos_id, (int, np.integer)) or isinstance(eos_id, bool)):
+        raise TypeError(f"eos_id must be an integer or None, got {type(eos_id).__name__}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if 1 + max_new_tokens > max_len:
+        raise ValueError(f"1 (bos) + max_new_tokens={max_new_tokens} exceeds the model's "
+                         f"max_len={max_len}")
+    for name, value in (("bos_id", bos_id), ("eos_id", eos_id)):
+        if value is not None and not 0 <= value < tgt_vocab:
+            raise ValueError(f"{name}={value} is outside the target vocabulary [0, {tgt_vocab})")
+
+
 def check_padding_mask(name: str, mask, batch: int, length: int) -> np.ndarray | None:
     """A (B, N) bool key-padding mask, True = padding (PyTorch's key_padding_mask)."""
     if mask is None:

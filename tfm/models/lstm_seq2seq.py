@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 
-from .._checks import check_token_ids
+from .._checks import check_generation_args, check_token_ids
 from .base import Model, uniform, xavier_uniform, zeros
 
 __all__ = ["LSTMSeq2Seq", "LSTMSeq2SeqConfig"]
@@ -89,19 +89,7 @@ def check_generate_args(model, src_ids, max_new_tokens, bos_id, eos_id):
     """The Transformer's generate() rules; returns the checked source ids."""
     c = model.config
     src = check_token_ids("src_ids", src_ids, c.src_vocab, c.max_len)
-    for name, value in (("max_new_tokens", max_new_tokens), ("bos_id", bos_id)):
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
-            raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
-    if eos_id is not None and (not isinstance(eos_id, (int, np.integer)) or isinstance(eos_id, bool)):
-        raise TypeError(f"eos_id must be an integer or None, got {type(eos_id).__name__}")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if 1 + max_new_tokens > c.max_len:
-        raise ValueError(f"1 (bos) + max_new_tokens={max_new_tokens} exceeds the model's "
-                         f"max_len={c.max_len}")
-    for name, value in (("bos_id", bos_id), ("eos_id", eos_id)):
-        if value is not None and not 0 <= value < c.tgt_vocab:
-            raise ValueError(f"{name}={value} is outside the target vocabulary [0, {c.tgt_vocab})")
+    check_generation_args(max_new_tokens, bos_id, eos_id, c.tgt_vocab, c.max_len)
     return src
 
 

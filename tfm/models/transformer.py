@@ -35,7 +35,8 @@ import math
 
 import numpy as np
 
-from .._checks import check_float, check_impl, check_padding_mask, check_token_ids
+from .._checks import (check_float, check_generation_args, check_impl, check_padding_mask,
+                       check_token_ids)
 from ..config import TransformerConfig
 from .base import Model, ones, xavier_uniform, zeros
 
@@ -365,19 +366,7 @@ class Transformer(_Stack):
         """
         c = self.config
         src, src_pad = self._check_src(src_ids, src_pad_mask)
-        for name, value in (("max_new_tokens", max_new_tokens), ("bos_id", bos_id)):
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
-                raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
-        if eos_id is not None and (not isinstance(eos_id, (int, np.integer)) or isinstance(eos_id, bool)):
-            raise TypeError(f"eos_id must be an integer or None, got {type(eos_id).__name__}")
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if 1 + max_new_tokens > c.max_len:
-            raise ValueError(f"1 (bos) + max_new_tokens={max_new_tokens} exceeds the model's "
-                             f"max_len={c.max_len}")
-        for name, value in (("bos_id", bos_id), ("eos_id", eos_id)):
-            if value is not None and not 0 <= value < c.tgt_vocab:
-                raise ValueError(f"{name}={value} is outside the target vocabulary [0, {c.tgt_vocab})")
+        check_generation_args(max_new_tokens, bos_id, eos_id, c.tgt_vocab, c.max_len)
 
         bk, b = self.backend, src.shape[0]
         out = np.full((b, 1 + max_new_tokens), bos_id, dtype=np.int64)
