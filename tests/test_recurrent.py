@@ -190,11 +190,13 @@ def test_numpy_backend_is_the_reference(rng):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("units", [cpu_rec.UNITS, 16])
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("batch,groups", [(1, None), (5, None), (5, [0, 2, 5]), (3, [0, 1, 2, 3])])
-def test_recurrence_kernel_writes_every_output(rng, kind, batch, groups):
+def test_recurrence_kernel_writes_every_output(rng, kind, batch, groups, units):
     """The njit recurrence fills a NaN-poisoned output buffer completely and correctly,
-    with the default row groups and with several groups (one per thread)."""
+    with the default row groups and with several groups (one per thread), in one unit
+    block and in several (16-unit blocks over 37 units: the last one partial)."""
     n, d_in, hidden = 13, 6, 37
     x = randn(rng, batch, n, d_in)
     h0, c0 = randn(rng, batch, hidden), randn(rng, batch, hidden)
@@ -202,20 +204,20 @@ def test_recurrence_kernel_writes_every_output(rng, kind, batch, groups):
     out = np.full((batch, n, hidden), np.nan, np.float32)
     starts = cpu_rec._row_starts(batch) if groups is None else np.array(groups, dtype=np.int64)
     if kind == "lstm":
-        xw, w_hhT = cpu_rec._prepare(x, h0, w_ih, w_hh, b_ih + b_hh, 4)
-        h_n, c_n = cpu_rec._lstm_recurrence(xw, h0, c0, w_hhT, out, cpu_rec.UNITS, starts)
+        xw, w_hhT = cpu_rec._prepare(x, h0, w_ih, w_hh, b_ih + b_hh, 4, units)
+        h_n, c_n = cpu_rec._lstm_recurrence(xw, h0, c0, w_hhT, out, units, starts)
         want = ref.lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
         got = (out, h_n, c_n)
     elif kind == "gru":
         bias = b_ih.copy()
         bias[:2 * hidden] += b_hh[:2 * hidden]
-        xw, w_hhT = cpu_rec._prepare(x, h0, w_ih, w_hh, bias, 3)
-        h_n = cpu_rec._gru_recurrence(xw, h0, w_hhT, b_hh[2 * hidden:].copy(), out, cpu_rec.UNITS, starts)
+        xw, w_hhT = cpu_rec._prepare(x, h0, w_ih, w_hh, bias, 3, units)
+        h_n = cpu_rec._gru_recurrence(xw, h0, w_hhT, b_hh[2 * hidden:].copy(), out, units, starts)
         want = ref.gru_layer(x, h0, w_ih, w_hh, b_ih, b_hh)
         got = (out, h_n)
     else:
         xw, w_hhT = cpu_rec._prepare(x, h0, w_ih, w_hh, b_ih + b_hh, 1)
-        h_n = cpu_rec._rnn_recurrence(xw, h0, w_hhT, out, cpu_rec.UNITS, starts, kind == "rnn_relu")
+        h_n = cpu_rec._rnn_recurrence(xw, h0, w_hhT, out, units, starts, kind == "rnn_relu")
         want = ref.rnn_layer(x, h0, w_ih, w_hh, b_ih, b_hh, kind[4:])
         got = (out, h_n)
     for a, b in zip(got, want):

@@ -25,20 +25,28 @@ rational tanh (8.4 vs 1.5 ns per element; the LSTM gate update of a B=8, H=512 s
 Measured on this shared 2-core AVX-512 machine while other jobs loaded it (load 6-8), so
 only ratios taken side by side in one process mean anything. float32, B=8, I=H=512:
 
-    step product h W_hh^T, (8,512)x(512,2048), one thread (CPU time):
-      _hidden_block, 4 k x 2 rows unrolled (kept)  430 us  (torch.mm / MKL: 205 us)
-      plain k-b-j loop (dropped)                   770 us  (one store per multiply-add)
-      unrolled, bounds `n - n % 4` (a fixed bug)  2000 us  (LLVM lost the trip count)
-      OpenBLAS np.dot per step (dropped)        350-600 us (2 threads; packs W every call)
-      fastmath={"contract"} (not used: rule)      395 us  (FMA; 8% faster)
-    whole layer vs PyTorch, one thread each (CPU time), n = 128 and 512:
-      LSTM 1.65x nn.LSTM's time, GRU 1.07-1.15x nn.GRU's, RNN 1.76x nn.RNN's; the gap is
-      the step product (MKL's small-M sgemm is 2x ours) plus OpenBLAS for the projection.
+    step product h W_hh^T, (8,512)x(512,2048), one thread, side by side:
+      _hidden_block, 4 k x 4 rows, FMA (kept)   300-334 us  (torch.mm / MKL: 185 us)
+      4 k x 4 rows, separate mul/add            352-413 us  (bound by the two FP ports)
+      4 k x 2 rows (previous kernel)            420-463 us
+      8 rows x 4 k / 4 rows x 8 k                no better (too noisy to separate; more
+                                                 live registers)
+      scalar accumulators, 4 columns x 8 rows   2000-3000 us (LLVM's SLP vectoriser left
+                                                 them scalar)
+      OpenBLAS sgemm, one thread (dropped)       410 us  (no faster than ours; packs W
+                                                 every call)
+      plain k-b-j loop (dropped)                 770 us  (one store per multiply-add)
+      unrolled, bounds `n - n % 4` (a fixed bug) 2000 us (LLVM lost the trip count)
+    At B=8 the 4 MB W_hh^T streams from L3 every step: ~185 us at ~22 GB/s is MKL's floor
+    as well, so the step product cannot get much below MKL's on one core.
+WHOLE_LAYER_TABLE
     threading, LSTM, wall clock (loaded machine), us per step:
       row groups (kept), B=8, 2 threads: 935 ms at n=128 vs 2194 ms for a prange over
       unit blocks inside every step (a barrier per step; later 7800 vs 650 us per step
-      with the fast step product). PyTorch (OpenMP, also a barrier per step) suffers the
-      same way under load: there nn.LSTM ran 2-16x slower than this kernel.
+      with the fast step product; again with the current kernels at load ~5: 12100-15800
+      vs 1190-1260 us per step, two threads each taking half of the hidden units). A
+      per-step barrier waits for whichever thread the OS has parked; PyTorch (OpenMP, also
+      a barrier per step) suffers the same way under load: there nn.LSTM ran 2-16x slower.
       One group vs two: 540 vs 650 (B=8), 1000 vs 1125 (B=16), 1870 vs 1940 (B=32): with
       other jobs on the second core it never paid here, hence MIN_GROUP_ROWS = 8 (B=8 runs
       on one thread); on an idle machine groups of >= 8 rows should scale.
@@ -56,6 +64,9 @@ from .linear import linear
 # a (rows, 512) float32 accumulator that stays in L1. Measured at B=8, H=512, one thread:
 # 753 / 632 / 561 / 500 / 541 us per LSTM step for 16 / 32 / 64 / 128 / 512 units.
 UNITS = 128
+# The RNN's one gate: 512-unit blocks give it the LSTM's 512-column block width. B=8 / 64,
+# H=512, us per step (median, side by side): 185 / 1095 vs 219 / 1260 with 128 units.
+RNN_UNITS = 4 * UNITS
 
 # Fewest batch rows per thread. At B=8 (LSTM, H=512) two groups of 4 rows took 650 us per
 # step against 540 us for one group of 8 (each group streams the 4 MB W_hh^T every step).
@@ -314,12 +325,12 @@ def _permuted_transpose(w, perm):
     return out
 
 
-def _prepare(x, h0, w_ih, w_hh, bias_in, n_gates):
+def _prepare(x, h0, w_ih, w_hh, bias_in, n_gates, units=UNITS):
     """Permute the weights to unit blocks and run the input projection of all steps."""
     dtype = x.dtype
     batch, n, d_in = x.shape
     hidden = h0.shape[1]
-    perm = _block_permutation(n_gates, hidden)
+    perm = _block_permutation(n_gates, hidden, units)
     w_ih = np.asarray(w_ih, dtype)[perm]  # (G, I) permuted rows
     w_hhT = _permuted_transpose(np.ascontiguousarray(w_hh, dtype), perm)  # (H, G)
     # One product for all N steps, (B*N, I) x (I, G), on the dense kernels' thread policy.
@@ -339,7 +350,7 @@ def rnn_layer(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity="tanh"):
     bias = _vec(b_ih, hidden, x.dtype) + _vec(b_hh, hidden, x.dtype)
     xw, w_hhT = _prepare(x, h0, w_ih, w_hh, bias, 1)
     out = np.empty((x.shape[0], x.shape[1], hidden), x.dtype)
-    h_n = _rnn_recurrence(xw, h0, w_hhT, out, UNITS, _row_starts(x.shape[0]),
+    h_n = _rnn_recurrence(xw, h0, w_hhT, out, RNN_UNITS, _row_starts(x.shape[0]),
                           _NONLINEARITIES[nonlinearity] == 1)
     return out, h_n
 
