@@ -36,9 +36,10 @@ import math
 import numba
 import numpy as np
 from numba import njit, prange
-from numba.extending import overload
-from numba.np.linalg import _BLAS, ensure_blas, get_blas_kind
 
+from ._blas import N as _N
+from ._blas import T as _T
+from ._blas import gemm as _gemm
 from ._threads import single_threaded_blas
 from .norm import exp_shift_sum, maxnum, row_max
 
@@ -50,38 +51,10 @@ VARIANTS = {
 # Tile sizes of the fused kernel (rows of Q, rows of K/V per step); chosen by measurement.
 TILE_Q = 256
 TILE_K = 1024
-# Below this many FLOPs a call runs on one Numba thread (a B=1, H=8, d=64 decoding step with
-# up to ~1000 cached keys): waking the pool costs more than the work (Nk=100 on the busy
-# shared machine: 0.12 ms on one thread, 2.5 ms on two).
-SMALL_FLOPS = 2_000_000
-
-ensure_blas()  # Numba's BLAS is SciPy's; fail at import, not inside a prange loop.
-
-_N = ord("N")
-_T = ord("T")
-
-
-# ---------------------------------------------------------------------------- BLAS
-def _gemm(transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
-    """Column-major ``c = alpha * op(a) @ op(b) + beta * c`` (BLAS ?gemm); @njit code only.
-
-    ``a``, ``b``, ``c`` are arrays whose first element starts the operand (views are fine),
-    ``alpha``/``beta`` one-element arrays. Lets the kernels pass leading dimensions and
-    accumulate (beta=1) without the copies ``np.dot`` would make.
-    """
-    raise NotImplementedError("_gemm is only callable from @njit code")
-
-
-@overload(_gemm)
-def _gemm_impl(transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
-    xxgemm = _BLAS().numba_xxgemm(a.dtype)
-    kind = ord(get_blas_kind(a.dtype, "attention"))
-
-    def impl(transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
-        xxgemm(kind, transa, transb, m, n, k, alpha.ctypes, a.ctypes, lda, b.ctypes, ldb,
-               beta.ctypes, c.ctypes, ldc)
-
-    return impl
+# Below this many FLOPs a call runs on one Numba thread (every decoding step; the small
+# preset's B=4, H=4, n=64, d=32 self-attention, 8.4 MFLOP): waking the pool costs more than
+# the work (Nk=100 on the busy shared machine: 0.12 ms on one thread, 2.5 ms on two).
+SMALL_FLOPS = 32_000_000
 
 
 @njit(cache=True)
@@ -221,17 +194,16 @@ def attention(q, k, v, mask=None, causal=False, impl="fused"):
     keep = np.broadcast_to(_NO_MASK if mask is None else np.asarray(mask, dtype=np.bool_), full)
     out = np.empty((b, h, nq, v.shape[3]), dtype=q.dtype)
     args = (q, k, v, keep, mask is not None, bool(causal), out)
-    if 2 * b * h * nq * nk * (q.shape[3] + v.shape[3]) < SMALL_FLOPS:
-        # Decoding-sized: waking the Numba workers and re-limiting BLAS would cost more
-        # than the work. One Numba thread; BLAS may thread itself (no nesting, no oversubscription).
-        previous = numba.get_num_threads()
-        numba.set_num_threads(1)
-        try:
-            _run(impl, args)
-        finally:
-            numba.set_num_threads(previous)
-    else:
-        with single_threaded_blas():
+    with single_threaded_blas():  # the backend's one pool is Numba's (_threads)
+        if 2 * b * h * nq * nk * (q.shape[3] + v.shape[3]) < SMALL_FLOPS:
+            # Decoding- or small-model-sized: waking the Numba workers costs more than the work.
+            previous = numba.get_num_threads()
+            numba.set_num_threads(1)
+            try:
+                _run(impl, args)
+            finally:
+                numba.set_num_threads(previous)
+        else:
             _run(impl, args)
     return out
 

@@ -3,7 +3,8 @@
 The lookup gathers and scales rows in one parallel Numba pass. The positional table is
 computed once per (d_model, dtype) in float64 with the reference formula, cast, and kept;
 it grows (doubling) when a longer position is asked for, so decoding step by step never
-recomputes sin/cos.
+recomputes sin/cos. Lookups of fewer than ``_threads.SMALL_ELEMENTS`` elements (a decoding
+step) run on the calling thread.
 """
 
 from __future__ import annotations
@@ -14,21 +15,27 @@ import numpy as np
 from numba import njit, prange
 
 from ...reference import positional_encoding
+from ._threads import SMALL_ELEMENTS
+
+
+@njit(cache=True)
+def _gather_rows(ids, table, scale, out, t0, t1):
+    """Tokens t0:t1 (flat over (B, N)) of out[b, n, :] = table[ids[b, n], :] * scale."""
+    n = ids.shape[1]
+    d = table.shape[1]
+    s = table.dtype.type(scale)
+    for t in range(t0, t1):
+        row = table[ids[t // n, t % n]]
+        o = out[t // n, t % n]
+        for j in range(d):
+            o[j] = row[j] * s
 
 
 @njit(cache=True, parallel=True)
 def _gather_scale(ids, table, scale, out):
-    """out[b, n, :] = table[ids[b, n], :] * scale."""
-    bsz, n = ids.shape
-    d = table.shape[1]
-    s = table.dtype.type(scale)
-    for t in prange(bsz * n):
-        b = t // n
-        i = t % n
-        row = table[ids[b, i]]
-        o = out[b, i]
-        for j in range(d):
-            o[j] = row[j] * s
+    """out[b, n, :] = table[ids[b, n], :] * scale, parallel over tokens."""
+    for t in prange(ids.size):
+        _gather_rows(ids, table, scale, out, t, t + 1)
 
 
 def embedding(ids, table, scale=1.0):
@@ -36,7 +43,10 @@ def embedding(ids, table, scale=1.0):
     ids = np.ascontiguousarray(ids, dtype=np.int64)
     table = np.ascontiguousarray(table)
     out = np.empty(ids.shape + (table.shape[1],), dtype=table.dtype)
-    _gather_scale(ids, table, float(scale), out)
+    if out.size < SMALL_ELEMENTS:
+        _gather_rows(ids, table, float(scale), out, 0, ids.size)
+    else:
+        _gather_scale(ids, table, float(scale), out)
     return out
 
 

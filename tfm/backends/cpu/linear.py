@@ -1,42 +1,117 @@
 """Dense layers on the CPU: linear, elementwise add, ReLU / exact GELU, the position-wise FFN.
 
-The matrix products are single multi-threaded BLAS sgemm/dgemm calls made by NumPy (outside
-Numba: OpenBLAS threads them itself) on a 2-D view of the activations, with PyTorch's (out, in)
-weight layout passed as a transposed view (no copy). Bias and activation are then applied in
-place by one parallel Numba pass over the output, so the FFN's (tokens, d_ff) hidden
-activations are written by sgemm and touched exactly once more.
+The products are BLAS ?gemm calls made from @njit code (``_blas.gemm``), single-threaded,
+one per block of the output: the backend has one thread pool, Numba's (``_threads``). A
+block is a range of rows (when every thread gets >= ``MIN_BLOCK_ROWS`` of them) or, for few
+rows (decoding: M = batch), a 16-aligned range of the weight's output columns. Each block's
+bias (+ the FFN's ReLU/GELU) is applied by the thread that computed it, right after its gemm.
+PyTorch's (out, in) weight layout is read as is (gemm's transpose flag, no copy). Products
+under ``SMALL_FLOPS`` run as one block on the calling thread.
+
+Threading decision, measured side by side in one process (float32, this shared 2-core VM
+under load from other jobs; median / min):
+- before: NumPy's multi-threaded OpenBLAS ``@`` + a parallel Numba bias/activation pass.
+  OpenBLAS's worker keeps spinning after each call, so the next parallel Numba kernel waits
+  for a time slice (a (2, 1, 32) layer norm after a GEMM: 10-16 ms instead of 0.02 ms).
+- (M, K, N) = (8, 512, 2048), a base decoding step's FFN: before 37.6 / 30.0 ms, one
+  thread 1.0 / 0.9 ms, two Numba blocks 11.6 / 7.4 ms. (256, 128, 512), the small preset's
+  FFN: before 21-36 / 0.3-32 ms, one thread 0.5-1.8 / 0.4 ms, two blocks 7.7 / 1.0 ms.
+  Waking the second thread of a loaded machine costs a time slice (several ms), so
+  ``SMALL_FLOPS`` keeps work under ~1 ms of one core on the calling thread.
+- (1024, 512, 512), a base projection: two row blocks 6.3 / 2.1 ms (257 GFLOP/s at the min,
+  near the 2-thread sgemm peak of ~300), column blocks 7.2 / 2.4 ms, before 18-24 / 15-16 ms,
+  one thread 16-21 / 4.1-14 ms. (1024, 512, 2048): rows 28 / 22 ms, columns 30 / 21 ms,
+  before 56-76 / 45-66 ms: row and column blocks tie at large M; rows are kept there.
+- Whole models (A/B/C interleaved: before / now / PyTorch eager, torch.set_num_threads(2),
+  inference_mode), median / min, tfm now / PyTorch:
+    tiny tfm.Transformer (B=2, n=16)     1.1 / 0.9 -> 0.9 / 0.9 ms; torch 9.8 / 1.3: 0.09 / 0.65
+    small tfm.Transformer (B=4, n=64)    655 / 453 -> 29 / 18 ms; torch 118 / 54: 0.25 / 0.33
+    small from_torch(nn.Transformer)     624 / 368 -> 27 / 13 ms; torch 412 / 50: 0.07 / 0.26
+    base from_torch(nn.Transformer) (B=8, n=128)
+                                         3014 / 1995 -> 1825 / 1229 ms; torch 2402 / 1714: 0.76 / 0.72
+    base tfm.Transformer (32000 vocab)   2335 / 2264 -> 1585 / 1480 ms; torch 3030 / 1499: 0.52 / 0.99
+    generate 16 tokens (KV cache): tiny 83 / 36 -> 15 / 15 ms, small 490 / 478 -> 53 / 52 ms.
+  ("before" there also runs the row kernels always parallel and attention's old threshold.)
 """
 
 from __future__ import annotations
 
 import math
 
+import numba
 import numpy as np
 from numba import njit, prange
+
+from ._blas import N as _N
+from ._blas import T as _T
+from ._blas import gemm
+from ._threads import SMALL_ELEMENTS, single_threaded_blas
 
 ACTIVATIONS = ("relu", "gelu")
 _RELU, _GELU, _IDENTITY = 0, 1, 2
 
+# Below this many FLOPs (2 M N K) a product runs on the calling thread (measured, see header).
+SMALL_FLOPS = 128_000_000
+# Row blocks when every thread gets at least this many rows, else column blocks of the weight.
+MIN_BLOCK_ROWS = 64
+_COL_ALIGN = 16  # column blocks start on a 64-byte boundary (float32)
 
-@njit(cache=True, parallel=True)
-def _bias_act_inplace(y, bias, has_bias, act):
-    """y[i, j] = act(y[i, j] + bias[j]) in place for a 2-D C-contiguous y; parallel over rows."""
-    rows, cols = y.shape
+
+@njit(cache=True)
+def _epilogue(y, r0, r1, c0, c1, bias, has_bias, act):
+    """y[r0:r1, c0:c1] = act(y + bias[c0:c1]) in place."""
     zero = y.dtype.type(0.0)
     half = y.dtype.type(0.5)
     inv_sqrt2 = y.dtype.type(1.0 / math.sqrt(2.0))
-    for i in prange(rows):
+    for i in range(r0, r1):
         row = y[i]
         if has_bias:
-            for j in range(cols):
+            for j in range(c0, c1):
                 row[j] += bias[j]
         if act == _RELU:
-            for j in range(cols):
+            for j in range(c0, c1):
                 row[j] = max(row[j], zero)
         elif act == _GELU:
-            for j in range(cols):
-                x = row[j]
-                row[j] = half * x * (1 + math.erf(x * inv_sqrt2))
+            for j in range(c0, c1):
+                v = row[j]
+                row[j] = half * v * (1 + math.erf(v * inv_sqrt2))
+
+
+@njit(cache=True)
+def _block(x, w, bias, has_bias, act, out, r0, r1, c0, c1):
+    """out[r0:r1, c0:c1] = act(x[r0:r1] @ w[c0:c1].T + bias[c0:c1]): one single-threaded gemm,
+    then bias and activation. Needs a non-empty block and K >= 1.
+    """
+    k = x.shape[1]
+    one = np.ones(1, x.dtype)
+    zero = np.zeros(1, x.dtype)
+    # Row-major out block (r, c) is column-major (c, r) = W_block (c, K) @ X_block^T (K, r).
+    gemm(_T, _N, c1 - c0, r1 - r0, k, one, w[c0], k, x[r0], k, zero, out[r0, c0:], out.shape[1])
+    _epilogue(out, r0, r1, c0, c1, bias, has_bias, act)
+
+
+@njit(cache=True, parallel=True)
+def _linear_parallel(x, w, bias, has_bias, act, out, parts, by_rows):
+    """_block over ``parts`` row blocks (by_rows) or column blocks of the weight, one per thread."""
+    m = x.shape[0]
+    n = w.shape[0]
+    units = (n + _COL_ALIGN - 1) // _COL_ALIGN
+    for p in prange(parts):
+        if by_rows:
+            r0, r1, c0, c1 = p * m // parts, (p + 1) * m // parts, 0, n
+        else:
+            r0, r1 = 0, m
+            c0 = min(n, p * units // parts * _COL_ALIGN)
+            c1 = min(n, (p + 1) * units // parts * _COL_ALIGN)
+        if r1 > r0 and c1 > c0:
+            _block(x, w, bias, has_bias, act, out, r0, r1, c0, c1)
+
+
+@njit(cache=True, parallel=True)
+def _epilogue_parallel(y, bias, has_bias, act):
+    rows, cols = y.shape
+    for i in prange(rows):
+        _epilogue(y, i, i + 1, 0, cols, bias, has_bias, act)
 
 
 def _act_code(kind) -> int:
@@ -47,18 +122,51 @@ def _act_code(kind) -> int:
     raise ValueError(f"unknown activation {kind!r}; choose one of {', '.join(ACTIVATIONS)}")
 
 
-def _matmul_t(x, weight):
-    """(..., in) @ (out, in).T -> 2-D (tokens, out): one BLAS call, no copy of x or weight."""
-    x2 = x.reshape(-1, x.shape[-1])
-    return x2 @ weight.T
+def _float_array(x, name):
+    x = np.asarray(x)
+    if x.dtype not in (np.float32, np.float64):
+        raise TypeError(f"{name} must be float32 or float64, got {x.dtype}")
+    return x
+
+
+def _dense(x, weight, bias, act):
+    """act(x @ weight.T + bias) for x (..., in), weight (out, in) -> (..., out) in x's dtype."""
+    x = _float_array(x, "x")
+    weight = np.asarray(weight)
+    if weight.ndim != 2 or x.ndim < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"linear: x {x.shape} and weight {weight.shape} need x (..., in), "
+                         f"weight (out, in)")
+    dt = x.dtype
+    x2 = np.ascontiguousarray(x.reshape(math.prod(x.shape[:-1]), x.shape[-1]), dtype=dt)
+    w = np.ascontiguousarray(weight, dtype=dt)
+    m, k = x2.shape
+    n = w.shape[0]
+    has_bias = bias is not None
+    if has_bias:
+        b = np.ascontiguousarray(bias, dtype=dt)
+        if b.shape != (n,):
+            raise ValueError(f"linear: bias {b.shape} must be ({n},) for weight {weight.shape}")
+    else:
+        b = np.empty(0, dt)  # never read
+    out = np.empty((m, n), dt)
+    if m and n:
+        if k == 0:  # empty sum: BLAS needs leading dimensions >= 1
+            out[:] = 0
+            _epilogue(out, 0, m, 0, n, b, has_bias, act)
+        else:
+            parts = numba.get_num_threads()
+            with single_threaded_blas():
+                if parts == 1 or 2 * m * n * k < SMALL_FLOPS:
+                    _block(x2, w, b, has_bias, act, out, 0, m, 0, n)
+                else:
+                    _linear_parallel(x2, w, b, has_bias, act, out, parts,
+                                     m >= parts * MIN_BLOCK_ROWS)
+    return out.reshape(*x.shape[:-1], n)
 
 
 def linear(x, weight, bias=None):
     """x @ weight.T + bias; x (..., in), weight (out, in), bias (out,) or None -> (..., out)."""
-    y = _matmul_t(x, weight)
-    if bias is not None:
-        y += bias  # in place on the fresh output (NumPy broadcast add, one pass)
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+    return _dense(x, weight, bias, _IDENTITY)
 
 
 def add(a, b):
@@ -69,15 +177,18 @@ def add(a, b):
 def activation(x, kind):
     """ReLU or exact (erf) GELU, as a new array of x's dtype."""
     act = _act_code(kind)
-    y = np.array(x, order="C", copy=True)
-    y2 = y.reshape(-1, y.shape[-1])
-    _bias_act_inplace(y2, y2[0], False, act)  # y2[0]: an unused bias of the right type
+    y = np.array(_float_array(x, "x"), order="C", copy=True)
+    y2 = y.reshape(-1, y.shape[-1]) if y.ndim else y.reshape(1, 1)
+    no_bias = np.empty(0, y.dtype)
+    if y.size < SMALL_ELEMENTS:
+        _epilogue(y2, 0, y2.shape[0], 0, y2.shape[1], no_bias, False, act)
+    else:
+        _epilogue_parallel(y2, no_bias, False, act)
     return y
 
 
 def feed_forward(x, w1, b1, w2, b2, activation):
-    """FFN(x) = act(x W1^T + b1) W2^T + b2 (paper eq. 2) with bias+activation fused in one pass."""
+    """FFN(x) = act(x W1^T + b1) W2^T + b2 (paper eq. 2); bias+activation fused into each block."""
     act = _act_code(activation)
-    hidden = _matmul_t(x, w1)  # (tokens, d_ff)
-    _bias_act_inplace(hidden, hidden[0] if b1 is None else b1, b1 is not None, act)  # one pass
-    return linear(hidden, w2, b2).reshape(*x.shape[:-1], w2.shape[0])
+    hidden = _dense(x, w1, b1, act)  # (..., d_ff)
+    return _dense(hidden, w2, b2, _IDENTITY)
