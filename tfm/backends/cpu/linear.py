@@ -28,8 +28,9 @@ under load from other jobs; median / min):
     small tfm.Transformer (B=4, n=64)    655 / 453 -> 29 / 18 ms; torch 118 / 54: 0.25 / 0.33
     small from_torch(nn.Transformer)     624 / 368 -> 27 / 13 ms; torch 412 / 50: 0.07 / 0.26
     base from_torch(nn.Transformer) (B=8, n=128)
-                                         3014 / 1995 -> 1825 / 1229 ms; torch 2402 / 1714: 0.76 / 0.72
-    base tfm.Transformer (32000 vocab)   2335 / 2264 -> 1585 / 1480 ms; torch 3030 / 1499: 0.52 / 0.99
+                                   3014 / 1995 -> 1825 / 1229 ms; torch 2402 / 1714: 0.76 / 0.72
+    base tfm.Transformer (32000 vocab)
+                                   2335 / 2264 -> 1585 / 1480 ms; torch 3030 / 1499: 0.52 / 0.99
     generate 16 tokens (KV cache): tiny 83 / 36 -> 15 / 15 ms, small 490 / 478 -> 53 / 52 ms.
   ("before" there also runs the row kernels always parallel and attention's old threshold.)
 """
