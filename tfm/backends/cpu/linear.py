@@ -38,8 +38,9 @@ under load from other jobs; median / min):
   regions, slowing the other's next call; not verified further). pytest-benchmark (one
   library at a time, quieter machine, median, tfm vs torch): base from_torch(nn.Transformer)
   848 vs 794 ms (1.07x), base tfm.Transformer 1.16 vs 1.10 s (1.05x), small tfm.Transformer
-  8.7 vs 8.9 ms, small from_torch 7.9 vs 6.7 ms (1.18x), tiny 0.81 vs 1.13 ms. The base gap is the GEMM: (1024, 512, 512) 2.0 ms with bias vs torch's 1.8 ms
-  (gemm alone 1.9 ms); the bias/activation pass adds 10-20% to a (1024, 512, 2048) product.
+  8.7 vs 8.9 ms, small from_torch 7.9 vs 6.7 ms (1.18x), tiny 0.81 vs 1.13 ms. The base
+  gap is the GEMM: (1024, 512, 512) 2.0 ms with bias vs torch's 1.8 ms (gemm alone 1.9 ms);
+  the bias/activation pass adds 10-20% to a (1024, 512, 2048) product.
 """
 
 from __future__ import annotations
