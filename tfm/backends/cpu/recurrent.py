@@ -22,12 +22,12 @@ zero divisor to raise ZeroDivisionError, and that branch kept LLVM from vectoris
 rational tanh (8.4 vs 1.5 ns per element; the LSTM gate update of a B=8, H=512 step 220 vs
 ~100 us). The only divisions are the tanh's, whose denominator is >= 4.9e-3. float64 uses libm.
 
-Measured on this shared 2-core AVX-512 machine while other jobs loaded it (load 6-8), so
-only ratios taken side by side in one process mean anything. float32, B=8, I=H=512:
+Measured on this shared 2-core AVX-512 machine while other jobs loaded it (load 2-8), so
+only ratios taken side by side in one process mean anything. float32, I=H=512:
 
     step product h W_hh^T, (8,512)x(512,2048), one thread, side by side:
       _hidden_block, 4 k x 4 rows, FMA (kept)   300-334 us  (torch.mm / MKL: 185 us)
-      4 k x 4 rows, separate mul/add            352-413 us  (bound by the two FP ports)
+      4 k x 4 rows, separate mul/add            352-413 us  (twice the FP-port work)
       4 k x 2 rows (previous kernel)            420-463 us
       8 rows x 4 k / 4 rows x 8 k                no better (too noisy to separate; more
                                                  live registers)
@@ -39,7 +39,30 @@ only ratios taken side by side in one process mean anything. float32, B=8, I=H=5
       unrolled, bounds `n - n % 4` (a fixed bug) 2000 us (LLVM lost the trip count)
     At B=8 the 4 MB W_hh^T streams from L3 every step: ~185 us at ~22 GB/s is MKL's floor
     as well, so the step product cannot get much below MKL's on one core.
-WHOLE_LAYER_TABLE
+    whole layer vs PyTorch 2.13 (MKL, OpenMP), float32, I=H=512, one process, A B C A B C,
+    ms median / min; torch.set_num_threads(2) ("torch2") and (1) ("torch1"); tfm on Numba's
+    2 threads (B=8: one row group, i.e. one thread):
+      kind  B   n    tfm            torch2          tfm/torch2   torch1
+      LSTM  8  128    72.6 /   50.8   533.5 /  24.8  0.14 / 2.04    46.6 /   45.0
+      LSTM 64  128   242.3 /  224.1   133.9 / 128.6  1.81 / 1.74   246.7 /  240.9
+      LSTM  8  512   236.0 /  232.6  8005   / 7991   0.03 / 0.03   187.6 /  185.1
+      LSTM 64  512  1605.9 / 1022.8   616.7 / 584.3  2.60 / 1.75  1009.1 / 1006.0
+      GRU   8  128    57.9 /   53.4   638.6 / 159.6  0.09 / 0.33    56.6 /   54.8
+      GRU  64  128   162.3 /  156.5   172.7 / 140.9  0.94 / 1.11   253.6 /  247.7
+      GRU   8  512   174.6 /  154.0   487.3 / 116.0  0.36 / 1.33   253.6 /  228.5
+      GRU  64  512  1540.6 / 1030.4  3229   / 642.1  0.48 / 1.60  1049.0 / 1047.9
+      RNN   8  128    28.8 /   12.7  2077   /   9.9  0.01 / 1.28    14.0 /   13.7
+      RNN  64  128   110.9 /  108.9  2112   / 2098   0.05 / 0.05    87.8 /   82.4
+      RNN   8  512    44.9 /   44.9    41.7 /  40.8  1.08 / 1.10    47.7 /   41.2
+      RNN  64  512   406.0 /  280.8   245.2 / 234.9  1.66 / 1.20   385.4 /  381.8
+    Against one PyTorch thread this is at parity (B=8) or ahead (B=64, two row groups).
+    Two PyTorch threads are 1.1-2x faster at their best (min): MKL's sgemm uses 512-bit
+    vectors (LLVM emits 256-bit ones here) and both threads share every step's product.
+    Their medians are often 2-300x their minima: a barrier per step waits for a parked
+    thread under load, and this process holds two OpenMP pools (Numba's "omp" layer and
+    PyTorch's) on 2 cores (nn.RNN, B=64, n=128: 2.1 s in all 7 runs with 2 threads, 82 ms
+    with 1). Target "at least as fast as nn.LSTM / nn.GRU with 2 threads": not met at
+    their best; met on medians only because of that fragility.
     threading, LSTM, wall clock (loaded machine), us per step:
       row groups (kept), B=8, 2 threads: 935 ms at n=128 vs 2194 ms for a prange over
       unit blocks inside every step (a barrier per step; later 7800 vs 650 us per step
