@@ -19,7 +19,8 @@ Why (measured on this shared 2-core VM, side by side in one process):
   would need about 1 ms or more (``SMALL_ELEMENTS`` here for row kernels, ``SMALL_FLOPS`` in
   ``linear.py`` and ``attention.py``). The base preset's layer norms (1024 x 512) therefore
   run on one thread: base encoder-decoder forward, interleaved, parallel from 128 K elements
-  1458 / 630 ms (median / min) vs from 1 M elements 1239 / 485 ms.
+  1458 / 630 ms (median / min) vs from 1 M elements 1239 / 485 ms under load; on a quiet
+  machine the other way round, by less: 429 / 424 vs 441 / 430 ms (torch 402 / 391 ms).
 
 The limit is process-wide while it is held (OpenBLAS has no per-thread setting), so a
 NumPy product running concurrently in another Python thread also runs single-threaded.
