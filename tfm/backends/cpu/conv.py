@@ -3,14 +3,19 @@
 conv1d: stride 1, zero padding, any dilation, PyTorch's cross-correlation with weights
 (C_out, C_in, k) and sequence-major activations (B, N, C). Output row t reads input row
 t + j*dilation - pad_left through tap j, so the layer is one big GEMM and a shifted sum:
-Y = X (B*N, C_in) @ [W_0 | W_1 | ... ] (C_in, k*C_out) on OpenBLAS (multi-threaded), then
+Y = X (B*N, C_in) @ [W_0 | W_1 | ... ] (C_in, k*C_out) through ``linear`` (one thread pool,
+Numba's: per-thread single-threaded gemm blocks, see linear.py), then
 out[b, t] = bias + sum_j Y[b, t + shift_j, tap j] over the rows that exist (a parallel
 Numba pass). Padding is never materialised and taps that only ever read padding are
 dropped before the GEMM (dilations larger than N cost nothing extra).
 
     one-gemm (kept)    time / nn.Conv1d (oneDNN) time at B=8, C=512, k=3, "same", float32,
-                       2 threads, side by side: 0.81 at N=128, 1.22 at N=1024, 0.98 at
-                       N=1024 with dilation 9 (measured while the machine was loaded).
+                       2 threads, side by side, quiet machine (min of 15): 1.05 at N=128,
+                       1.03 at N=1024. The gemm goes through ``linear`` (one pool). NumPy's
+                       threaded ``@`` instead is 1.2-1.6x faster alone at these sizes, but its
+                       spinning OpenBLAS workers slow the next parallel Numba kernel (see
+                       linear.py: attention 50 -> 95 ms in a base forward pass), so the
+                       backend keeps one pool everywhere.
     taps     (dropped) one (B, L, C_in) x (C_in, C_out) product per tap, accumulated in
                        place: 1.2-14x slower than one-gemm (batched small GEMMs + k passes).
 
@@ -23,6 +28,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from .linear import linear
 from .recurrent import _sigmoid
 
 
@@ -57,8 +63,8 @@ def conv1d(x, weight, bias=None, dilation: int = 1, pad_left: int = 0, pad_right
     bias = np.zeros(c_out, dtype) if bias is None else np.ascontiguousarray(bias, dtype)
     out = np.empty((batch, n_out, c_out), dtype)
     w = np.asarray(weight, dtype)[:, :, active]  # (C_out, C_in, A)
-    w_cat = np.ascontiguousarray(w.transpose(1, 2, 0)).reshape(c_in, len(active) * c_out)
-    y = (x.reshape(batch * n, c_in) @ w_cat).reshape(batch, n, len(active), c_out)  # one sgemm
+    w_cat = np.ascontiguousarray(w.transpose(2, 0, 1)).reshape(len(active) * c_out, c_in)  # (A*C_out, C_in)
+    y = linear(x.reshape(batch * n, c_in), w_cat, None).reshape(batch, n, len(active), c_out)  # one gemm
     _shifted_sum(y, shifts[active], bias, out)
     return out
 

@@ -41,6 +41,12 @@ under load from other jobs; median / min):
   8.7 vs 8.9 ms, small from_torch 7.9 vs 6.7 ms (1.18x), tiny 0.81 vs 1.13 ms. The base
   gap is the GEMM: (1024, 512, 512) 2.0 ms with bias vs torch's 1.8 ms (gemm alone 1.9 ms);
   the bias/activation pass adds 10-20% to a (1024, 512, 2048) product.
+- Tried and dropped (lead, quiet machine, 2026-11-23): NumPy's own threaded sgemm for products
+  >= 256 MFLOP. Alone it is faster: (1024, 512, 2048) 7.3 ms (293 GFLOP/s) against 11.7 ms
+  for two concurrent single-threaded gemm blocks (182 GFLOP/s; two single-threaded OpenBLAS
+  calls at once scale poorly: 157 GFLOP/s on one). In the base forward pass (from_torch,
+  B=8, n=128) it bought nothing (FFN 199 vs 197 ms) and OpenBLAS's spinning workers nearly
+  doubled the next attention kernels (95 vs 50 ms): 523 vs 443 ms per pass. One pool stays.
 """
 
 from __future__ import annotations
