@@ -8,7 +8,17 @@ from pathlib import Path
 
 os.environ.setdefault("NUMBA_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".venv" / "numba-cache"))
 os.environ.setdefault("MPLBACKEND", "Agg")
-# `import tfm` sets OMP_WAIT_POLICY=PASSIVE unless it is set (see tfm/__init__.py).
+import tfm  # noqa: E402,F401  (sets OMP_WAIT_POLICY=PASSIVE unless set; see tfm/__init__.py)
+
+# PyTorch (CPU wheel) and Numba's "omp" threading layer share the system libgomp. If a Numba
+# parallel kernel initialises it before torch is imported, PyTorch's kernels run ~3x slower
+# (SDPA, B=1, H=8, n=4096, d=64: 154 ms -> 454-498 ms; tfm's kernels are unaffected), which
+# would flatter tfm in every side-by-side table. So torch, when installed, is loaded right
+# after tfm (whose import sets the wait policy libgomp reads when torch loads it), before any kernel.
+try:
+    import torch  # noqa: F401
+except ImportError:  # the peer columns then record PyTorch as unavailable
+    pass
 
 # Fits and plots use each case's fastest repeat: on a shared machine other processes only ever
 # add time, so the minimum is the least disturbed estimate (tables keep the median and IQR too).
