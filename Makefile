@@ -11,8 +11,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 PY := $(BIN)/python
 STAMP := $(VENV)/.installed
-# Compiled Numba kernels are cached here between runs (cache=True).
-export NUMBA_CACHE_DIR ?= $(CURDIR)/.venv/numba-cache
+# Compiled Numba kernels are cached between runs (cache=True), in a directory keyed by a hash
+# of tfm's sources: Numba checks only the file of the function it compiled, so a kernel that
+# calls a changed helper in another module would otherwise run its stale cached code.
+SRC_HASH := $(shell cat $(sort $(wildcard tfm/*.py tfm/*/*.py tfm/*/*/*.py)) | sha1sum | cut -c1-12)
+export NUMBA_CACHE_DIR ?= $(CURDIR)/.venv/numba-cache/$(SRC_HASH)
 
 QUICK_OUT ?= $(CURDIR)/results-quick
 BENCH_NAME ?= $(shell uname -m)-$(shell nproc)cpu

@@ -67,11 +67,11 @@ def row_max(row, n):
 
 
 @njit(cache=True, fastmath=_REDUCE)
-def _exp_shift_sum_f32(row, n, m):
-    """Cephes expf: x = k ln2 + r, |r| <= ln2/2, e^r by a degree-7 polynomial, 2**k from the
-    exponent bits. exp(x) for x < -87 (incl. -inf: masked keys) is exactly 0.
+def _exp_shift_f32(row, n, m):
+    """row[:n] = exp(row[:n] - m), Cephes expf: x = k ln2 + r, |r| <= ln2/2, e^r by a degree-7
+    polynomial, 2**k from the exponent bits. exp(x) for x < -87 (incl. -inf: masked keys) is
+    exactly 0; NaN stays NaN. No reduction in this loop: with one, LLVM kept it scalar.
     """
-    s = 0.0  # float64: a float32 sum of ~1000 terms would add ~4e-7 relative error
     for j in range(n):
         x = row[j] - m
         xc = np.float32(-87.0) if x < np.float32(-87.0) else x
@@ -85,10 +85,26 @@ def _exp_shift_sum_f32(row, n, m):
         p = p * r + np.float32(1.6666665459e-1)
         p = p * r + np.float32(5.0000001201e-1)
         p = (p * r * r + r + np.float32(1.0)) * _int32_as_float32((ki + np.int32(127)) << 23)
-        p = np.float32(0.0) if x < np.float32(-87.0) else p
-        row[j] = p
-        s += p
+        row[j] = np.float32(0.0) if x < np.float32(-87.0) else p
+
+
+@njit(cache=True, fastmath=_REDUCE)
+def _sum_f64(row, n):
+    """sum(row[:n]) accumulated in float64 (a float32 sum of ~1000 terms: ~4e-7 more error)."""
+    s = 0.0
+    for j in range(n):
+        s += row[j]
     return s
+
+
+@njit(cache=True, fastmath=_REDUCE)
+def _exp_shift_sum_f32(row, n, m):
+    """exp in place, then its sum: two vectorised loops over a row in L1. Fusing the float64
+    sum into the exp loop kept LLVM from vectorising it: 1.1-1.3 ns/element against 0.55
+    split (AMD EPYC, AVX2), the softmax share of fused attention ~2x faster.
+    """
+    _exp_shift_f32(row, n, m)
+    return _sum_f64(row, n)
 
 
 @njit(cache=True, fastmath=_REDUCE)
