@@ -2,7 +2,8 @@
 #   make test           the whole test suite (CPU, then CUDA kernels under Numba's simulator)
 #   make studies        every study on the default grid -> results/ (tables, figures, REPORT.md)
 #   make studies-quick  a small grid in a few minutes (into $(QUICK_OUT))
-#   make bench          the pytest-benchmark suite, saved under this machine's name
+#   make bench          the pytest-benchmark suite, saved under this machine's name; its
+#                       tfm-vs-PyTorch table -> results/tables/benchmarks.csv (in the report)
 #   make bench-compare  compare with the saved baseline; fail on a slowdown > $(BENCH_FAIL)
 #   make gpu-check      CUDA correctness at real sizes + timings against PyTorch (needs a GPU)
 
@@ -45,6 +46,7 @@ test-cudasim: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pytest tests/benchmarks --benchmark-only --benchmark-save=$(BENCH_NAME) \
 		--benchmark-columns=min,median,iqr,ops,rounds --benchmark-sort=fullname $(BENCH_ARGS)
+	$(PY) -m studies.benchmarks  # the saved run's tfm-vs-PyTorch table -> results/tables/benchmarks.csv
 
 bench-compare: $(STAMP)
 	$(PY) -m pytest tests/benchmarks --benchmark-only --benchmark-compare \

@@ -6,7 +6,20 @@ import argparse
 import os
 from pathlib import Path
 
-os.environ.setdefault("NUMBA_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".venv" / "numba-cache"))
+
+
+def _source_hash() -> str:
+    """sha1 of tfm's sources, as the Makefile computes it: the Numba cache is keyed by it, because
+    Numba revalidates a cached kernel only against its own file, not the helpers it calls."""
+    import hashlib
+
+    root = Path(__file__).resolve().parents[1]
+    files = sorted({str(p.relative_to(root)) for pat in ("tfm/*.py", "tfm/*/*.py", "tfm/*/*/*.py")
+                    for p in root.glob(pat)})
+    return hashlib.sha1(b"".join((root / f).read_bytes() for f in files)).hexdigest()[:12]
+
+
+os.environ.setdefault("NUMBA_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".venv" / "numba-cache" / _source_hash()))
 os.environ.setdefault("MPLBACKEND", "Agg")
 import tfm  # noqa: E402,F401  (sets OMP_WAIT_POLICY=PASSIVE unless set; see tfm/__init__.py)
 

@@ -407,6 +407,28 @@ def section_peers(out: Path) -> str:
     return s
 
 
+
+def section_benchmarks(out: Path) -> str:
+    """The pytest-benchmark regression suite's tfm-vs-PyTorch table (``make bench`` writes it)."""
+    df = _load(out, "benchmarks")
+    s = "## The regression suite (pytest-benchmark): tfm against PyTorch\n\n"
+    if df is None or df.empty:
+        return s + ("No saved benchmark run summarised yet: `make bench` times `tests/benchmarks` and writes "
+                    "`tables/benchmarks.csv`, which this section then shows.\n\n")
+    first = df.iloc[0]
+    s += (f"From the saved run `{first['run']}` ({first['run_date']}, {first['cpu_model']}, commit "
+          f"{first['git_commit']}; `python -m studies.benchmarks`), timed by pytest-benchmark one benchmark after "
+          "another (not interleaved, unlike the peers study above), with PyTorch on the same thread count. "
+          "ratio = tfm median / PyTorch median (below 1: tfm faster).\n\n")
+    t = df[["group", "tfm_case", "tfm_median_s", "torch_median_s", "ratio", "tfm_gflops", "torch_gflops"]]
+    s += md_table(t) + "\n"
+    paired = t.dropna(subset=["ratio"])
+    if not paired.empty:
+        s += (f"tfm is faster in {int((paired['ratio'] < 1).sum())} of {len(paired)} paired benchmarks; "
+              f"geometric-mean ratio {math.exp(np.log(paired['ratio']).mean()):.2f}.\n\n")
+    return s
+
+
 def _machine(out: Path) -> dict:
     p = out / "tables" / "machine.json"
     return json.loads(p.read_text()) if p.exists() else {}
@@ -443,7 +465,8 @@ def write_report(out: Path | str = "results", run_seconds: float | None = None) 
             "measured_sequential_ops", "measured_path_length"]
     parts.append("Measured (time exponents from study 1, counts from studies 2 and 3):\n\n" + md_table(t1[cols]) + "\n")
     parts += [section_scaling(out), section_sequential(out), section_path(out), section_crossover(out),
-              section_throughput(out), section_roofline(out), section_peers(out)]
+              section_throughput(out), section_roofline(out), section_peers(out),
+              section_benchmarks(out)]
     gpu = out / "gpu"
     parts.append("## GPU\n\n")
     if gpu.exists() and any(gpu.iterdir()):
