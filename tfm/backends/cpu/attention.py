@@ -22,6 +22,14 @@ OpenBLAS reaches only 110-135 GFLOP/s per core on these K=64 / N=64 shapes), sof
 build brings its own BLAS, MKL), not the softmax. Tried and dropped: a transposed score tile
 (S^T, column-wise softmax, its gemm ~5% faster alone): no end-to-end gain (busy machine).
 
+Later, on a 2-core AMD EPYC VM (AVX2, no AVX-512; 2-thread sgemm 135-175 GFLOP/s): the exp of
+the score rows was running scalar (LLVM did not vectorise the loop that also summed in
+float64); split into an exp loop and a sum loop (``norm.py``) the softmax share at n=4096 fell
+from ~62 to ~42-52 ms of ~300, and tfm/SDPA time went from 1.13-1.25 to 0.94-1.13 (tile sweep,
+interleaved, noisy). Tiles 128-256 x 256-1024 there: within noise of 256 x 1024, kept. The
+gemms are now ~85-90% of the time, at ~65 GFLOP/s per core, about what one OpenBLAS (and one
+MKL, through torch.mm) thread reaches on these K=64 shapes.
+
 Threading: ``prange`` over (batch, head, query-tile) work items, each calling a
 single-threaded BLAS ``?gemm`` (``_threads.single_threaded_blas``): 2 Numba threads x 1 BLAS
 thread. Serial items with 2-thread BLAS and 2 x 2 (oversubscribed) were both many times
