@@ -76,7 +76,8 @@ def fingerprint() -> dict:
     import psutil
 
     commit = _git("rev-parse", "--short=12", "HEAD")
-    dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
+    # "+dirty": tracked code differs from the commit; regenerated results/ do not count.
+    dirty = bool(_git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results"))
     fp = {
         "cpu_model": _cpu_model(),
         "cpu_physical_cores": psutil.cpu_count(logical=False),
