@@ -1,6 +1,6 @@
 """Run every study, then write the report: ``python -m studies.run_all [--quick] [--only a,b] [--out DIR] [--fresh]``.
 
-``make studies`` runs the default grid (about 20 minutes on a 2-core machine) into results/;
+``make studies`` runs the default grid (4-6 minutes on a 2-core machine, compiling included) into results/;
 ``make studies-quick`` a small grid in a few minutes. Each study resumes where it stopped
 unless ``--fresh``; an interrupted run is continued by running the same command again.
 """
