@@ -10,6 +10,8 @@ declare their parameters once, in ``_param_specs()``; this base class then
 * saves them to one ``.npz`` file together with the config as JSON, and loads them back
   bit for bit (``Model.load(path, backend=...)``), checking names and shapes.
 
+``greedy`` is the decoding loop (eos handling, early stop) every model's ``generate`` runs.
+
 Writing a model::
 
     class MyModel(Model):
@@ -43,6 +45,25 @@ Init = Callable[[np.random.Generator, tuple], np.ndarray]
 
 # Bumped when the file layout changes; load() refuses files it does not understand.
 FORMAT_VERSION = 1
+
+
+# ---------------------------------------------------------------------- decoding
+def greedy(batch: int, max_new_tokens: int, bos_id: int, eos_id, next_tokens) -> np.ndarray:
+    """Greedy loop shared by every model: ``next_tokens(out, t)`` -> (B,) host ids for step t.
+
+    Sequences that emitted ``eos_id`` keep emitting it; stops once all have.
+    """
+    out = np.full((batch, 1 + max_new_tokens), bos_id, dtype=np.int64)
+    done = np.zeros(batch, dtype=bool)
+    for t in range(max_new_tokens):
+        nxt = next_tokens(out, t)
+        if eos_id is not None:
+            nxt[done] = eos_id
+            done |= nxt == eos_id
+        out[:, t + 1] = nxt
+        if eos_id is not None and done.all():
+            return out[:, :t + 2]
+    return out
 
 
 # ---------------------------------------------------------------------- initialisers

@@ -31,8 +31,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .base import Model, xavier_uniform, zeros
-from .lstm_seq2seq import _ConfigMixin, check_generate_args, check_pair, greedy, validate_config
+from .base import Model, greedy, xavier_uniform, zeros
+from .lstm_seq2seq import _ConfigMixin, check_generate_args, check_pair, validate_config
 
 __all__ = ["ConvS2S", "ConvS2SConfig"]
 

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, fields, replace
 import numpy as np
 
 from .._checks import check_generation_args, check_token_ids
-from .base import Model, uniform, xavier_uniform, zeros
+from .base import Model, greedy, uniform, xavier_uniform, zeros
 
 __all__ = ["LSTMSeq2Seq", "LSTMSeq2SeqConfig"]
 
@@ -91,24 +91,6 @@ def check_generate_args(model, src_ids, max_new_tokens, bos_id, eos_id):
     src = check_token_ids("src_ids", src_ids, c.src_vocab, c.max_len)
     check_generation_args(max_new_tokens, bos_id, eos_id, c.tgt_vocab, c.max_len)
     return src
-
-
-def greedy(batch: int, max_new_tokens: int, bos_id: int, eos_id, next_tokens) -> np.ndarray:
-    """Greedy loop shared by the baselines: ``next_tokens(out, t)`` -> (B,) host ids for step t.
-
-    Sequences that emitted ``eos_id`` keep emitting it; stops once all have.
-    """
-    out = np.full((batch, 1 + max_new_tokens), bos_id, dtype=np.int64)
-    done = np.zeros(batch, dtype=bool)
-    for t in range(max_new_tokens):
-        nxt = next_tokens(out, t)
-        if eos_id is not None:
-            nxt[done] = eos_id
-            done |= nxt == eos_id
-        out[:, t + 1] = nxt
-        if eos_id is not None and done.all():
-            return out[:, :t + 2]
-    return out
 
 
 class LSTMSeq2Seq(Model):

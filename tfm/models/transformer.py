@@ -38,7 +38,7 @@ import numpy as np
 from .._checks import (check_float, check_generation_args, check_impl, check_padding_mask,
                        check_token_ids)
 from ..config import TransformerConfig
-from .base import Model, ones, xavier_uniform, zeros
+from .base import Model, greedy, ones, xavier_uniform, zeros
 
 __all__ = ["EncoderDecoder", "Transformer"]
 
@@ -369,23 +369,17 @@ class Transformer(_Stack):
         check_generation_args(max_new_tokens, bos_id, eos_id, c.tgt_vocab, c.max_len)
 
         bk, b = self.backend, src.shape[0]
-        out = np.full((b, 1 + max_new_tokens), bos_id, dtype=np.int64)
         if max_new_tokens == 0:
-            return out
+            return np.full((b, 1), bos_id, dtype=np.int64)
         memory, src_keep = self._encode_ids(src, src_pad)
         memory_kvs = self._memory_kvs(memory)
         cache_shape = (b, c.n_heads, max_new_tokens, c.d_head)
         caches = [(bk.empty(cache_shape, self.dtype), bk.empty(cache_shape, self.dtype))
                   for _ in range(c.n_decoder_layers)]
-        done = np.zeros(b, dtype=bool)
-        for t in range(max_new_tokens):
+
+        def step(out, t):
             y = self._embed(out[:, t:t + 1], "tgt_embed.weight", offset=t)  # (B, 1, d)
             y = self._decode(y, memory_kvs, None, src_keep, causal=False, caches=caches, pos=t)
-            nxt = bk.argmax(bk.linear(y, self._out_weight))[:, 0]  # (B,) host int64
-            if eos_id is not None:
-                nxt[done] = eos_id
-                done |= nxt == eos_id
-            out[:, t + 1] = nxt
-            if eos_id is not None and done.all():
-                return out[:, :t + 2]
-        return out
+            return bk.argmax(bk.linear(y, self._out_weight))[:, 0]  # (B,) host int64
+
+        return greedy(b, max_new_tokens, bos_id, eos_id, step)
