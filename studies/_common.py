@@ -51,14 +51,22 @@ LAYER_LABELS = {
 }
 
 
-def parser(name: str, doc: str) -> argparse.ArgumentParser:
+def parser(name: str, doc: str, grids) -> argparse.ArgumentParser:
+    """The options every study takes; ``grids`` names its parameter grids (``--grid``)."""
     p = argparse.ArgumentParser(prog=f"python -m studies.{name}", description=doc.strip().splitlines()[0])
+    p.add_argument("--grid", choices=tuple(grids), default=None,
+                   help="parameter grid (default: quick with --quick, else default)")
     p.add_argument("--out", default="results", help="output directory (tables/, figures/); default results/")
     p.add_argument("--quick", action="store_true", help="a small grid (minutes)")
     p.add_argument("--fresh", action="store_true", help="discard saved rows and measure everything again")
     p.add_argument("--backend", default="cpu", help="tfm backend to measure (default cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
+
+
+def grid_name(args) -> str:
+    """The grid a study runs: ``--grid``, else quick with ``--quick``, else default."""
+    return args.grid or ("quick" if args.quick else "default")
 
 
 def pow2(lo: int, hi: int) -> list[int]:

@@ -16,7 +16,7 @@ import sys
 
 import numpy as np
 
-from ._common import TIME, ok, parser, pow2, run_main, savefig
+from ._common import TIME, grid_name, ok, parser, pow2, run_main, savefig
 
 NAME = "crossover"
 RECURRENT = ("lstm", "rnn")
@@ -28,9 +28,7 @@ GRIDS = {
 
 
 def arg_parser():
-    p = parser(NAME, __doc__)
-    p.add_argument("--grid", choices=tuple(GRIDS), default=None)
-    return p
+    return parser(NAME, __doc__, GRIDS)
 
 
 def cases(grid: str) -> list[dict]:
@@ -50,7 +48,7 @@ def measure(case: dict, ctx) -> dict:
 def build(args):
     from tfm.bench import Study
 
-    grid = args.grid or ("quick" if args.quick else "default")
+    grid = grid_name(args)
     g = GRIDS[grid]
     return Study(NAME, "n-vs-d crossover", cases(grid), measure, grow="n",
                  exponent=lambda c: 1.5 if c["layer"] == "attention_layer" else 1.0,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-from ._common import ok, parser, run_main, savefig
+from ._common import grid_name, ok, parser, run_main, savefig
 
 NAME = "path_length"
 D = 4  # channels: dependence needs only a few
@@ -57,8 +57,7 @@ def theory(layer: str, n: int, p: int, causal: bool) -> tuple[int, str]:
 
 
 def arg_parser():
-    p = parser(NAME, __doc__)
-    p.add_argument("--grid", choices=tuple(GRIDS), default=None)
+    p = parser(NAME, __doc__, GRIDS)
     p.add_argument("--n", default=None, help="comma-separated sequence lengths (overrides the grid)")
     return p
 
@@ -103,7 +102,7 @@ def measure(case: dict, ctx) -> dict:
 def build(args):
     from tfm.bench import Study
 
-    ns = [int(x) for x in args.n.split(",")] if args.n else GRIDS[args.grid or ("quick" if args.quick else "default")]
+    ns = [int(x) for x in args.n.split(",")] if args.n else GRIDS[grid_name(args)]
     return Study(NAME, "Maximum path length, measured", cases(ns), measure, max_call_s=60.0,
                  options={"backend": args.backend})
 

@@ -16,7 +16,7 @@ import sys
 
 import numpy as np
 
-from ._common import ok, parser, run_main, savefig
+from ._common import grid_name, ok, parser, run_main, savefig
 
 NAME = "peers"
 GRIDS = {
@@ -28,9 +28,7 @@ GRIDS = {
 
 
 def arg_parser():
-    p = parser(NAME, __doc__)
-    p.add_argument("--grid", choices=tuple(GRIDS), default=None)
-    return p
+    return parser(NAME, __doc__, GRIDS)
 
 
 def cases(grid: str) -> list[dict]:
@@ -143,7 +141,7 @@ def measure(case: dict, ctx) -> dict:
 def build(args):
     from tfm.bench import Study
 
-    grid = args.grid or ("quick" if args.quick else "default")
+    grid = grid_name(args)
     return Study(NAME, "tfm against PyTorch", cases(grid), measure, grow="n",
                  exponent=lambda c: 2.0 if c["pair"].startswith("attention") else 1.0,
                  budget_s=GRIDS[grid]["budget_s"], max_call_s=5.0, options={"backend": args.backend})

@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 
-from ._common import ok, parser, run_main, savefig
+from ._common import grid_name, ok, parser, run_main, savefig
 
 NAME = "roofline"
 SIZES = {  # kernel -> dims for the default / quick / smoke grids (scaled by a factor)
@@ -24,9 +24,7 @@ KERNELS = ("linear", "ffn", "layer_norm", "softmax", "attention_naive", "attenti
 
 
 def arg_parser():
-    p = parser(NAME, __doc__)
-    p.add_argument("--grid", choices=tuple(SIZES), default=None)
-    return p
+    return parser(NAME, __doc__, SIZES)
 
 
 def _dims(kernel: str, s: float) -> dict:
@@ -89,7 +87,7 @@ def measure(case: dict, ctx) -> dict:
 def build(args):
     from tfm.bench import Study
 
-    grid = args.grid or ("quick" if args.quick else "default")
+    grid = grid_name(args)
     return Study(NAME, "Roofline", [{"kernel": k} for k in KERNELS], measure,
                  budget_s=0.5 if grid == "default" else 0.05, options={"backend": args.backend, "grid": grid})
 

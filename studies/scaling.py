@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-from ._common import LAYER_LABELS, TIME, ok, parser, pow2, run_main, savefig
+from ._common import LAYER_LABELS, TIME, grid_name, ok, parser, pow2, run_main, savefig
 
 NAME = "scaling"
 LAYERS = ("attention_naive", "attention_fused", "lstm", "rnn", "conv", "conv_dilated", "restricted", "ffn")
@@ -33,9 +33,8 @@ GRIDS = {  # n-sweep n range and its d values; d-sweep d values and its n
 
 
 def arg_parser():
-    p = parser(NAME, __doc__)
+    p = parser(NAME, __doc__, GRIDS)
     p.add_argument("--layers", default=",".join(LAYERS), help=f"comma-separated subset of {','.join(LAYERS)}")
-    p.add_argument("--grid", choices=tuple(GRIDS), default=None, help="grid size (default: quick with --quick)")
     return p
 
 
@@ -65,7 +64,7 @@ def measure(case: dict, ctx) -> dict:
 def build(args):
     from tfm.bench import Study
 
-    grid = args.grid or ("quick" if args.quick else "default")
+    grid = grid_name(args)
     layers = tuple(x for x in args.layers.split(",") if x)
     bad = set(layers) - set(LAYERS)
     if bad:

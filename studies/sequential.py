@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 
-from ._common import LAYER_LABELS, TIME, ok, parser, pow2, run_main, savefig
+from ._common import LAYER_LABELS, TIME, grid_name, ok, parser, pow2, run_main, savefig
 
 NAME = "sequential"
 COUNT_LAYERS = {  # Table 1 row -> (make_layer kind, options)
@@ -51,9 +51,7 @@ def counting_backend(inner):
 
 
 def arg_parser():
-    p = parser(NAME, __doc__)
-    p.add_argument("--grid", choices=tuple(GRIDS), default=None)
-    return p
+    return parser(NAME, __doc__, GRIDS)
 
 
 def cases(grid: str) -> list[dict]:
@@ -98,7 +96,7 @@ def measure(case: dict, ctx) -> dict:
 def build(args):
     from tfm.bench import Study
 
-    grid = args.grid or ("quick" if args.quick else "default")
+    grid = grid_name(args)
     g = GRIDS[grid]
     return Study(NAME, "Sequential operations", cases(grid), measure,
                  grow=lambda c: "n" if c["part"] == "time" else None,

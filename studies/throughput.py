@@ -19,7 +19,7 @@ import sys
 
 import numpy as np
 
-from ._common import ok, parser, run_main, savefig
+from ._common import grid_name, ok, parser, run_main, savefig
 
 NAME = "throughput"
 MODELS = ("transformer_base", "transformer_small", "lstm_seq2seq", "convs2s")
@@ -34,9 +34,7 @@ SMOKE_SMALL = dict(d_model=32, n_heads=4, d_ff=64, src_vocab=101, tgt_vocab=103)
 
 
 def arg_parser():
-    p = parser(NAME, __doc__)
-    p.add_argument("--grid", choices=tuple(GRIDS), default=None)
-    return p
+    return parser(NAME, __doc__, GRIDS)
 
 
 def cases(grid: str) -> list[dict]:
@@ -201,7 +199,7 @@ def measure(case: dict, ctx) -> dict:
 def build(args):
     from tfm.bench import Study
 
-    grid = args.grid or ("quick" if args.quick else "default")
+    grid = grid_name(args)
     g = GRIDS[grid]
     return Study(NAME, "Whole-model throughput", cases(grid), measure, budget_s=g["budget_s"],
                  options={"backend": args.backend, "grid": grid})
