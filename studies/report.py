@@ -52,6 +52,15 @@ def _load(out: Path, name: str) -> pd.DataFrame | None:
     return pd.read_csv(p) if p.exists() else None
 
 
+def _measured(out: Path, name: str) -> tuple[pd.DataFrame | None, str]:
+    """A study's successful rows, or (None, the sentence its report section prints instead)."""
+    df = _load(out, name)
+    if df is None:
+        return None, "Not measured.\n\n"
+    good = ok(df)
+    return (None, "No successful measurements.\n\n") if good.empty else (good, "")
+
+
 def _ci(lo, hi) -> str:
     return f"[{lo:.2f}, {hi:.2f}]" if np.isfinite(lo) and np.isfinite(hi) else "n/a"
 
@@ -271,13 +280,10 @@ def section_sequential(out: Path) -> str:
 
 
 def section_path(out: Path) -> str:
-    df = _load(out, "path_length")
+    good, missing = _measured(out, "path_length")
     s = "## 3. Maximum path length\n\n" + _fig("path_length", out, "path length against n")
-    if df is None:
-        return s + "Not measured.\n\n"
-    good = ok(df)
-    if good.empty:
-        return s + "No successful measurements.\n\n"
+    if good is None:
+        return s + missing
     eq = good["measured"] == good["theory"]
     s += ("One-hop dependencies are measured by perturbing each input position of the real kernel (float64) "
           "and recording which outputs move; the graph of a stack of such layers (for dilated convolutions "
@@ -334,13 +340,10 @@ def section_crossover(out: Path) -> str:
 
 
 def section_throughput(out: Path) -> str:
-    df = _load(out, "throughput")
+    good, missing = _measured(out, "throughput")
     s = "## 5. Whole-model throughput\n\n" + _fig("throughput", out, "throughput")
-    if df is None:
-        return s + "Not measured.\n\n"
-    good = ok(df)
-    if good.empty:
-        return s + "No successful measurements.\n\n"
+    if good is None:
+        return s + missing
     t = good.pivot_table(index=["model", "mode", "b", "n", "d_model"], columns="impl", values="tokens_per_s").reset_index()
     if "tfm" in t.columns and "torch" in t.columns:
         t["tfm/torch"] = t["tfm"] / t["torch"]
@@ -367,13 +370,10 @@ def section_throughput(out: Path) -> str:
 
 
 def section_roofline(out: Path) -> str:
-    df = _load(out, "roofline")
+    good, missing = _measured(out, "roofline")
     s = "## 6. Roofline\n\n" + _fig("roofline", out, "roofline")
-    if df is None:
-        return s + "Not measured.\n\n"
-    good = ok(df)
-    if good.empty:
-        return s + "No successful measurements.\n\n"
+    if good is None:
+        return s + missing
     peak, bw = float(good["sgemm_gflops"].iloc[0]), float(good["mem_bw_gbs"].iloc[0])
     t = good[["kernel", "dims", "time_s", "gflops", "gbs", "intensity"]].copy()
     roof = np.minimum(peak, bw * t["intensity"])
@@ -396,7 +396,7 @@ def section_peers(out: Path) -> str:
     if df is None:
         return s + "Not measured.\n\n"
     good = ok(df)
-    if good.empty:
+    if good.empty:  # the reasons matter most here: say why each pair failed
         return s + "No successful measurements.\n\n" + _nan_rows(out, ["peers"])
     t = good[["pair", "b", "n", "d", "causal", "tfm_time_s", "torch_time_s", "ratio", "tfm_gflops", "torch_gflops", "rel_err"]]
     s += ("Each pair runs on the same inputs and weights, interleaved tfm, torch, tfm, torch, ... in one process "
@@ -405,7 +405,6 @@ def section_peers(out: Path) -> str:
     faster = int((t["ratio"] < 1).sum())
     s += f"tfm is faster in {faster} of {len(t)} pairs; geometric-mean ratio {math.exp(np.log(t['ratio']).mean()):.2f}.\n\n"
     return s
-
 
 
 def section_benchmarks(out: Path) -> str:
