@@ -71,3 +71,35 @@ def test_other_tilings_give_the_same_results(rng, attn, gemm):
         assert rel_err(out, ref.scaled_dot_product_attention(q, k, v, causal=True)) < TOL[np.float32]
     x, w = randn(rng, 3, 7), randn(rng, 6, 7)
     assert rel_err(run(bk, bk.linear, x, w), ref.linear(x, w)) < TOL[np.float32]
+
+
+@pytest.mark.skipif(not SIMULATOR, reason="guards a workaround for a bug of Numba's CUDA simulator")
+def test_simulator_shared_arrays_are_one_per_block_under_thread_switches(monkeypatch):
+    """conftest's lock: with a thread switch forced inside every allocation, all threads of a
+    block must still see one shared array (the unpatched simulator hands out several)."""
+    import time
+
+    from numba import float32
+
+    empty = np.empty
+
+    def slow_empty(*args, **kwargs):
+        time.sleep(1e-3)  # gives every other simulated thread the chance to run
+        return empty(*args, **kwargs)
+
+    @cuda.jit
+    def block_sum(out):
+        buf = cuda.shared.array(32, float32)
+        t = cuda.threadIdx.x
+        buf[t] = t
+        cuda.syncthreads()
+        s = float32(0.0)
+        for i in range(32):
+            s += buf[i]
+        out[cuda.blockIdx.x, t] = s
+
+    out = np.zeros((3, 32), np.float32)
+    monkeypatch.setattr(np, "empty", slow_empty)
+    block_sum[3, 32](out)
+    monkeypatch.undo()
+    np.testing.assert_array_equal(out, np.full((3, 32), 31 * 32 / 2, np.float32))
