@@ -192,36 +192,70 @@ def test_numpy_backend_is_the_reference(rng):
 
 @pytest.mark.parametrize("units", [cpu_rec.UNITS, 16])
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("batch,groups", [(1, None), (5, None), (5, [0, 2, 5]), (3, [0, 1, 2, 3])])
+@pytest.mark.parametrize("batch,groups", [(1, None), (5, None), (5, [0, 2, 5]), (3, [0, 1, 2, 3]),
+                                          (1, "units"), (5, "units")])
 def test_recurrence_kernel_writes_every_output(rng, kind, batch, groups, units):
-    """The njit recurrence fills a NaN-poisoned output buffer completely and correctly,
-    with the default row groups and with several groups (one per thread), in one unit
-    block and in several (16-unit blocks over 37 units: the last one partial)."""
+    """Both schedules fill a NaN-poisoned output buffer completely and correctly: by rows with
+    the default row groups and with several groups (one per thread), and by units (each
+    step's blocks shared out over the threads), in one unit block and in several (16-unit
+    blocks over 37 units: the last one partial)."""
     n, d_in, hidden = 13, 6, 37
     x = randn(rng, batch, n, d_in)
     h0, c0 = randn(rng, batch, hidden), randn(rng, batch, hidden)
     w_ih, w_hh, b_ih, b_hh = _weights(rng, kind, d_in, hidden, np.float32)
     out = np.full((batch, n, hidden), np.nan, np.float32)
-    starts = cpu_rec._row_starts(batch) if groups is None else np.array(groups, dtype=np.int64)
+    by_units = groups == "units"
+    starts = (cpu_rec._row_starts(batch) if groups in (None, "units")
+              else np.array(groups, dtype=np.int64))
     if kind == "lstm":
         xw, w_hhT = cpu_rec._prepare(x, h0, w_ih, w_hh, b_ih + b_hh, 4, units)
-        h_n, c_n = cpu_rec._lstm_recurrence(xw, h0, c0, w_hhT, out, units, starts)
+        args = (xw, h0, c0, w_hhT, out, units)
+        h_n, c_n = cpu_rec._lstm_by_units(*args) if by_units else cpu_rec._lstm_by_rows(*args, starts)
         want = ref.lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
         got = (out, h_n, c_n)
     elif kind == "gru":
         bias = b_ih.copy()
         bias[:2 * hidden] += b_hh[:2 * hidden]
         xw, w_hhT = cpu_rec._prepare(x, h0, w_ih, w_hh, bias, 3, units)
-        h_n = cpu_rec._gru_recurrence(xw, h0, w_hhT, b_hh[2 * hidden:].copy(), out, units, starts)
+        args = (xw, h0, w_hhT, b_hh[2 * hidden:].copy(), out, units)
+        h_n = cpu_rec._gru_by_units(*args) if by_units else cpu_rec._gru_by_rows(*args, starts)
         want = ref.gru_layer(x, h0, w_ih, w_hh, b_ih, b_hh)
         got = (out, h_n)
     else:
         xw, w_hhT = cpu_rec._prepare(x, h0, w_ih, w_hh, b_ih + b_hh, 1)
-        h_n = cpu_rec._rnn_recurrence(xw, h0, w_hhT, out, units, starts, kind == "rnn_relu")
+        relu = kind == "rnn_relu"
+        h_n = (cpu_rec._rnn_by_units(xw, h0, w_hhT, out, units, relu) if by_units
+               else cpu_rec._rnn_by_rows(xw, h0, w_hhT, out, units, starts, relu))
         want = ref.rnn_layer(x, h0, w_ih, w_hh, b_ih, b_hh, kind[4:])
         got = (out, h_n)
     for a, b in zip(got, want):
         assert rel_err(a, b) < TOL[np.float32]  # inf (fails) if any NaN survived
+
+
+@pytest.mark.parametrize("threads,batch,hidden,split", [
+    (1, 1, 512, False),     # one thread: nothing to share
+    (2, 8, 512, True),      # B=8: one row group, four unit blocks to share
+    (2, 16, 512, False),    # a row group of >= MIN_GROUP_ROWS rows per thread: no barriers
+    (2, 4, cpu_rec.UNITS, False),  # a single unit block
+])
+def test_schedule_choice(monkeypatch, threads, batch, hidden, split):
+    monkeypatch.setattr(cpu_rec, "get_num_threads", lambda: threads)
+    assert cpu_rec._split_units(batch, hidden, cpu_rec.UNITS) is split
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_layers_on_the_units_schedule_match_reference(rng, monkeypatch, kind):
+    """The public layer functions on the by-units schedule (B < 2 * MIN_GROUP_ROWS on two
+    threads, several unit blocks, the last one partial), float32 and float64."""
+    monkeypatch.setattr(cpu_rec, "get_num_threads", lambda: 2)
+    batch, n, d_in, hidden = 3, 9, 7, 2 * cpu_rec.UNITS + 5
+    assert cpu_rec._split_units(batch, hidden, cpu_rec.UNITS)
+    for dtype in DTYPES:
+        x = randn(rng, batch, n, d_in, dtype=dtype)
+        h0, c0 = randn(rng, batch, hidden, dtype=dtype), randn(rng, batch, hidden, dtype=dtype)
+        w = _weights(rng, kind, d_in, hidden, dtype)
+        for a, b in zip(_run(cpu_rec, kind, x, h0, c0, w), _run(ref, kind, x, h0, c0, w)):
+            assert rel_err(a, b) < TOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -6,14 +6,18 @@ Each layer runs in two phases:
 1. The input projections of all N steps at once: one (B*N, I) x (I, G) product through the
    dense kernels' ``linear`` (Numba's threads, single-threaded BLAS), with every bias that no
    gate multiplies folded in; W_hh is permuted and transposed once per call (16 x 16 tiles).
-2. The recurrence, inside one ``@njit(parallel=True)`` kernel: the batch rows are split into
-   contiguous groups of at least ``MIN_GROUP_ROWS`` rows, at most one per Numba thread, and
-   each thread runs all N steps for its rows, so the threads never synchronise between
-   steps. Per step and per block of ``UNITS`` hidden
-   units, the thread computes its rows' slice of h_{t-1} W_hh^T with its own register-
-   blocked loops (W_hh^T is permuted once per call so that a block's gate columns are
-   contiguous) and then the fused gate/state update of those units. No BLAS call runs
-   inside the parallel region (no oversubscription).
+2. The recurrence, inside one ``@njit(parallel=True)`` kernel, on one of two schedules
+   (``_split_units``). By rows: the batch rows are split into contiguous groups of at least
+   ``MIN_GROUP_ROWS`` rows, at most one per Numba thread, and each thread runs all N steps
+   for its rows, so the threads never synchronise between steps. By units, when the batch
+   is too small for a row group per thread (B < 16 on 2 threads): every step shares its
+   unit blocks out over the threads (a parallel region, i.e. a barrier, per step), so each
+   thread streams only its blocks' part of W_hh^T, as PyTorch does. Per step and per block
+   of ``UNITS`` hidden units, a thread computes its rows' slice of h_{t-1} W_hh^T with its
+   own register-blocked loops (W_hh^T is permuted once per call so that a block's gate
+   columns are contiguous) and then the fused gate/state update of those units
+   (``_lstm_block`` and its twins, shared by both schedules). No BLAS call runs inside the
+   parallel region (no oversubscription).
 
 float32 gates use a rational tanh (Eigen's, |error| < 4e-7) with sigmoid(x) = (1 + tanh(x/2))
 / 2; libm's scalar expf/tanhf took ~270 us per step at B=8, H=512. The kernels compile with
@@ -73,6 +77,20 @@ only ratios taken side by side in one process mean anything. float32, I=H=512:
       One group vs two: 540 vs 650 (B=8), 1000 vs 1125 (B=16), 1870 vs 1940 (B=32): with
       other jobs on the second core it never paid here, hence MIN_GROUP_ROWS = 8 (B=8 runs
       on one thread); on an idle machine groups of >= 8 rows should scale.
+
+Later, on a quiet 2-core AMD EPYC VM (AVX2), side by side in one process, median / min ms,
+I=H=512, float32, one layer:
+    by units (B=8, 2 threads x 2 of the 4 unit blocks per step) against one row group (one
+    thread), n=512:  LSTM 173.9 / 165.6 vs 250.6 / 214.4;  GRU 135.4 / 116.6 vs 178.6 /
+    173.5;  RNN 53.3 / 50.0 vs 53.2 / 51.5 (its step is too small to gain). Predicted: the
+    step product halves (each thread streams 2 of the 4 MB of W_hh^T; the product alone:
+    (8,512)x(512,2048) 346 us, (8,512)x(512,1024) 129 us, one thread), less a barrier per
+    step. pytest-benchmark against nn.LSTM (2 threads), medians: n=128 58 vs 88 ms, 512 217
+    vs 316, 1024 458 vs 579.
+    by rows still wins from B=16 (two groups of 8; n=256): LSTM 164 / 152 vs 270 / 204 by
+    units, GRU 139 / 124 vs 180 / 152, RNN 40 / 36 vs 79 / 76; likewise at B=32 and 64.
+    A barrier per step is fragile on a loaded machine (above: 10x slower at load ~5), so
+    the units schedule is used only where rows would leave a thread idle.
 """
 
 from __future__ import annotations
@@ -211,105 +229,176 @@ def _row_starts(batch: int) -> np.ndarray:
     return np.array([g * batch // n_groups for g in range(n_groups + 1)], dtype=np.int64)
 
 
+def _split_units(batch: int, hidden: int, units: int) -> bool:
+    """Schedule: split each step's unit blocks over the threads (a barrier per step) when
+    the batch is too small for a row group per thread and there are blocks to share."""
+    threads = get_num_threads()
+    return threads > 1 and len(_row_starts(batch)) - 1 < threads and hidden > units
+
+
+# One step of one unit block [u0, u0 + w) for the batch rows r0 .. r0 + len(h_prev): the
+# block's slice of h_{t-1} W_hh^T into ``acc``, then the gate/state update of those units.
+# ``h_prev`` / ``h_next`` hold only those rows; ``xw``, ``out`` (and ``c``) the whole batch.
+@njit(cache=True, fastmath=False, error_model="numpy")
+def _rnn_block(h_prev, w_hhT, acc, xw, h_next, out, r0, t, u0, w, relu):
+    _hidden_block(h_prev, w_hhT, acc, u0, w)
+    for b in range(h_prev.shape[0]):
+        a_row, x_row = acc[b], xw[r0 + b, t, u0:u0 + w]
+        h_row, o_row = h_next[b, u0:u0 + w], out[r0 + b, t, u0:u0 + w]
+        for u in range(w):
+            z = a_row[u] + x_row[u]
+            hh = max(z, 0.0) if relu else _tanh(z)
+            h_row[u] = hh
+            o_row[u] = hh
+
+
+@njit(cache=True, fastmath=False, error_model="numpy")
+def _lstm_block(h_prev, w_hhT, acc, xw, c, h_next, out, r0, t, u0, w):
+    col0 = 4 * u0  # block layout: [i(w), f(w), g(w), o(w)]
+    _hidden_block(h_prev, w_hhT, acc, col0, 4 * w)
+    for b in range(h_prev.shape[0]):
+        a_row, x_row = acc[b], xw[r0 + b, t, col0:col0 + 4 * w]
+        c_row, h_row = c[r0 + b, u0:u0 + w], h_next[b, u0:u0 + w]
+        o_row = out[r0 + b, t, u0:u0 + w]
+        for u in range(w):
+            i = _sigmoid(a_row[u] + x_row[u])
+            f = _sigmoid(a_row[w + u] + x_row[w + u])
+            g = _tanh(a_row[2 * w + u] + x_row[2 * w + u])
+            o = _sigmoid(a_row[3 * w + u] + x_row[3 * w + u])
+            cc = f * c_row[u] + i * g
+            c_row[u] = cc
+            hh = o * _tanh(cc)
+            h_row[u] = hh
+            o_row[u] = hh
+
+
+@njit(cache=True, fastmath=False, error_model="numpy")
+def _gru_block(h_prev, w_hhT, acc, xw, b_hn, h_next, out, r0, t, u0, w):
+    col0 = 3 * u0  # block layout: [r(w), z(w), n(w)]
+    _hidden_block(h_prev, w_hhT, acc, col0, 3 * w)
+    for b in range(h_prev.shape[0]):
+        a_row, x_row = acc[b], xw[r0 + b, t, col0:col0 + 3 * w]
+        hp_row, bn = h_prev[b, u0:u0 + w], b_hn[u0:u0 + w]
+        h_row, o_row = h_next[b, u0:u0 + w], out[r0 + b, t, u0:u0 + w]
+        for u in range(w):
+            r = _sigmoid(a_row[u] + x_row[u])
+            z = _sigmoid(a_row[w + u] + x_row[w + u])
+            nn = _tanh(x_row[2 * w + u] + r * (a_row[2 * w + u] + bn[u]))
+            hh = nn + z * (hp_row[u] - nn)
+            h_row[u] = hh
+            o_row[u] = hh
+
+
+# Two schedules per kind, same blocks. By rows: each thread runs all n steps for its own row
+# group (no barriers). By units: every step's unit blocks are shared out over the threads
+# (one parallel region, i.e. one barrier, per step; each thread streams only its blocks'
+# share of W_hh^T), for batches too small for a row group per thread.
 @njit(cache=True, fastmath=False, error_model="numpy", parallel=True)
-def _rnn_recurrence(xw, h0, w_hhT, out, units, starts, relu):
+def _rnn_by_rows(xw, h0, w_hhT, out, units, starts, relu):
     batch, n, hidden = xw.shape
     n_blocks = (hidden + units - 1) // units
-    n_groups = starts.shape[0] - 1
     h_n = np.empty((batch, hidden), dtype=xw.dtype)
-    for grp in prange(n_groups):  # each thread runs all n steps for its own rows: no barriers
+    for grp in prange(starts.shape[0] - 1):
         r0, r1 = starts[grp], starts[grp + 1]
         acc = np.empty((r1 - r0, units), dtype=xw.dtype)
         h_buf = np.empty((2, r1 - r0, hidden), dtype=xw.dtype)
         h_buf[0] = h0[r0:r1]
         for t in range(n):
-            h_prev, h_next = h_buf[t % 2], h_buf[(t + 1) % 2]
             for blk in range(n_blocks):
                 u0 = blk * units
-                w = min(units, hidden - u0)
-                _hidden_block(h_prev, w_hhT, acc, u0, w)
-                for b in range(r1 - r0):
-                    a_row, x_row = acc[b], xw[r0 + b, t, u0:u0 + w]
-                    h_row, o_row = h_next[b, u0:u0 + w], out[r0 + b, t, u0:u0 + w]
-                    for u in range(w):
-                        z = a_row[u] + x_row[u]
-                        hh = max(z, 0.0) if relu else _tanh(z)
-                        h_row[u] = hh
-                        o_row[u] = hh
+                _rnn_block(h_buf[t % 2], w_hhT, acc, xw, h_buf[(t + 1) % 2], out, r0, t, u0,
+                           min(units, hidden - u0), relu)
         h_n[r0:r1] = h_buf[n % 2]
     return h_n
 
 
 @njit(cache=True, fastmath=False, error_model="numpy", parallel=True)
-def _lstm_recurrence(xw, h0, c0, w_hhT, out, units, starts):
+def _rnn_by_units(xw, h0, w_hhT, out, units, relu):
+    batch, n, hidden = xw.shape
+    n_blocks = (hidden + units - 1) // units
+    acc = np.empty((n_blocks, batch, units), dtype=xw.dtype)
+    h_buf = np.empty((2, batch, hidden), dtype=xw.dtype)
+    h_buf[0] = h0
+    for t in range(n):
+        for blk in prange(n_blocks):
+            u0 = blk * units
+            _rnn_block(h_buf[t % 2], w_hhT, acc[blk], xw, h_buf[(t + 1) % 2], out, 0, t, u0,
+                       min(units, hidden - u0), relu)
+    return h_buf[n % 2].copy()
+
+
+@njit(cache=True, fastmath=False, error_model="numpy", parallel=True)
+def _lstm_by_rows(xw, h0, c0, w_hhT, out, units, starts):
     batch, n, gates = xw.shape
     hidden = gates // 4
     n_blocks = (hidden + units - 1) // units
-    n_groups = starts.shape[0] - 1
     h_n = np.empty((batch, hidden), dtype=xw.dtype)
     c = c0.copy()
-    for grp in prange(n_groups):  # each thread runs all n steps for its own rows: no barriers
+    for grp in prange(starts.shape[0] - 1):
         r0, r1 = starts[grp], starts[grp + 1]
         acc = np.empty((r1 - r0, 4 * units), dtype=xw.dtype)
         h_buf = np.empty((2, r1 - r0, hidden), dtype=xw.dtype)
         h_buf[0] = h0[r0:r1]
         for t in range(n):
-            h_prev, h_next = h_buf[t % 2], h_buf[(t + 1) % 2]
             for blk in range(n_blocks):
                 u0 = blk * units
-                w = min(units, hidden - u0)
-                col0 = 4 * u0  # block layout: [i(w), f(w), g(w), o(w)]
-                _hidden_block(h_prev, w_hhT, acc, col0, 4 * w)
-                for b in range(r1 - r0):
-                    a_row, x_row = acc[b], xw[r0 + b, t, col0:col0 + 4 * w]
-                    c_row, h_row = c[r0 + b, u0:u0 + w], h_next[b, u0:u0 + w]
-                    o_row = out[r0 + b, t, u0:u0 + w]
-                    for u in range(w):
-                        i = _sigmoid(a_row[u] + x_row[u])
-                        f = _sigmoid(a_row[w + u] + x_row[w + u])
-                        g = _tanh(a_row[2 * w + u] + x_row[2 * w + u])
-                        o = _sigmoid(a_row[3 * w + u] + x_row[3 * w + u])
-                        cc = f * c_row[u] + i * g
-                        c_row[u] = cc
-                        hh = o * _tanh(cc)
-                        h_row[u] = hh
-                        o_row[u] = hh
+                _lstm_block(h_buf[t % 2], w_hhT, acc, xw, c, h_buf[(t + 1) % 2], out, r0, t, u0,
+                            min(units, hidden - u0))
         h_n[r0:r1] = h_buf[n % 2]
     return h_n, c
 
 
 @njit(cache=True, fastmath=False, error_model="numpy", parallel=True)
-def _gru_recurrence(xw, h0, w_hhT, b_hn, out, units, starts):
+def _lstm_by_units(xw, h0, c0, w_hhT, out, units):
+    batch, n, gates = xw.shape
+    hidden = gates // 4
+    n_blocks = (hidden + units - 1) // units
+    c = c0.copy()
+    acc = np.empty((n_blocks, batch, 4 * units), dtype=xw.dtype)
+    h_buf = np.empty((2, batch, hidden), dtype=xw.dtype)
+    h_buf[0] = h0
+    for t in range(n):
+        for blk in prange(n_blocks):
+            u0 = blk * units
+            _lstm_block(h_buf[t % 2], w_hhT, acc[blk], xw, c, h_buf[(t + 1) % 2], out, 0, t, u0,
+                        min(units, hidden - u0))
+    return h_buf[n % 2].copy(), c
+
+
+@njit(cache=True, fastmath=False, error_model="numpy", parallel=True)
+def _gru_by_rows(xw, h0, w_hhT, b_hn, out, units, starts):
     batch, n, gates = xw.shape
     hidden = gates // 3
     n_blocks = (hidden + units - 1) // units
-    n_groups = starts.shape[0] - 1
     h_n = np.empty((batch, hidden), dtype=xw.dtype)
-    for grp in prange(n_groups):  # each thread runs all n steps for its own rows: no barriers
+    for grp in prange(starts.shape[0] - 1):
         r0, r1 = starts[grp], starts[grp + 1]
         acc = np.empty((r1 - r0, 3 * units), dtype=xw.dtype)
         h_buf = np.empty((2, r1 - r0, hidden), dtype=xw.dtype)
         h_buf[0] = h0[r0:r1]
         for t in range(n):
-            h_prev, h_next = h_buf[t % 2], h_buf[(t + 1) % 2]
             for blk in range(n_blocks):
                 u0 = blk * units
-                w = min(units, hidden - u0)
-                col0 = 3 * u0  # block layout: [r(w), z(w), n(w)]
-                _hidden_block(h_prev, w_hhT, acc, col0, 3 * w)
-                for b in range(r1 - r0):
-                    a_row, x_row = acc[b], xw[r0 + b, t, col0:col0 + 3 * w]
-                    hp_row, bn = h_prev[b, u0:u0 + w], b_hn[u0:u0 + w]
-                    h_row, o_row = h_next[b, u0:u0 + w], out[r0 + b, t, u0:u0 + w]
-                    for u in range(w):
-                        r = _sigmoid(a_row[u] + x_row[u])
-                        z = _sigmoid(a_row[w + u] + x_row[w + u])
-                        nn = _tanh(x_row[2 * w + u] + r * (a_row[2 * w + u] + bn[u]))
-                        hh = nn + z * (hp_row[u] - nn)
-                        h_row[u] = hh
-                        o_row[u] = hh
+                _gru_block(h_buf[t % 2], w_hhT, acc, xw, b_hn, h_buf[(t + 1) % 2], out, r0, t, u0,
+                           min(units, hidden - u0))
         h_n[r0:r1] = h_buf[n % 2]
     return h_n
+
+
+@njit(cache=True, fastmath=False, error_model="numpy", parallel=True)
+def _gru_by_units(xw, h0, w_hhT, b_hn, out, units):
+    batch, n, gates = xw.shape
+    hidden = gates // 3
+    n_blocks = (hidden + units - 1) // units
+    acc = np.empty((n_blocks, batch, 3 * units), dtype=xw.dtype)
+    h_buf = np.empty((2, batch, hidden), dtype=xw.dtype)
+    h_buf[0] = h0
+    for t in range(n):
+        for blk in prange(n_blocks):
+            u0 = blk * units
+            _gru_block(h_buf[t % 2], w_hhT, acc[blk], xw, b_hn, h_buf[(t + 1) % 2], out, 0, t, u0,
+                       min(units, hidden - u0))
+    return h_buf[n % 2].copy()
 
 
 # ------------------------------------------------------------------------------ wrappers
@@ -373,8 +462,12 @@ def rnn_layer(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity="tanh"):
     bias = _vec(b_ih, hidden, x.dtype) + _vec(b_hh, hidden, x.dtype)
     xw, w_hhT = _prepare(x, h0, w_ih, w_hh, bias, 1)
     out = np.empty((x.shape[0], x.shape[1], hidden), x.dtype)
-    h_n = _rnn_recurrence(xw, h0, w_hhT, out, RNN_UNITS, _row_starts(x.shape[0]),
-                          _NONLINEARITIES[nonlinearity] == 1)
+    relu = _NONLINEARITIES[nonlinearity] == 1
+    split_units = max(UNITS, RNN_UNITS // get_num_threads())  # the one gate needs no permutation
+    if _split_units(x.shape[0], hidden, split_units):
+        h_n = _rnn_by_units(xw, h0, w_hhT, out, split_units, relu)
+    else:
+        h_n = _rnn_by_rows(xw, h0, w_hhT, out, RNN_UNITS, _row_starts(x.shape[0]), relu)
     return out, h_n
 
 
@@ -386,7 +479,10 @@ def lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh):
     bias = _vec(b_ih, 4 * hidden, x.dtype) + _vec(b_hh, 4 * hidden, x.dtype)
     xw, w_hhT = _prepare(x, h0, w_ih, w_hh, bias, 4)
     out = np.empty((x.shape[0], x.shape[1], hidden), x.dtype)
-    h_n, c_n = _lstm_recurrence(xw, h0, c0, w_hhT, out, UNITS, _row_starts(x.shape[0]))
+    if _split_units(x.shape[0], hidden, UNITS):
+        h_n, c_n = _lstm_by_units(xw, h0, c0, w_hhT, out, UNITS)
+    else:
+        h_n, c_n = _lstm_by_rows(xw, h0, c0, w_hhT, out, UNITS, _row_starts(x.shape[0]))
     return out, h_n, c_n
 
 
@@ -401,6 +497,9 @@ def gru_layer(x, h0, w_ih, w_hh, b_ih, b_hh):
     bias[:2 * hidden] += b_hh[:2 * hidden]  # r and z: both biases add outside any gate
     xw, w_hhT = _prepare(x, h0, w_ih, w_hh, bias, 3)
     out = np.empty((x.shape[0], x.shape[1], hidden), x.dtype)
-    h_n = _gru_recurrence(xw, h0, w_hhT, np.ascontiguousarray(b_hh[2 * hidden:]), out, UNITS,
-                          _row_starts(x.shape[0]))
+    b_hn = np.ascontiguousarray(b_hh[2 * hidden:])
+    if _split_units(x.shape[0], hidden, UNITS):
+        h_n = _gru_by_units(xw, h0, w_hhT, b_hn, out, UNITS)
+    else:
+        h_n = _gru_by_rows(xw, h0, w_hhT, b_hn, out, UNITS, _row_starts(x.shape[0]))
     return out, h_n
