@@ -8,6 +8,7 @@ import pytest
 
 from tfm import layers
 from tfm.backends.cpu import restricted as cpu_restricted
+from tfm.backends.cpu._threads import single_threaded_blas
 from tfm.reference import baselines as ref
 from tfm.reference import transformer as ref_t
 
@@ -115,12 +116,19 @@ def test_bad_inputs(rng):
         layers.restricted_attention(q, q, q, 2, backend="tpu")
 
 
+@pytest.mark.parametrize("block", [1, 16, 64])
 @pytest.mark.parametrize("causal", [False, True])
-def test_kernel_writes_every_output(rng, causal):
-    """The njit kernel fills a NaN-poisoned buffer, zero rows (Nq > Nk) included."""
+def test_kernel_writes_every_output(rng, causal, block):
+    """The njit kernel fills a NaN-poisoned buffer, zero rows (Nq > Nk) and query blocks
+    that do not divide Nq included."""
     q, k, v = randn(rng, 2, 3, 70, 5), randn(rng, 2, 3, 41, 5), randn(rng, 2, 3, 41, 6)
     left, right = cpu_restricted.window_bounds(7, causal)
     out = np.full((2, 3, 70, 6), np.nan, np.float32)
-    cpu_restricted._restricted(q, k, v, left, right, np.float32(1 / np.sqrt(5)),
-                               cpu_restricted.QUERY_BLOCK, out)
+    with single_threaded_blas():
+        cpu_restricted._banded(q, k, v, left, right, block, out)
     assert rel_err(out, ref.restricted_attention(q, k, v, 7, causal)) < TOL[np.float32]
+
+
+def test_query_block():
+    assert [cpu_restricted.query_block(r) for r in (1, 16, 17, 64, 65, 4096)] == [16, 16, 32, 64,
+                                                                                    64, 64]
