@@ -145,7 +145,8 @@ def test_variants_named():
 def test_split_and_merge_heads(rng, dtype):
     x = randn(rng, 2, 37, 5 * 8, dtype=dtype)
     heads = att.split_heads(x, 5)
-    assert heads.shape == (2, 5, 37, 8) and heads.flags.c_contiguous and heads.dtype == dtype
+    assert heads.shape == (2, 5, 37, 8) and heads.dtype == dtype
+    assert np.shares_memory(heads, x)  # a view: attention reads the strided heads in place
     assert np.array_equal(heads, ref.split_heads(x, 5))
     merged = att.merge_heads(heads)
     assert merged.shape == x.shape and merged.flags.c_contiguous
@@ -301,11 +302,31 @@ def test_kv_cache_views_are_used_in_place(rng, impl):
     cache_v = randn(rng, 2, 3, 200, 8)
     q = randn(rng, 2, 3, 1, 16)
     k, v = cache_k[:, :, :97], cache_v[:, :, :97]
-    assert not k.flags.c_contiguous and att._rows_contiguous(k, k.dtype) is k
+    assert not k.flags.c_contiguous and att._gemm_rows(k, k.dtype) == (k, 16)
     check(att.attention(q, k, v, None, False, impl), q, k, v)
     kt = np.swapaxes(randn(rng, 2, 3, 16, 97), -1, -2)  # column-major blocks: must be copied
-    assert att._rows_contiguous(kt, kt.dtype) is not kt
+    assert att._gemm_rows(kt, kt.dtype)[0] is not kt
     check(att.attention(q, kt, v, None, True, impl), q, kt, v, causal=True)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_split_heads_views_of_a_fused_projection(rng, impl, dtype):
+    """Heads split from a fused (B, N, 3 * d) projection are strided views (rows 3 * d
+    apart), read in place; the output merges back without a copy; both match the reference."""
+    b, n, h, dh = 2, 37, 3, 8
+    qkv_proj = randn(rng, b, n, 3 * h * dh, dtype=dtype)
+    q, k, v = (att.split_heads(qkv_proj[:, :, i * h * dh:(i + 1) * h * dh], h) for i in range(3))
+    assert np.shares_memory(q, qkv_proj) and att._gemm_rows(k, dtype) == (k, 3 * h * dh)
+    mask = rng.random((b, 1, n, n)) < 0.7
+    out = att.attention(q, k, v, mask, True, impl)
+    check(out, q, k, v, mask=mask, causal=True)
+    merged = att.merge_heads(out)
+    assert np.shares_memory(merged, out)
+    np.testing.assert_array_equal(merged, ref.merge_heads(np.ascontiguousarray(out)))
+    # a single row (decoding) and a single head column: any stride is fine there
+    one = att.split_heads(qkv_proj[:, :1, :h * dh], h)
+    assert att._gemm_rows(one, dtype)[1] == dh
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -329,11 +350,13 @@ def test_kernels_write_every_output_element(rng, impl, causal):
     mask = rng.random((2, 1, 1, 1100)) < 0.8
     mask[1] = False  # fully masked batch entry: must be written as zeros
     keep = np.broadcast_to(mask, (2, 3, 300, 1100))
-    out = np.full((2, 3, 300, 24), np.nan, np.float32)
+    # the head-interleaved output layout attention() uses: rows 3 * 24 apart
+    out = np.full((2, 300, 3, 24), np.nan, np.float32).transpose(0, 2, 1, 3)
+    lds = (16, 16, 24, 3 * 24)
     with att.single_threaded_blas():
         if impl == "naive":
-            att._naive_kernel(q, k, v, keep, True, causal, out)
+            att._naive_kernel(q, k, v, keep, True, causal, out, *lds)
         else:
-            att._fused_kernel(q, k, v, keep, True, causal, out, 128, 256)
+            att._fused_kernel(q, k, v, keep, True, causal, out, *lds, 128, 256)
     assert np.all(out[1] == 0)
     check(out, q, k, v, mask=mask, causal=causal)

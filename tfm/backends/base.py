@@ -95,7 +95,7 @@ class Backend(ABC):
     # ------------------------------------------------------------------ attention
     @abstractmethod
     def split_heads(self, x, n_heads: int):
-        """(B, N, H*Dh) -> (B, H, N, Dh)."""
+        """(B, N, H*Dh) -> (B, H, N, Dh); may be a view of x (read it, do not write into it)."""
 
     @abstractmethod
     def merge_heads(self, x):
