@@ -31,11 +31,13 @@ gemms are now ~85-90% of the time, at ~65 GFLOP/s per core, about what one OpenB
 MKL, through torch.mm) thread reaches on these K=64 shapes.
 
 Heads in place: ``split_heads`` returns strided views of the fused projection (rows d_model
-or 3 * d_model apart) and the kernels hand gemm those row strides as leading dimensions;
-the output is written head-interleaved, (B, Nq, H, Dv) in memory, so ``merge_heads`` is a
-free reshape. This drops three split copies and one merge copy per attention block: 0.55 ms
-each time at the base model's (8, 128, 512) (1.3% of a ~750 ms base forward pass, 18
-blocks); end to end, interleaved A/B runs came out at -11% and 0% (below this VM's noise).
+or 3 * d_model apart) and the kernels hand gemm those row strides as leading dimensions
+(gemm packs its operands anyway), dropping three split copies per attention block: 0.41 of
+the 0.55 ms of head copies per block at the base model's (8, 128, 512), ~1% of a ~750 ms
+base forward pass (18 blocks); end to end that is below this VM's noise. Writing the output
+head-interleaved as well (so that merge_heads is free) made the fused kernel 2-7% slower
+(PV gemm into rows H * Dv apart; interleaved A/B, n = 1024 and 4096): the output stays
+contiguous and merge_heads copies.
 
 Threading: ``prange`` over (batch, head, query-tile) work items, each calling a
 single-threaded BLAS ``?gemm`` (``_threads.single_threaded_blas``): 2 Numba threads x 1 BLAS
@@ -217,9 +219,10 @@ def attention(q, k, v, mask=None, causal=False, impl="fused"):
     full = (b, h, nq, nk)
     # Zero-stride views: one compiled signature for every mask rank, nothing materialised.
     keep = np.broadcast_to(_NO_MASK if mask is None else np.asarray(mask, dtype=np.bool_), full)
-    # Written head-interleaved, (B, Nq, H, Dv) in memory: merge_heads is then a free reshape.
-    out = np.empty((b, nq, h, dv), dtype=q.dtype).transpose(0, 2, 1, 3)
-    args = (q, k, v, keep, mask is not None, bool(causal), out, ldq, ldk, ldv, max(h * dv, 1))
+    # Contiguous (B, H, Nq, Dv): written head-interleaved instead (rows H * Dv apart, so that
+    # merge_heads is free) the fused kernel ran 2-7% slower; the merge copy costs less.
+    out = np.empty((b, h, nq, dv), dtype=q.dtype)
+    args = (q, k, v, keep, mask is not None, bool(causal), out, ldq, ldk, ldv, max(dv, 1))
     with single_threaded_blas():  # the backend's one pool is Numba's (_threads)
         if 2 * b * h * nq * nk * (q.shape[3] + v.shape[3]) < SMALL_FLOPS:
             # Decoding- or small-model-sized: waking the Numba workers costs more than the work.
@@ -249,6 +252,6 @@ def split_heads(x, n_heads):
 
 
 def merge_heads(x):
-    """(B, H, N, Dh) -> contiguous (B, N, H*Dh); free for ``attention``'s outputs."""
+    """(B, H, N, Dh) -> contiguous (B, N, H*Dh)."""
     b, h, n, d = x.shape
     return np.ascontiguousarray(x.transpose(0, 2, 1, 3)).reshape(b, n, h * d)
