@@ -9,14 +9,15 @@ from pathlib import Path
 
 
 def _source_hash() -> str:
-    """sha1 of tfm's sources, as the Makefile computes it: the Numba cache is keyed by it, because
-    Numba revalidates a cached kernel only against its own file, not the helpers it calls."""
-    import hashlib
+    """``tfm._source.source_hash()``, loaded by path: importing tfm would import Numba before
+    NUMBA_CACHE_DIR is set."""
+    import importlib.util
 
-    root = Path(__file__).resolve().parents[1]
-    files = sorted({str(p.relative_to(root)) for pat in ("tfm/*.py", "tfm/*/*.py", "tfm/*/*/*.py")
-                    for p in root.glob(pat)})
-    return hashlib.sha1(b"".join((root / f).read_bytes() for f in files)).hexdigest()[:12]
+    path = Path(__file__).resolve().parents[1] / "tfm" / "_source.py"
+    spec = importlib.util.spec_from_file_location("_tfm_source", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.source_hash()
 
 
 os.environ.setdefault("NUMBA_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".venv" / "numba-cache" / _source_hash()))

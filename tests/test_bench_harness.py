@@ -130,6 +130,45 @@ def test_run_study_rows_resume_and_fresh(tmp_path):
     assert json.loads((tmp_path / "tables" / "machine.json").read_text())["sgemm_gflops"] > 0
 
 
+def test_run_study_measures_rows_of_other_code_again(tmp_path, monkeypatch):
+    """Saved rows are reused only if measured under the current tfm sources."""
+    import tfm.bench.machine as machine
+
+    seen = []
+
+    def measure(case, ctx):
+        seen.append(case["n"])
+        return {"time_s": 0.1}
+
+    st = _study("toy", measure, [{"n": n} for n in (1, 2)])
+    df = run_study(st, tmp_path, quick=True, progress=False)
+    assert set(df["tfm_source"]) == {machine.source_hash()}
+    monkeypatch.setattr(machine, "source_hash", lambda: "edited-code")
+    machine.fingerprint.cache_clear()  # cached per process (the code cannot change in one)
+    try:
+        df = run_study(st, tmp_path, quick=True, progress=False)
+        assert seen == [1, 2, 1, 2] and set(df["tfm_source"]) == {"edited-code"}
+    finally:
+        monkeypatch.undo()
+        machine.fingerprint.cache_clear()
+    table = load_table(tmp_path, "toy")
+    table.drop(columns="tfm_source").to_csv(tmp_path / "tables" / "toy.csv", index=False)
+    run_study(st, tmp_path, quick=True, progress=False)  # rows from before the column: again
+    assert seen == [1, 2, 1, 2, 1, 2]
+
+
+def test_source_hash_matches_the_makefile():
+    """studies key the Numba cache and saved rows on the hash the Makefile computes."""
+    import subprocess
+
+    from tfm._source import ROOT, source_hash
+
+    make = subprocess.run(["make", "-s", "--no-print-directory", "-f", "-", "h"], cwd=ROOT,
+                          input="include Makefile\nh:\n\t@echo $(SRC_HASH)\n", text=True,
+                          capture_output=True, check=True).stdout.split()[-1]
+    assert make == source_hash()
+
+
 @pytest.mark.parametrize("exc, status", [
     (ImportError("kernel module missing"), "unavailable"),
     (NotImplementedError("no kernel"), "unavailable"),

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .._source import source_hash
+
 _REPO = Path(__file__).resolve().parents[2]
 _LIBRARIES = ("numpy", "numba", "numba-cuda", "scipy", "torch", "pandas")
 
@@ -87,6 +89,8 @@ def fingerprint() -> dict:
         "os": f"{platform.system()} {platform.release()}",
         "python": platform.python_version(),
         "git_commit": (commit + ("+dirty" if dirty else "")) if commit else "unknown",
+        # the code measured, committed or not: saved study rows are reused only under the same
+        "tfm_source": source_hash(),
         "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         # other processes competing for the cores when the run started (1-minute load average)
         "load_avg_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,

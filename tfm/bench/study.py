@@ -8,7 +8,9 @@ it into one table row per case, with the machine fingerprint and ceilings as col
 written to ``<out>/tables/<name>.csv`` atomically after every row, so that:
 
 * an interrupted run (Ctrl-C) resumes where it stopped: rows with status ``ok``,
-  ``oom`` or ``over_budget`` are not measured again (``fresh=True`` starts over);
+  ``oom`` or ``over_budget`` measured under the same tfm sources (``tfm_source``, a hash
+  of tfm's code) are not measured again; after any change to tfm every row is measured
+  again (``fresh=True`` starts over regardless);
   ``unavailable`` and ``error`` rows are retried, since code may have landed or been fixed;
 * nothing expected crashes a run: an unavailable backend or missing kernel
   (``BackendUnavailable``, ``ImportError``, ``NotImplementedError``) becomes an
@@ -185,7 +187,12 @@ def run_study(study: Study, out: Path | str = "results", *, quick: bool = False,
     rows: list[dict] = []
     done: set[str] = set()
     if old is not None and "case_id" in old.columns:
-        kept = old[old["status"].isin(DONE_STATUSES)]
+        same_code = (old["tfm_source"] == fp["tfm_source"] if "tfm_source" in old.columns
+                     else pd.Series(False, index=old.index))
+        if progress and (~same_code).any():
+            print(f"[{study.name}] {int((~same_code).sum())} saved rows were measured with other tfm "
+                  f"sources: measuring them again", file=sys.stderr)
+        kept = old[same_code & old["status"].isin(DONE_STATUSES)]
         rows = kept.to_dict("records")
         done = set(kept["case_id"])
     # series state: last measured (grow value, time) and whether the series is over budget
