@@ -232,15 +232,18 @@ def test_recurrence_kernel_writes_every_output(rng, kind, batch, groups, units):
         assert rel_err(a, b) < TOL[np.float32]  # inf (fails) if any NaN survived
 
 
-@pytest.mark.parametrize("threads,batch,hidden,split", [
-    (1, 1, 512, False),     # one thread: nothing to share
-    (2, 8, 512, True),      # B=8: one row group, four unit blocks to share
-    (2, 16, 512, False),    # a row group of >= MIN_GROUP_ROWS rows per thread: no barriers
-    (2, 4, cpu_rec.UNITS, False),  # a single unit block
+@pytest.mark.parametrize("threads,batch,hidden,n_gates,split", [
+    (1, 1, 512, 4, False),     # one thread: nothing to share
+    (2, 8, 512, 4, True),      # LSTM B=8: one row group, four unit blocks, 16.8 MFLOP a step
+    (2, 1, 1024, 4, True),     # LSTM B=1, H=1024: 8.4 MFLOP a step
+    (2, 1, 256, 4, False),     # LSTM B=1, H=256: 0.5 MFLOP a step, below the barrier's cost
+    (2, 8, 512, 1, False),     # RNN B=8, H=512: 4.2 MFLOP a step
+    (2, 16, 512, 4, False),    # a row group of >= MIN_GROUP_ROWS rows per thread: no barriers
+    (2, 64, cpu_rec.UNITS, 4, False),  # a single unit block
 ])
-def test_schedule_choice(monkeypatch, threads, batch, hidden, split):
+def test_schedule_choice(monkeypatch, threads, batch, hidden, n_gates, split):
     monkeypatch.setattr(cpu_rec, "get_num_threads", lambda: threads)
-    assert cpu_rec._split_units(batch, hidden, cpu_rec.UNITS) is split
+    assert cpu_rec._split_units(batch, hidden, cpu_rec.UNITS, n_gates) is split
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -248,8 +251,9 @@ def test_layers_on_the_units_schedule_match_reference(rng, monkeypatch, kind):
     """The public layer functions on the by-units schedule (B < 2 * MIN_GROUP_ROWS on two
     threads, several unit blocks, the last one partial), float32 and float64."""
     monkeypatch.setattr(cpu_rec, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(cpu_rec, "MIN_SPLIT_STEP_FLOPS", 0)  # a small size takes that path too
     batch, n, d_in, hidden = 3, 9, 7, 2 * cpu_rec.UNITS + 5
-    assert cpu_rec._split_units(batch, hidden, cpu_rec.UNITS)
+    assert cpu_rec._split_units(batch, hidden, cpu_rec.UNITS, 1)
     for dtype in DTYPES:
         x = randn(rng, batch, n, d_in, dtype=dtype)
         h0, c0 = randn(rng, batch, hidden, dtype=dtype), randn(rng, batch, hidden, dtype=dtype)

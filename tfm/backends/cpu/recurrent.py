@@ -10,7 +10,8 @@ Each layer runs in two phases:
    (``_split_units``). By rows: the batch rows are split into contiguous groups of at least
    ``MIN_GROUP_ROWS`` rows, at most one per Numba thread, and each thread runs all N steps
    for its rows, so the threads never synchronise between steps. By units, when the batch
-   is too small for a row group per thread (B < 16 on 2 threads): every step shares its
+   is too small for a row group per thread (B < 16 on 2 threads) and a step has enough
+   work (``MIN_SPLIT_STEP_FLOPS``): every step shares its
    unit blocks out over the threads (a parallel region, i.e. a barrier, per step), so each
    thread streams only its blocks' part of W_hh^T, as PyTorch does. Per step and per block
    of ``UNITS`` hidden units, a thread computes its rows' slice of h_{t-1} W_hh^T with its
@@ -90,7 +91,10 @@ I=H=512, float32, one layer:
     by rows still wins from B=16 (two groups of 8; n=256): LSTM 164 / 152 vs 270 / 204 by
     units, GRU 139 / 124 vs 180 / 152, RNN 40 / 36 vs 79 / 76; likewise at B=32 and 64.
     A barrier per step is fragile on a loaded machine (above: 10x slower at load ~5), so
-    the units schedule is used only where rows would leave a thread idle.
+    the units schedule is used only where rows would leave a thread idle, and only for
+    steps of >= MIN_SPLIT_STEP_FLOPS: at B=1 the studies measured it 1.5-4.7x slower on
+    small steps (LSTM H=256, RNN H=512 and 1024) before that threshold (its barrier costs
+    ~90 us a step; numbers at the constant).
 """
 
 from __future__ import annotations
@@ -112,6 +116,14 @@ RNN_UNITS = 4 * UNITS
 # Fewest batch rows per thread. At B=8 (LSTM, H=512) two groups of 4 rows took 650 us per
 # step against 540 us for one group of 8 (each group streams the 4 MB W_hh^T every step).
 MIN_GROUP_ROWS = 8
+
+# Fewest FLOPs of a step's product h W_hh^T for the units schedule. Its barrier per step
+# costs ~90 us here (OMP_WAIT_POLICY=PASSIVE, which tfm sets: the threads sleep between
+# parallel regions). n=512, side by side, ms median, rows vs units: LSTM B=1 H=256 (0.5
+# MFLOP a step) 18 vs 65, GRU B=1 H=512 (3.1) 61 vs 151, RNN B=1 H=1024 (2.1) 74 vs 168,
+# RNN B=8 H=512 (4.2) 62 vs 93, LSTM B=4 H=512 (8.4) 143 vs 145, LSTM B=1 H=1024 (8.4)
+# 575 vs 417, GRU B=2 H=1024 (12.6) 451 vs 417, LSTM B=8 H=512 (16.8) 251 vs 174.
+MIN_SPLIT_STEP_FLOPS = 8_000_000
 
 _NONLINEARITIES = {"tanh": 0, "relu": 1}
 
@@ -229,11 +241,14 @@ def _row_starts(batch: int) -> np.ndarray:
     return np.array([g * batch // n_groups for g in range(n_groups + 1)], dtype=np.int64)
 
 
-def _split_units(batch: int, hidden: int, units: int) -> bool:
+def _split_units(batch: int, hidden: int, units: int, n_gates: int) -> bool:
     """Schedule: split each step's unit blocks over the threads (a barrier per step) when
-    the batch is too small for a row group per thread and there are blocks to share."""
+    the batch is too small for a row group per thread, there are blocks to share, and a
+    step has the work (>= MIN_SPLIT_STEP_FLOPS) to pay for its barrier."""
     threads = get_num_threads()
-    return threads > 1 and len(_row_starts(batch)) - 1 < threads and hidden > units
+    step_flops = 2 * batch * hidden * n_gates * hidden
+    return (threads > 1 and len(_row_starts(batch)) - 1 < threads and hidden > units
+            and step_flops >= MIN_SPLIT_STEP_FLOPS)
 
 
 # One step of one unit block [u0, u0 + w) for the batch rows r0 .. r0 + len(h_prev): the
@@ -464,7 +479,7 @@ def rnn_layer(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity="tanh"):
     out = np.empty((x.shape[0], x.shape[1], hidden), x.dtype)
     relu = _NONLINEARITIES[nonlinearity] == 1
     split_units = max(UNITS, RNN_UNITS // get_num_threads())  # the one gate needs no permutation
-    if _split_units(x.shape[0], hidden, split_units):
+    if _split_units(x.shape[0], hidden, split_units, 1):
         h_n = _rnn_by_units(xw, h0, w_hhT, out, split_units, relu)
     else:
         h_n = _rnn_by_rows(xw, h0, w_hhT, out, RNN_UNITS, _row_starts(x.shape[0]), relu)
@@ -479,7 +494,7 @@ def lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh):
     bias = _vec(b_ih, 4 * hidden, x.dtype) + _vec(b_hh, 4 * hidden, x.dtype)
     xw, w_hhT = _prepare(x, h0, w_ih, w_hh, bias, 4)
     out = np.empty((x.shape[0], x.shape[1], hidden), x.dtype)
-    if _split_units(x.shape[0], hidden, UNITS):
+    if _split_units(x.shape[0], hidden, UNITS, 4):
         h_n, c_n = _lstm_by_units(xw, h0, c0, w_hhT, out, UNITS)
     else:
         h_n, c_n = _lstm_by_rows(xw, h0, c0, w_hhT, out, UNITS, _row_starts(x.shape[0]))
@@ -498,7 +513,7 @@ def gru_layer(x, h0, w_ih, w_hh, b_ih, b_hh):
     xw, w_hhT = _prepare(x, h0, w_ih, w_hh, bias, 3)
     out = np.empty((x.shape[0], x.shape[1], hidden), x.dtype)
     b_hn = np.ascontiguousarray(b_hh[2 * hidden:])
-    if _split_units(x.shape[0], hidden, UNITS):
+    if _split_units(x.shape[0], hidden, UNITS, 3):
         h_n = _gru_by_units(xw, h0, w_hhT, b_hn, out, UNITS)
     else:
         h_n = _gru_by_rows(xw, h0, w_hhT, b_hn, out, UNITS, _row_starts(x.shape[0]))
