@@ -38,47 +38,14 @@ SKIP_REASON = None if SIMULATOR or _gpu_present() else (
 )
 
 
-def _thread_safe_simulator_shared_arrays() -> None:
-    """Make the simulator's ``cuda.shared.array`` an atomic get-or-create.
-
-    numba-cuda's simulator (0.30.4 and before) runs each CUDA thread as a Python thread and
-    hands a block's threads the same shared array by looking up the calling line in a dict,
-    creating the array on a miss, with no lock. A thread switch between the lookup and the
-    insert gives two threads private "shared" arrays: barrier-correct kernels then read
-    values the other threads never wrote (a CI run failed this way, 0.16 relative error in
-    restricted attention, not reproducible on demand). The caller is found from the frame
-    directly (``traceback.extract_stack`` of every call made this the suite's hot spot).
-    """
-    import threading
-
-    from numba.core import types
-    from numba.cuda.simulator import kernelapi
-    from numba.np import numpy_support
-
-    lock = threading.Lock()
-    original = kernelapi.FakeCUDAShared.array
-
-    def array(self, shape, dtype, alignment=None):
-        if alignment is not None or shape == 0:  # alignment error / dynamic shared memory
-            return original(self, shape, dtype, alignment)
-        if isinstance(dtype, types.Type):
-            dtype = numpy_support.as_dtype(dtype)
-        frame = sys._getframe(1)
-        caller = (frame.f_code.co_filename, frame.f_lineno)
-        with lock:
-            res = self._allocations.get(caller)
-            if res is None:
-                res = self._allocations[caller] = np.empty(shape, dtype)
-        return res
-
-    kernelapi.FakeCUDAShared.array = array
-
-
 if SIMULATOR:
     # Every simulated thread is a Python thread; switching between them more often than
     # the default 5 ms makes barrier-heavy kernels several times faster.
     sys.setswitchinterval(5e-4)
-    _thread_safe_simulator_shared_arrays()
+    # The backend installs this itself; here it also covers kernels launched directly.
+    from tfm.backends.cuda._simulator import thread_safe_shared_arrays
+
+    thread_safe_shared_arrays()
 
 
 def pytest_collection_modifyitems(config, items):

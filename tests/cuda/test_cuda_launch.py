@@ -75,8 +75,9 @@ def test_other_tilings_give_the_same_results(rng, attn, gemm):
 
 @pytest.mark.skipif(not SIMULATOR, reason="guards a workaround for a bug of Numba's CUDA simulator")
 def test_simulator_shared_arrays_are_one_per_block_under_thread_switches(monkeypatch):
-    """conftest's lock: with a thread switch forced inside every allocation, all threads of a
-    block must still see one shared array (the unpatched simulator hands out several)."""
+    """tfm.backends.cuda._simulator's lock: with a thread switch forced inside every
+    allocation, all threads of a block must still see one shared array (the unpatched
+    simulator hands out several)."""
     import time
 
     from numba import float32

@@ -105,7 +105,11 @@ class CudaBackend(Backend):
             raise BackendUnavailable(f"backend 'cuda' is unavailable: {reason}")
         from ._launch import Tuning, default_tuning, simulator_enabled
 
-        if not simulator_enabled():
+        if simulator_enabled():
+            from ._simulator import thread_safe_shared_arrays
+
+            thread_safe_shared_arrays()  # works around a race in the simulator (see there)
+        else:
             from ._memory import install_pool, pool_requested
 
             if pool_requested():  # before default_tuning() creates the CUDA context
