@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 
 
-
 def _source_hash() -> str:
     """``tfm._source.source_hash()``, loaded by path: importing tfm would import Numba before
     NUMBA_CACHE_DIR is set."""

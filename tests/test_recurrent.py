@@ -243,7 +243,7 @@ def test_recurrence_kernel_writes_every_output(rng, kind, batch, groups, units):
 ])
 def test_schedule_choice(monkeypatch, threads, batch, hidden, n_gates, split):
     monkeypatch.setattr(cpu_rec, "get_num_threads", lambda: threads)
-    assert cpu_rec._split_units(batch, hidden, cpu_rec.UNITS, n_gates) is split
+    assert (cpu_rec._row_schedule(batch, hidden, cpu_rec.UNITS, n_gates) is None) is split
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -253,7 +253,7 @@ def test_layers_on_the_units_schedule_match_reference(rng, monkeypatch, kind):
     monkeypatch.setattr(cpu_rec, "get_num_threads", lambda: 2)
     monkeypatch.setattr(cpu_rec, "MIN_SPLIT_STEP_FLOPS", 0)  # a small size takes that path too
     batch, n, d_in, hidden = 3, 9, 7, 2 * cpu_rec.UNITS + 5
-    assert cpu_rec._split_units(batch, hidden, cpu_rec.UNITS, 1)
+    assert cpu_rec._row_schedule(batch, hidden, cpu_rec.UNITS, 1) is None
     for dtype in DTYPES:
         x = randn(rng, batch, n, d_in, dtype=dtype)
         h0, c0 = randn(rng, batch, hidden, dtype=dtype), randn(rng, batch, hidden, dtype=dtype)

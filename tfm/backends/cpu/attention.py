@@ -58,7 +58,7 @@ from ._blas import N as _N
 from ._blas import T as _T
 from ._blas import gemm as _gemm
 from ._threads import single_threaded_blas
-from .norm import exp_shift_sum, maxnum, row_max
+from .norm import exp_shift_sum, maxnum, row_max, softmax_in_place
 
 VARIANTS = {
     "naive": "per (b, h): the full (Nq, Nk) score matrix, then softmax, then P @ V",
@@ -109,13 +109,7 @@ def _naive_kernel(q, k, v, mask, has_mask, causal, out, ldq, ldk, ldv, ldo):
         for i in range(NQ):
             row = s[i]
             _mask_row(row, NK, mask[b, h, i], has_mask, 0, i if causal else NK)
-            m = row_max(row, NK)
-            if m == -np.inf:  # no visible key: zero weights
-                row[:] = 0
-                continue
-            inv = dt(1.0 / exp_shift_sum(row, NK, m))
-            for j in range(NK):
-                row[j] *= inv
+            softmax_in_place(row, NK)  # no visible key: zero weights
         _gemm(_N, _N, DV, NQ, NK, one, v[b, h], ldv, s, NK, zero, out[b, h], ldo)
 
 

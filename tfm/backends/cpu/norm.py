@@ -167,6 +167,21 @@ def _exp_shift_to_sum_impl(src, dst, n, m):
     return impl
 
 
+@njit(cache=True)
+def softmax_in_place(row, n):
+    """row[:n] = softmax(row[:n]) in place; a row with no visible score (all -inf) becomes zeros.
+
+    The masked score rows of naive attention and the windows of restricted attention.
+    """
+    m = row_max(row, n)
+    if m == -np.inf:
+        row[:n] = 0
+        return
+    inv = row.dtype.type(1.0 / exp_shift_sum(row, n, m))
+    for j in range(n):
+        row[j] *= inv
+
+
 @njit(cache=True, fastmath=_REDUCE)
 def _mean_var(y):
     """Mean and biased variance of a row, two passes, float64 accumulators."""

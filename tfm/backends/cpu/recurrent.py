@@ -7,7 +7,7 @@ Each layer runs in two phases:
    dense kernels' ``linear`` (Numba's threads, single-threaded BLAS), with every bias that no
    gate multiplies folded in; W_hh is permuted and transposed once per call (16 x 16 tiles).
 2. The recurrence, inside one ``@njit(parallel=True)`` kernel, on one of two schedules
-   (``_split_units``). By rows: the batch rows are split into contiguous groups of at least
+   (``_row_schedule``). By rows: the batch rows are split into contiguous groups of at least
    ``MIN_GROUP_ROWS`` rows, at most one per Numba thread, and each thread runs all N steps
    for its rows, so the threads never synchronise between steps. By units, when the batch
    is too small for a row group per thread (B < 16 on 2 threads) and a step has enough
@@ -241,14 +241,17 @@ def _row_starts(batch: int) -> np.ndarray:
     return np.array([g * batch // n_groups for g in range(n_groups + 1)], dtype=np.int64)
 
 
-def _split_units(batch: int, hidden: int, units: int, n_gates: int) -> bool:
-    """Schedule: split each step's unit blocks over the threads (a barrier per step) when
-    the batch is too small for a row group per thread, there are blocks to share, and a
-    step has the work (>= MIN_SPLIT_STEP_FLOPS) to pay for its barrier."""
+def _row_schedule(batch: int, hidden: int, units: int, n_gates: int):
+    """Row-group starts (``_row_starts``) for the by-rows schedule, or None for by units:
+    when the batch is too small for a row group per thread, there are blocks to share, and
+    a step has the work (>= MIN_SPLIT_STEP_FLOPS) to pay for its barrier."""
+    starts = _row_starts(batch)
     threads = get_num_threads()
     step_flops = 2 * batch * hidden * n_gates * hidden
-    return (threads > 1 and len(_row_starts(batch)) - 1 < threads and hidden > units
-            and step_flops >= MIN_SPLIT_STEP_FLOPS)
+    if (threads > 1 and len(starts) - 1 < threads and hidden > units
+            and step_flops >= MIN_SPLIT_STEP_FLOPS):
+        return None
+    return starts
 
 
 # One step of one unit block [u0, u0 + w) for the batch rows r0 .. r0 + len(h_prev): the
@@ -479,10 +482,11 @@ def rnn_layer(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity="tanh"):
     out = np.empty((x.shape[0], x.shape[1], hidden), x.dtype)
     relu = _NONLINEARITIES[nonlinearity] == 1
     split_units = max(UNITS, RNN_UNITS // get_num_threads())  # the one gate needs no permutation
-    if _split_units(x.shape[0], hidden, split_units, 1):
+    starts = _row_schedule(x.shape[0], hidden, split_units, 1)
+    if starts is None:
         h_n = _rnn_by_units(xw, h0, w_hhT, out, split_units, relu)
     else:
-        h_n = _rnn_by_rows(xw, h0, w_hhT, out, RNN_UNITS, _row_starts(x.shape[0]), relu)
+        h_n = _rnn_by_rows(xw, h0, w_hhT, out, RNN_UNITS, starts, relu)
     return out, h_n
 
 
@@ -494,10 +498,11 @@ def lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh):
     bias = _vec(b_ih, 4 * hidden, x.dtype) + _vec(b_hh, 4 * hidden, x.dtype)
     xw, w_hhT = _prepare(x, h0, w_ih, w_hh, bias, 4)
     out = np.empty((x.shape[0], x.shape[1], hidden), x.dtype)
-    if _split_units(x.shape[0], hidden, UNITS, 4):
+    starts = _row_schedule(x.shape[0], hidden, UNITS, 4)
+    if starts is None:
         h_n, c_n = _lstm_by_units(xw, h0, c0, w_hhT, out, UNITS)
     else:
-        h_n, c_n = _lstm_by_rows(xw, h0, c0, w_hhT, out, UNITS, _row_starts(x.shape[0]))
+        h_n, c_n = _lstm_by_rows(xw, h0, c0, w_hhT, out, UNITS, starts)
     return out, h_n, c_n
 
 
@@ -513,8 +518,9 @@ def gru_layer(x, h0, w_ih, w_hh, b_ih, b_hh):
     xw, w_hhT = _prepare(x, h0, w_ih, w_hh, bias, 3)
     out = np.empty((x.shape[0], x.shape[1], hidden), x.dtype)
     b_hn = np.ascontiguousarray(b_hh[2 * hidden:])
-    if _split_units(x.shape[0], hidden, UNITS, 3):
+    starts = _row_schedule(x.shape[0], hidden, UNITS, 3)
+    if starts is None:
         h_n = _gru_by_units(xw, h0, w_hhT, b_hn, out, UNITS)
     else:
-        h_n = _gru_by_rows(xw, h0, w_hhT, b_hn, out, UNITS, _row_starts(x.shape[0]))
+        h_n = _gru_by_rows(xw, h0, w_hhT, b_hn, out, UNITS, starts)
     return out, h_n

@@ -36,7 +36,7 @@ from ._blas import N as _N
 from ._blas import T as _T
 from ._blas import gemm as _gemm
 from ._threads import single_threaded_blas
-from .norm import exp_shift_sum, row_max
+from .norm import softmax_in_place
 
 
 def query_block(window: int) -> int:
@@ -82,11 +82,7 @@ def _banded(q, k, v, left, right, block, out):
             z = max(a, min(hi, i0 + r + right + 1) - lo)
             row[:a] = 0
             row[z:] = 0
-            if z > a:
-                win = row[a:z]
-                inv = dt(1.0 / exp_shift_sum(win, z - a, row_max(win, z - a)))
-                for j in range(z - a):
-                    win[j] *= inv
+            softmax_in_place(row[a:z], z - a)
         _gemm(_N, _N, d_v, i1 - i0, width, one, v[b, h, lo:hi], d_v, s, width, zero, o, d_v)
 
 
