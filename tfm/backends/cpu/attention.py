@@ -58,7 +58,7 @@ from ._blas import N as _N
 from ._blas import T as _T
 from ._blas import gemm as _gemm
 from ._threads import single_threaded_blas
-from .norm import exp_shift_sum, maxnum, row_max, softmax_in_place
+from .norm import exp2_shift_sum, maxnum, row_max, softmax_in_place
 
 VARIANTS = {
     "naive": "per (b, h): the full (Nq, Nk) score matrix, then softmax, then P @ V",
@@ -66,12 +66,16 @@ VARIANTS = {
 }
 
 # Tile sizes of the fused kernel (rows of Q, rows of K/V per step); chosen by measurement.
-TILE_Q = 256
+TILE_Q = 512
 TILE_K = 1024
+# Causal: rows per chunk of the diagonal block (each chunk computes a DIAG_ROWS-wide
+# triangle of masked scores; the whole tile_q x tile_q block would waste tile_q^2 / 2).
+DIAG_ROWS = 128
 # Below this many FLOPs a call runs on one Numba thread (every decoding step; the small
 # preset's B=4, H=4, n=64, d=32 self-attention, 8.4 MFLOP): waking the pool costs more than
 # the work (Nk=100 on the busy shared machine: 0.12 ms on one thread, 2.5 ms on two).
 SMALL_FLOPS = 32_000_000
+_LOG2E = 1.4426950408889634
 
 
 @njit(cache=True)
@@ -113,30 +117,74 @@ def _naive_kernel(q, k, v, mask, has_mask, causal, out, ldq, ldk, ldv, ldo):
         _gemm(_N, _N, DV, NQ, NK, one, v[b, h], ldv, s, NK, zero, out[b, h], ldo)
 
 
+@njit(cache=True)
+def _fused_block(q, k, v, mask, has_mask, causal, o, ldq, ldk, ldv, ldo, scale, s, ld_s,
+                 m_run, l_run, b, h, i0, r0, r1, j0, j1):
+    """One online-softmax step: query rows i0 + [r0, r1) against keys [j0, j1).
+
+    S = scale * Q K^T into the score tile ``s`` (row stride ``ld_s``), masked; per row the
+    running max ``m_run`` and sum ``l_run`` absorb the tile and the row's output ``o`` (the
+    query tile's rows, accumulated unnormalised) is rescaled; then o += P V via gemm's beta=1.
+    Scores are in log2 units (``scale`` includes log2(e)): 2**x is cheaper than exp(x).
+    """
+    D = q.shape[3]
+    DV = v.shape[3]
+    dt = q.dtype.type
+    rows = r1 - r0
+    tk = j1 - j0
+    alpha = np.full(1, scale, q.dtype)
+    one = np.ones(1, q.dtype)
+    zero = np.zeros(1, q.dtype)
+    _gemm(_T, _N, tk, rows, D, alpha, k[b, h, j0:j1], ldk, q[b, h, i0 + r0:i0 + r1], ldq, zero,
+          s, ld_s)
+    for rr in range(rows):
+        row = s[rr]
+        r = r0 + rr
+        i = i0 + r
+        _mask_row(row, tk, mask[b, h, i], has_mask, j0, i if causal else j1)
+        m_new = maxnum(row_max(row, tk), m_run[r])
+        if m_new == -np.inf:  # nothing visible yet: this tile adds nothing
+            row[:tk] = 0
+            continue
+        l_tile = exp2_shift_sum(row, tk, m_new)
+        c = 2.0 ** (m_run[r] - m_new)  # rescale of what came before
+        l_run[r] = l_run[r] * c + l_tile
+        m_run[r] = m_new
+        if c != 1:
+            cd = dt(c)
+            for d in range(DV):
+                o[r, d] *= cd
+    _gemm(_N, _N, DV, rows, tk, one, v[b, h, j0:j1], ldv, s, ld_s, one, o[r0:r1], ldo)
+
+
 @njit(cache=True, parallel=True)
 def _fused_kernel(q, k, v, mask, has_mask, causal, out, ldq, ldk, ldv, ldo, tile_q, tile_k):
     """FlashAttention: per work item, query tiles against key tiles with an online softmax.
 
     Work item = (b, h, pair of query tiles). Under ``causal`` a pair is tiles t and T-1-t, so
-    every item has the same work and Numba's static split of the prange is balanced; key
-    tiles entirely above the diagonal are skipped, never computed. O accumulates in ``out``
-    through gemm's beta=1; extra memory per item is one (tile_q, tile_k) score tile.
+    every item has the same work and Numba's static split of the prange is balanced. Causal
+    query tile [i0, i1): keys below i0 are visible to all its rows (key tiles, no mask); the
+    diagonal block [i0, i1) goes in chunks of ``DIAG_ROWS`` rows, each against keys up to its
+    last row, so that only a DIAG_ROWS-wide triangle per chunk is computed and then masked.
+    O accumulates in ``out``; extra memory per item is one (tile_q, tile_k) score tile.
     """
     B, H, NQ, D = q.shape
     NK = k.shape[2]
     DV = v.shape[3]
     dt = q.dtype.type
+    scale = dt(_LOG2E / math.sqrt(D))
     n_tiles = (NQ + tile_q - 1) // tile_q
     per_head = (n_tiles + 1) // 2 if causal else n_tiles
+    # Score tile: a diagonal chunk spans up to tile_q keys; sized to the inputs, so that short
+    # sequences (the base model's n = 128) do not allocate and fault in a full tile per item.
+    ld_s = max(min(tile_k, NK), min(tile_q, NK) if causal else 1, 1)
+    rows_s = max(min(tile_q, NQ), 1)
     for item in prange(B * H * per_head):
         bh = item // per_head
         b = bh // H
         h = bh % H
         first = item % per_head
-        alpha = np.full(1, dt(1.0 / math.sqrt(D)), q.dtype)
-        one = np.ones(1, q.dtype)
-        zero = np.zeros(1, q.dtype)
-        s = np.empty((tile_q, tile_k), q.dtype)
+        s = np.empty((rows_s, ld_s), q.dtype)
         m_run = np.empty(tile_q, q.dtype)
         l_run = np.empty(tile_q, np.float64)
         n_mine = 2 if causal and n_tiles - 1 - first != first else 1
@@ -149,29 +197,17 @@ def _fused_kernel(q, k, v, mask, has_mask, causal, out, ldq, ldk, ldv, ldo, tile
             o[:] = 0
             m_run[:] = -np.inf
             l_run[:] = 0
-            k_end = min(NK, i1) if causal else NK  # keys j <= i1 - 1 only
-            for j0 in range(0, k_end, tile_k):
-                j1 = min(k_end, j0 + tile_k)
-                tk = j1 - j0
-                _gemm(_T, _N, tk, tq, D, alpha, k[b, h, j0:j1], ldk, q[b, h, i0:i1], ldq, zero,
-                      s, tile_k)
-                for r in range(tq):
-                    row = s[r]
-                    i = i0 + r
-                    _mask_row(row, tk, mask[b, h, i], has_mask, j0, i if causal else NK)
-                    m_new = maxnum(row_max(row, tk), m_run[r])
-                    if m_new == -np.inf:  # nothing visible yet: this tile adds nothing
-                        row[:tk] = 0
-                        continue
-                    l_tile = exp_shift_sum(row, tk, m_new)
-                    c = math.exp(m_run[r] - m_new)  # rescale of what came before
-                    l_run[r] = l_run[r] * c + l_tile
-                    m_run[r] = m_new
-                    if c != 1:
-                        cd = dt(c)
-                        for d in range(DV):
-                            o[r, d] *= cd
-                _gemm(_N, _N, DV, tq, tk, one, v[b, h, j0:j1], ldv, s, tile_k, one, o, ldo)
+            full_end = min(NK, i0) if causal else NK  # keys every row of the tile may see
+            for j0 in range(0, full_end, tile_k):
+                _fused_block(q, k, v, mask, has_mask, False, o, ldq, ldk, ldv, ldo, scale, s,
+                             ld_s, m_run, l_run, b, h, i0, 0, tq, j0, min(full_end, j0 + tile_k))
+            if causal:
+                for r0 in range(0, tq, DIAG_ROWS):
+                    r1 = min(tq, r0 + DIAG_ROWS)
+                    j1 = min(NK, i0 + r1)  # row i0 + r1 - 1 sees keys up to itself
+                    if j1 > i0:
+                        _fused_block(q, k, v, mask, has_mask, True, o, ldq, ldk, ldv, ldo,
+                                     scale, s, ld_s, m_run, l_run, b, h, i0, r0, r1, i0, j1)
             for r in range(tq):
                 inv = dt(1.0 / l_run[r]) if l_run[r] > 0 else dt(0.0)
                 for d in range(DV):

@@ -105,6 +105,38 @@ def _exp_shift_to_f32(src, dst, n, m):
         dst[j] = _expf_le0(src[j] - m)
 
 
+@njit(inline="always", fastmath=_REDUCE)
+def _exp2f_le0(x):
+    """2**x for float32 x <= 0: x = k + r, |r| <= 1/2, 2**r by a degree-5 polynomial (fitted
+    here with c0 = 1, max relative error 1.9e-7 in float32), 2**k from the exponent bits.
+    x < -126 (incl. -inf: masked keys) gives exactly 0; NaN stays NaN. 14 vector operations
+    where ``_expf_le0`` needs 23 (no Cody-Waite x / ln2 reduction): see ``exp2_shift_sum``.
+    """
+    xc = np.float32(-126.0) if x < np.float32(-126.0) else x
+    ki = np.int32(xc - np.float32(0.5))  # round(x): truncation toward zero, x <= 0
+    r = xc - np.float32(ki)  # exact
+    p = np.float32(1.326472731307149e-3)
+    p = p * r + np.float32(9.671512991189957e-3)
+    p = p * r + np.float32(5.550733581185341e-2)
+    p = p * r + np.float32(2.4022242426872253e-1)
+    p = p * r + np.float32(6.931470036506653e-1)
+    p = (p * r + np.float32(1.0)) * _int32_as_float32((ki + np.int32(127)) << 23)
+    return np.float32(0.0) if x < np.float32(-126.0) else p
+
+
+@njit(cache=True, fastmath=_REDUCE)
+def _exp2_shift_f32(row, n, m):
+    """row[:n] = 2**(row[:n] - m) in place."""
+    for j in range(n):
+        row[j] = _exp2f_le0(row[j] - m)
+
+
+@njit(cache=True, fastmath=_REDUCE)
+def _exp2_shift_f64(row, n, m):
+    for j in range(n):
+        row[j] = np.exp2(row[j] - m)
+
+
 @njit(cache=True, fastmath=_REDUCE)
 def _sum_f64(row, n):
     """sum(row[:n]) accumulated in float64 (a float32 sum of ~1000 terms: ~4e-7 more error)."""
@@ -141,6 +173,29 @@ def exp_shift_to_sum(src, dst, n, m):
     """dst[:n] = exp(src[:n] - m), returns the sum (float64); src and dst must not overlap."""
     dst[:n] = np.exp(src[:n] - m)
     return float(dst[:n].sum())
+
+
+def exp2_shift_sum(row, n, m):
+    """row[:n] = 2**(row[:n] - m) in place, returns the sum (float64); needs row <= m.
+
+    For scores already in log2 units (the fused attention kernel folds log2(e) into the
+    Q K^T gemm's alpha): exp(x) = 2**(x log2 e). Float32: 0.30-0.35 ns/element where
+    ``exp_shift_sum``'s exp takes 0.45-0.50 (AMD EPYC, AVX2; the sum loop adds ~0.08).
+    """
+    row[:n] = np.exp2(row[:n] - m)
+    return float(row[:n].sum())
+
+
+@overload(exp2_shift_sum)
+def _exp2_shift_sum_impl(row, n, m):
+    exp2_in_place = _exp2_shift_f32 if row.dtype == types.float32 else _exp2_shift_f64
+    dt = row.dtype
+
+    def impl(row, n, m):
+        exp2_in_place(row, n, dt(m))
+        return _sum_f64(row, n)
+
+    return impl
 
 
 @overload(exp_shift_sum)
