@@ -4,31 +4,41 @@ softmax(Q K^T / sqrt(d_k)) V on (B, H, N, D) operands, float32 and float64, with
 boolean mask (True = may attend, broadcast with zero strides, never materialised) and
 top-left-aligned causal masking. Query rows with no visible key return zeros.
 
-Variants (``VARIANTS``). Ratios are SDPA time / our time, measured side by side in one
-process against ``torch.nn.functional.scaled_dot_product_attention`` (float32, B=1, H=8,
-d=64, 2 Numba threads + 1 BLAS thread vs torch.set_num_threads(2), this 2-core AVX-512 VM,
-machine quiet; its 2-thread sgemm peaks at ~300 GFLOP/s, SDPA ran at 145-225 GFLOP/s):
+Variants (``VARIANTS``), on this project's machine (2-core AMD EPYC VM, Zen 3, AVX2; one
+OpenBLAS thread peaks at 86-90 GFLOP/s on large sgemm, two at ~165), float32, B=1, H=8, d=64,
+2 Numba threads + 1 BLAS thread vs torch.set_num_threads(2), side by side in one process
+against ``torch.nn.functional.scaled_dot_product_attention``, as tfm time / SDPA time:
 
-    naive  full (Nq, Nk) scores per (b, h), two BLAS gemms: 0.45x SDPA at n=4096 (100
-           GFLOP/s: the 64 MiB score matrix leaves L2), 0.25x causal (computes, then masks).
-    fused  256-query x 1024-key tiles, online softmax: 0.85x SDPA at n=4096 (192 GFLOP/s),
-           0.89x causal; 0.88x at n=1024, 0.98x causal; n=32768 runs in O(n d) memory.
+    naive  full (Nq, Nk) scores per (b, h), two BLAS gemms: the reference point; at n=4096 the
+           64 MiB score matrix per head leaves the caches, and causal computes, then masks.
+    fused  512-query x 1024-key tiles, online softmax in log2 units: 0.99-1.02x SDPA at
+           n=1024 and 4096 without a mask, 0.89-0.97x causal (paired medians, 15 rounds,
+           order rotated); n=32768 runs in O(n d) memory.
 
-How fused got there (n=4096, full): 128x256 tiles with a scalar row max, 0.45x; max
-vectorised (llvm.maxnum) 0.53x; 256x1024 tiles (fewer, larger gemm calls) 0.85x.
-Where the time goes now: gemms alone 147 ms (234 GFLOP/s = 0.77 of the sgemm peak;
-OpenBLAS reaches only 110-135 GFLOP/s per core on these K=64 / N=64 shapes), softmax alone
-33 ms, together ~180 ms vs SDPA ~153 ms: the gap is the gemm on these shapes (torch's CPU
-build brings its own BLAS, MKL), not the softmax. Tried and dropped: a transposed score tile
-(S^T, column-wise softmax, its gemm ~5% faster alone): no end-to-end gain (busy machine).
+Where the time goes (n=4096, full, 2 threads): the same loop with only its two gemms runs at
+160 GFLOP/s (~0.92 of the 2-thread sgemm peak); the softmax (row max, exp2, float64 sum)
+adds ~15%. SDPA is built the same way (blocked gemm + vectorised exp; 110-135 GFLOP/s
+here), so the two meet at the gemm ceiling: beating it by more than the softmax share would
+take a faster gemm than OpenBLAS's on K=64 tiles.
 
-Later, on a 2-core AMD EPYC VM (AVX2, no AVX-512; 2-thread sgemm 135-175 GFLOP/s): the exp of
-the score rows was running scalar (LLVM did not vectorise the loop that also summed in
-float64); split into an exp loop and a sum loop (``norm.py``) the softmax share at n=4096 fell
-from ~62 to ~42-52 ms of ~300, and tfm/SDPA time went from 1.13-1.25 to 0.94-1.13 (tile sweep,
-interleaved, noisy). Tiles 128-256 x 256-1024 there: within noise of 256 x 1024, kept. The
-gemms are now ~85-90% of the time, at ~65 GFLOP/s per core, about what one OpenBLAS (and one
-MKL, through torch.mm) thread reaches on these K=64 shapes.
+How fused got there. On an earlier 2-core AVX-512 VM (n=4096, full): 128x256 tiles with a
+scalar row max, 0.45x SDPA's speed; max vectorised (llvm.maxnum) 0.53x; 256x1024 tiles
+(fewer, larger gemm calls) 0.85x. A transposed score tile (S^T, column-wise softmax) gave
+no end-to-end gain. On this machine:
+- the exp of the score rows ran scalar (LLVM did not vectorise a loop that also summed in
+  float64); split into an exp loop and a sum loop (``norm.py``), the softmax at n=4096 fell
+  from ~62 to ~42-52 ms of ~300, tfm/SDPA from 1.13-1.25 to 0.94-1.13 (noisy);
+- 2**x instead of exp(x), with log2(e) folded into the Q K^T gemm's alpha (``norm.
+  exp2_shift_sum``): no Cody-Waite reduction, a degree-5 polynomial, 18 vector operations
+  per 8 elements where exp took 23; 0.31 vs 0.45 ns/element alone (predicted ~4% of the
+  kernel: the exp was ~14% of a 1.02 ms 256x1024 tile step);
+- 512-row query tiles (K tile packing amortised over more rows; tile sweep at n=4096:
+  512x1024 0.95 of 256x1024's time, 1024x1024 0.95, 512x512 1.07, 256x256 1.02);
+- causal: the diagonal block in 128-row chunks, each against keys up to its own last row.
+  A whole tile_q x tile_q diagonal block wastes tile_q^2 / 2 masked scores per query tile,
+  25% extra work at n=1024 with 256-row tiles; chunks waste 128^2 / 2 per chunk instead.
+Together, paired against the previous kernel (256x1024 tiles, exp): 0.94 of its time at
+n=1024 full, 0.93 causal; 0.92 at n=4096 full, 0.95 causal.
 
 Heads in place: ``split_heads`` returns strided views of the fused projection (rows d_model
 or 3 * d_model apart) and the kernels hand gemm those row strides as leading dimensions
@@ -42,8 +52,8 @@ contiguous and merge_heads copies.
 Threading: ``prange`` over (batch, head, query-tile) work items, each calling a
 single-threaded BLAS ``?gemm`` (``_threads.single_threaded_blas``): 2 Numba threads x 1 BLAS
 thread. Serial items with 2-thread BLAS and 2 x 2 (oversubscribed) were both many times
-slower (``_threads``). The exp of the score tile is a vectorised polynomial
-(``norm.exp_shift_sum``; float32), not libm.
+slower (``_threads``). The exp2 of the score tile is a vectorised polynomial
+(``norm.exp2_shift_sum``; float32), not libm.
 """
 
 from __future__ import annotations
