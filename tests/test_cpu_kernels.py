@@ -230,3 +230,34 @@ def test_exp_shift_sum_polynomial(rng):
     assert np.all(row[-3:] == 0)
     assert np.max(np.abs(row - expected) / np.maximum(expected, 1e-30)) < 2.5e-7
     assert abs(total - expected.sum()) <= 1e-6 * expected.sum()
+
+
+@numba.njit
+def _exp2_shift_sum_njit(row, n, m):
+    return norm.exp2_shift_sum(row, n, m)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_exp2_shift_sum_polynomial(rng, dtype):
+    """The 2**x of fused attention's log2-unit scores: float32 within 2.5e-7 relative (the fit's
+    1.9e-7 plus rounding of x - m), exact zeros below -126 and at -inf, NaN kept, an odd length
+    (the vector loop's scalar tail), and the float64 sum."""
+    # multiples of 2**-10: x + m and its float32 difference with m are exact, so only the
+    # polynomial's error is measured
+    x = -np.round(rng.random(10_001) * 120 * 1024) / 1024
+    x = np.concatenate([x, [0.0, -0.5, -1.5, -126.5, -300.0, -np.inf]])
+    m = 3.25  # a shift, as the kernels use it: row <= m
+    row = (x + m).astype(dtype)
+    total = _exp2_shift_sum_njit(row, row.size, dtype(m))
+    expected = np.exp2((x + m).astype(dtype).astype(np.float64) - m)
+    tail = 3 if dtype == np.float32 else 0  # float32: below -126 is flushed to 0
+    if tail:
+        expected[-tail:] = 0.0
+    assert np.all(row[-1:] == 0)
+    tol = 2.5e-7 if dtype == np.float32 else 1e-15
+    head = slice(0, row.size - max(tail, 1))
+    assert np.max(np.abs(row[head] - expected[head]) / expected[head]) < tol
+    assert abs(total - expected.sum()) <= 1e-6 * expected.sum()
+    nan_row = np.array([np.nan, -1.0], dtype)
+    _exp2_shift_sum_njit(nan_row, 2, dtype(0.0))
+    assert np.isnan(nan_row[0]) and nan_row[1] == dtype(0.5)
