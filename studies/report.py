@@ -433,6 +433,24 @@ def _machine(out: Path) -> dict:
     return json.loads(p.read_text()) if p.exists() else {}
 
 
+def provenance(out: Path) -> pd.DataFrame:
+    """Where the rows come from: per study and measuring run (rows carry the run's fingerprint),
+    the commit, tfm sources, start time and load. Rows are reused across ``make studies`` runs
+    while tfm's sources are unchanged, so one report can combine several runs."""
+    from . import STUDIES
+
+    keys = ["git_commit", "tfm_source", "date_utc", "load_avg_1min"]
+    rows = []
+    for name in STUDIES:
+        df = _load(out, name)
+        if df is None or df.empty or not set(keys) <= set(df.columns):
+            continue
+        for vals, g in df.groupby(keys, dropna=False, sort=True):
+            timed = int((g["status"] == "ok").sum()) if "status" in g.columns else len(g)
+            rows.append({"study": name, "rows": len(g), "ok": timed, **dict(zip(keys, vals))})
+    return pd.DataFrame(rows, columns=["study", "rows", "ok", *keys])
+
+
 def write_report(out: Path | str = "results", run_seconds: float | None = None) -> Path:
     out = Path(out)
     t1 = table1(out)
@@ -446,12 +464,24 @@ def write_report(out: Path | str = "results", run_seconds: float | None = None) 
     parts.append("## Machine and run\n\n")
     if m:
         parts.append(md_table(pd.DataFrame([{"key": k, "value": v} for k, v in m.items()]), "{:.4g}") + "\n")
+    if m:
+        parts.append("Above: the machine as recorded by the newest run that measured anything. ")
     if run_seconds is not None:
-        parts.append(f"The whole run took {run_seconds / 60:.1f} minutes.\n\n")
-    load, cores = m.get("load_avg_1min"), m.get("cpu_logical_cores")
+        parts.append(f"The `make studies` that wrote this report took {run_seconds / 60:.1f} minutes.")
+    parts.append("\n\n")
+    prov = provenance(out)
+    if not prov.empty:
+        parts.append("Where the rows come from (each measuring run's fingerprint, with the 1-minute load average "
+                     "when it started; ok = rows with a measurement; rows reused from an earlier run keep "
+                     "its fingerprint):\n\n"
+                     + md_table(prov, "{:.3g}") + "\n")
+    # runs that only re-tried unavailable cases (no timing) do not make the numbers suspect
+    loads = prov.loc[prov["ok"] > 0, "load_avg_1min"].dropna() if not prov.empty else pd.Series(dtype=float)
+    load = float(loads.max()) if len(loads) else m.get("load_avg_1min")
+    cores = m.get("cpu_logical_cores")
     if load is not None and cores and load > 0.5 * cores:
-        parts.append(f"**Warning: the machine was busy when this run started (1-minute load average {load} on "
-                     f"{cores} logical cores).** Other processes competed for the cores, so times include their "
+        parts.append(f"**Warning: the machine was busy when a measuring run started (1-minute load average up to "
+                     f"{load} on {cores} logical cores).** Other processes competed for the cores, so times include their "
                      "interference (fits use each case's fastest repeat to limit it); parallel kernels suffer most, "
                      "since a thread that loses its core stalls the others at every synchronisation. Rerun on an "
                      "idle machine for numbers to cite.\n\n")

@@ -77,10 +77,26 @@ def test_sequential_counts(smoke):
 
 def test_rerun_resumes_without_measuring(smoke, monkeypatch):
     before = _table(smoke, "roofline")
+    machine = (smoke / "tables" / "machine.json").read_text()
     assert run_all.main(["--grid", "smoke", "--out", str(smoke), "--only", "roofline", "--no-progress",
                          "--no-report"]) == 0
     after = _table(smoke, "roofline")
     pd.testing.assert_frame_equal(before, after)
+    # a run that measured nothing leaves the measuring run's machine record alone
+    assert (smoke / "tables" / "machine.json").read_text() == machine
+
+
+def test_report_lists_where_rows_come_from(smoke):
+    from studies.report import provenance
+
+    prov = provenance(smoke)
+    assert set(prov["study"]) == set(STUDIES)
+    for name in STUDIES:
+        assert prov.loc[prov["study"] == name, "rows"].sum() == len(_table(smoke, name)), name
+    assert prov["date_utc"].notna().all() and prov["tfm_source"].notna().all()
+    report = (smoke / "REPORT.md").read_text()
+    assert "Where the rows come from" in report
+    assert prov["date_utc"].iloc[0] in report
 
 
 @pytest.mark.parametrize("n", [2, 16, 37, 100])

@@ -181,7 +181,6 @@ def run_study(study: Study, out: Path | str = "results", *, quick: bool = False,
     path = table_path(out, study.name)
     ceilings = measure_ceilings(quick)
     fp = {**fingerprint(), **{k: v for k, v in ceilings.items() if k != "device_reason"}}
-    write_machine(out, quick)
 
     old = None if fresh else load_table(out, study.name)
     rows: list[dict] = []
@@ -209,6 +208,7 @@ def run_study(study: Study, out: Path | str = "results", *, quick: bool = False,
 
     ctx = Context(study, quick, ceilings)
     todo = [c for c in study.cases if case_id(c) not in done]
+    machine_written = False  # machine.json: the newest run that measured something (not a reuse)
     bar = tqdm(total=len(study.cases), initial=len(study.cases) - len(todo), desc=study.name,
                unit="case", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     try:
@@ -231,6 +231,9 @@ def run_study(study: Study, out: Path | str = "results", *, quick: bool = False,
                                    "over_budget")
                 row.update(study.measure(dict(case), ctx))
                 row["status"], row["reason"] = "ok", ""
+                if not machine_written:
+                    write_machine(out, quick)
+                    machine_written = True
                 _derived(row, ceilings)
                 if grow and np.isfinite(row.get("time_s", np.nan)):
                     last[key] = (float(case[grow]), _base_time(row))
