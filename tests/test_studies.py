@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -37,7 +38,10 @@ def test_every_study_writes_a_sane_table(smoke):
         assert len(good) > 0, name
         if "time_s" in good.columns:
             assert (good["time_s"].dropna() > 0).all(), name
-    assert (smoke / "tables" / "machine.json").exists()
+    # machine.json is the measuring run's own fingerprint, the one its rows carry
+    machine = json.loads((smoke / "tables" / "machine.json").read_text())
+    dates = set().union(*(set(_table(smoke, name)["date_utc"]) for name in STUDIES))
+    assert machine["date_utc"] in dates
 
 
 def test_path_lengths_equal_closed_forms(smoke):

@@ -180,7 +180,8 @@ def run_study(study: Study, out: Path | str = "results", *, quick: bool = False,
 
     path = table_path(out, study.name)
     ceilings = measure_ceilings(quick)
-    fp = {**fingerprint(), **{k: v for k, v in ceilings.items() if k != "device_reason"}}
+    machine = {**fingerprint(), **ceilings}  # taken once, when the run starts
+    fp = {k: v for k, v in machine.items() if k != "device_reason"}
 
     old = None if fresh else load_table(out, study.name)
     rows: list[dict] = []
@@ -232,7 +233,7 @@ def run_study(study: Study, out: Path | str = "results", *, quick: bool = False,
                 row.update(study.measure(dict(case), ctx))
                 row["status"], row["reason"] = "ok", ""
                 if not machine_written:
-                    write_machine(out, quick)
+                    write_machine(out, machine)
                     machine_written = True
                 _derived(row, ceilings)
                 if grow and np.isfinite(row.get("time_s", np.nan)):
@@ -263,9 +264,9 @@ def run_study(study: Study, out: Path | str = "results", *, quick: bool = False,
     return df
 
 
-def write_machine(out: Path | str, quick: bool = False) -> dict:
-    """The run's fingerprint and ceilings as ``<out>/tables/machine.json``."""
-    info = {**fingerprint(), **measure_ceilings(quick)}
+def write_machine(out: Path | str, info: dict) -> None:
+    """A run's fingerprint and ceilings (``info``, as its rows carry them) as
+    ``<out>/tables/machine.json``."""
     path = Path(out) / "tables" / "machine.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in info.items()}
@@ -273,4 +274,3 @@ def write_machine(out: Path | str, quick: bool = False) -> dict:
     with os.fdopen(fd, "w") as f:
         json.dump(clean, f, indent=2)
     os.replace(tmp, path)
-    return info
