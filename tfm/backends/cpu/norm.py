@@ -186,28 +186,25 @@ def exp2_shift_sum(row, n, m):
     return float(row[:n].sum())
 
 
-@overload(exp2_shift_sum)
-def _exp2_shift_sum_impl(row, n, m):
-    exp2_in_place = _exp2_shift_f32 if row.dtype == types.float32 else _exp2_shift_f64
-    dt = row.dtype
+def _shift_then_sum(kernel_f32, kernel_f64):
+    """The @overload body of ``exp_shift_sum`` / ``exp2_shift_sum``: the row dtype's in-place
+    kernel (float32: the polynomial), then the float64 sum in its own loop."""
 
-    def impl(row, n, m):
-        exp2_in_place(row, n, dt(m))
-        return _sum_f64(row, n)
+    def typer(row, n, m):
+        in_place = kernel_f32 if row.dtype == types.float32 else kernel_f64
+        dt = row.dtype
 
-    return impl
+        def impl(row, n, m):
+            in_place(row, n, dt(m))
+            return _sum_f64(row, n)
+
+        return impl
+
+    return typer
 
 
-@overload(exp_shift_sum)
-def _exp_shift_sum_impl(row, n, m):
-    exp_in_place = _exp_shift_f32 if row.dtype == types.float32 else _exp_shift_f64
-    dt = row.dtype
-
-    def impl(row, n, m):
-        exp_in_place(row, n, dt(m))
-        return _sum_f64(row, n)
-
-    return impl
+overload(exp_shift_sum)(_shift_then_sum(_exp_shift_f32, _exp_shift_f64))
+overload(exp2_shift_sum)(_shift_then_sum(_exp2_shift_f32, _exp2_shift_f64))
 
 
 @overload(exp_shift_to_sum)
