@@ -526,17 +526,27 @@ def main(argv=None) -> int:
     info = device_info()
     peak = info["fp32_peak_gflops"]
     t0 = time.perf_counter()
-    tables = {
-        "correctness": pd.DataFrame(check_correctness(bk, grid, rng)),
-        "gemm": pd.DataFrame(time_gemm(grid, peak, rng)),
-        "attention": pd.DataFrame(time_attention(bk, grid, peak, rng)),
-        "forward": pd.DataFrame(time_forward(grid, peak, rng)),
-        "memory": pd.DataFrame(measure_memory(bk, grid, rng)),
-    }
     pd.DataFrame([info]).to_csv(os.path.join(args.out, "device.csv"), index=False)
-    for name, df in tables.items():
-        df.to_csv(os.path.join(args.out, f"{name}.csv"), index=False)
-    failed = int((~tables["correctness"]["passed"].astype(bool)).sum())
+    sections = {
+        "correctness": lambda: check_correctness(bk, grid, rng),
+        "gemm": lambda: time_gemm(grid, peak, rng),
+        "attention": lambda: time_attention(bk, grid, peak, rng),
+        "forward": lambda: time_forward(grid, peak, rng),
+        "memory": lambda: measure_memory(bk, grid, rng),
+    }
+    tables = {}
+    for name, section in sections.items():
+        print(f"[{time.perf_counter() - t0:6.1f} s] {name} ...", flush=True)
+        try:
+            tables[name] = pd.DataFrame(section())
+        except Exception as exc:  # one failing section must not cost the others
+            import traceback
+
+            traceback.print_exc()
+            tables[name] = pd.DataFrame([{"error": f"{type(exc).__name__}: {exc}"[:500]}])
+        tables[name].to_csv(os.path.join(args.out, f"{name}.csv"), index=False)
+    corr = tables["correctness"]
+    failed = int((~corr["passed"].astype(bool)).sum()) if "passed" in corr else len(corr)
     lines = [
         "# tfm CUDA check", "",
         f"- command: `{command}`",

@@ -30,6 +30,9 @@ import os
 import numpy as np
 
 from ..base import Backend
+from ._compat import install as _install_numpy_shims
+
+_install_numpy_shims()  # before numba-cuda loads its CUDA target (see _compat)
 
 GEMM_IMPLS = ("numba", "cupy")
 
