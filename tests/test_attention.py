@@ -151,6 +151,8 @@ def test_split_and_merge_heads(rng, dtype):
     merged = att.merge_heads(heads)
     assert merged.shape == x.shape and merged.flags.c_contiguous
     assert np.array_equal(merged, x)
+    cols = att.split_heads(x, 2, start=16, width=16)  # Q/K/V columns of a fused projection
+    assert np.shares_memory(cols, x) and np.array_equal(cols, ref.split_heads(x[:, :, 16:32], 2))
 
 
 def test_fused_at_32k_tokens(rng):

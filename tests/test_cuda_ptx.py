@@ -120,7 +120,7 @@ def _kernels():
     yield "copy4", L._copy_kernel(4), (a(f32, 4, "A"), f4), False
     yield "embedding", E._embedding_kernel(), (a(i64, 1), f2, f32, f2), False
     yield "add_pe", E._add_pe_kernel(), (f3, f2, i64, f3), False
-    yield "split_heads_view", A._split_kernel(), (a(f32, 3, "A"), f4), False
+    yield "split_heads_view", A._split_kernel(), (a(f32, 3, "A"), i64, f4), False
     yield "merge_heads", A._merge_kernel(), (f4, f3), False
     yield "write_rows", A._write_rows_kernel(), (f4, f4, i64), False
     for kind in range(4):

@@ -96,9 +96,12 @@ def test_split_merge_heads_and_strided_views(bk, rng, dtype):
     heads = bk.split_heads(dx, 3)
     np.testing.assert_array_equal(bk.to_numpy(heads), ref.split_heads(x, 3))
     np.testing.assert_array_equal(bk.to_numpy(bk.merge_heads(heads)), x)
-    # a column slice of a fused projection (a strided view), as the model passes it
+    # a column slice of a fused projection (a strided view)
     part = bk.split_heads(dx[:, :, 6:12], 2)
     np.testing.assert_array_equal(bk.to_numpy(part), ref.split_heads(x[:, :, 6:12], 2))
+    # the same columns selected by the kernel, as the model asks for them
+    cols = bk.split_heads(dx, 2, start=6, width=6)
+    np.testing.assert_array_equal(bk.to_numpy(cols), ref.split_heads(x[:, :, 6:12], 2))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

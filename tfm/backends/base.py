@@ -94,8 +94,12 @@ class Backend(ABC):
 
     # ------------------------------------------------------------------ attention
     @abstractmethod
-    def split_heads(self, x, n_heads: int):
-        """(B, N, H*Dh) -> (B, H, N, Dh); may be a view of x (read it, do not write into it)."""
+    def split_heads(self, x, n_heads: int, start: int = 0, width: int | None = None):
+        """Columns ``[start, start + width)`` of x (B, N, C) as heads (B, H, N, width / H).
+
+        ``width`` defaults to ``C - start``; a fused projection's Q, K and V are split
+        without slicing it first. May be a view of x (read it, do not write into it).
+        """
 
     @abstractmethod
     def merge_heads(self, x):

@@ -56,8 +56,10 @@ class NumpyBackend(Backend):
         x = np.asarray(x, dtype=np.float64)
         return x + ref.positional_encoding(x.shape[1], x.shape[2], offset)[None]
 
-    def split_heads(self, x, n_heads):
-        return np.ascontiguousarray(ref.split_heads(x, n_heads))
+    def split_heads(self, x, n_heads, start=0, width=None):
+        x = np.asarray(x)
+        stop = x.shape[-1] if width is None else start + width
+        return np.ascontiguousarray(ref.split_heads(x[:, :, start:stop], n_heads))
 
     def merge_heads(self, x):
         return ref.merge_heads(x)

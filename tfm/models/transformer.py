@@ -136,8 +136,7 @@ class _Stack(Model):
     # ------------------------------------------------------------------ sublayers
     def _heads(self, x, start: int):
         """Columns [start, start + d_model) of a fused projection, split into heads."""
-        d = self.config.d_model
-        return self.backend.split_heads(x[:, :, start:start + d], self.config.n_heads)
+        return self.backend.split_heads(x, self.config.n_heads, start, self.config.d_model)
 
     def _attend(self, q, k, v, prefix, mask, causal):
         bk, w = self.backend, self.weights

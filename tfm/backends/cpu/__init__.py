@@ -74,8 +74,8 @@ class CpuBackend(Backend):
         return _k("embedding").add_positional_encoding(x, offset)
 
     # attention
-    def split_heads(self, x, n_heads):
-        return _k("attention").split_heads(x, n_heads)
+    def split_heads(self, x, n_heads, start=0, width=None):
+        return _k("attention").split_heads(x, n_heads, start, width)
 
     def merge_heads(self, x):
         return _k("attention").merge_heads(x)

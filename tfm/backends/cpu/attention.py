@@ -286,11 +286,14 @@ def _run(impl, args):
         _fused_kernel(*args, TILE_Q, TILE_K)
 
 
-def split_heads(x, n_heads):
-    """(B, N, H*Dh) -> (B, H, N, Dh) as a view where NumPy can (no copy; ``attention`` reads
-    the strided heads in place). Do not write into it."""
-    b, n, d = x.shape
-    return np.asarray(x).reshape(b, n, n_heads, d // n_heads).transpose(0, 2, 1, 3)
+def split_heads(x, n_heads, start=0, width=None):
+    """Columns [start, start + width) of (B, N, C) -> (B, H, N, width / H) as a view where
+    NumPy can (no copy; ``attention`` reads the strided heads in place). Do not write into it."""
+    x = np.asarray(x)
+    b, n, c = x.shape
+    width = c - start if width is None else width
+    cols = x[:, :, start:start + width]
+    return cols.reshape(b, n, n_heads, width // n_heads).transpose(0, 2, 1, 3)
 
 
 def merge_heads(x):

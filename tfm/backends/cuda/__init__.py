@@ -213,8 +213,8 @@ class CudaBackend(Backend):
         return _k("embedding").add_positional_encoding(x, offset, self.tuning)
 
     # ------------------------------------------------------------------ attention
-    def split_heads(self, x, n_heads):
-        return _k("attention").split_heads(x, n_heads, self.tuning)
+    def split_heads(self, x, n_heads, start=0, width=None):
+        return _k("attention").split_heads(x, n_heads, self.tuning, start, width)
 
     def merge_heads(self, x):
         return _k("attention").merge_heads(x, self.tuning)

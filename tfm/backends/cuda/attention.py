@@ -292,7 +292,7 @@ def run_fused(q, k, v, out, tuning, *, mask4=None, factors=(0, 0, 0, 0), window=
 @lru_cache(maxsize=None)
 def _split_kernel():
     @cuda.jit(cache=True)
-    def split(x, out):  # x (B, N, H*Dh) -> out (B, H, N, Dh)
+    def split(x, start, out):  # x (B, N, C), columns [start, start + H*Dh) -> out (B, H, N, Dh)
         i = cuda.grid(1)
         bb, hh, n, dh = out.shape
         if i < bb * hh * n * dh:
@@ -300,7 +300,7 @@ def _split_kernel():
             pos = (i // dh) % n
             head = (i // (dh * n)) % hh
             bi = i // (dh * n * hh)
-            out[bi, head, pos, e] = x[bi, pos, head * dh + e]
+            out[bi, head, pos, e] = x[bi, pos, start + head * dh + e]
 
     return split
 
@@ -336,11 +336,15 @@ def _write_rows_kernel():
     return write_rows
 
 
-def split_heads(x, n_heads, tuning):
-    b, n, d = x.shape
-    out = cuda.device_array((b, n_heads, n, d // n_heads), dtype=x.dtype)
+def split_heads(x, n_heads, tuning, start=0, width=None):
+    """Columns [start, start + width) of x (B, N, C) as (B, H, N, width / H), without slicing x
+    on the host (a numba device-array slice walks its extents in Python: ~2.5 ms per slice of a
+    (8, 128, 1536) projection on the first GPU run, dev/cuda/profile_forward.txt)."""
+    b, n, c = x.shape
+    width = c - start if width is None else width
+    out = cuda.device_array((b, n_heads, n, width // n_heads), dtype=x.dtype)
     launch("split_heads", _split_kernel(), grid_1d(out.size, tuning.elem_threads),
-           tuning.elem_threads, x, out)
+           tuning.elem_threads, x, start, out)
     return out
 
 
