@@ -75,25 +75,6 @@ def test_no_bias_is_zero_bias(rng):
         assert rel_err(a, b) < TOL[np.float32]
 
 
-def test_float32_gate_functions_against_float64():
-    """The vectorised rational tanh/sigmoid used for float32 gates: |error| < 4e-7."""
-    from numba import njit
-
-    @njit
-    def both(x, t, s):
-        for i in range(x.shape[0]):
-            t[i] = cpu_rec._tanh(x[i])
-            s[i] = cpu_rec._sigmoid(x[i])
-
-    x = np.linspace(-30, 30, 200_001).astype(np.float32)
-    t, s = np.empty_like(x), np.empty_like(x)
-    both(x, t, s)
-    x64 = x.astype(np.float64)
-    assert np.max(np.abs(t - np.tanh(x64))) < 4e-7
-    assert np.max(np.abs(s - 1.0 / (1.0 + np.exp(-x64)))) < 4e-7
-    assert np.all(t[x64 > 0] >= 0) and np.all(np.abs(t) <= 1.0)
-
-
 @pytest.mark.parametrize("cls,kind", [(layers.RNN, "rnn_tanh"), (layers.LSTM, "lstm"), (layers.GRU, "gru")])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_layer_stack_matches_numpy_backend(rng, cls, kind, dtype):

@@ -70,7 +70,8 @@ from ._blas import N as _N
 from ._blas import T as _T
 from ._blas import gemm as _gemm
 from ._threads import single_threaded_blas
-from .norm import exp2_shift_sum, maxnum, row_max, softmax_in_place
+from .fastmath import maxnum
+from .norm import exp2_shift_sum, row_max, softmax_in_place
 
 VARIANTS = {
     "naive": "per (b, h): the full (Nq, Nk) score matrix, then softmax, then P @ V",

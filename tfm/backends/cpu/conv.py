@@ -20,7 +20,7 @@ dropped before the GEMM (dilations larger than N cost nothing extra).
                        place: 1.2-14x slower than one-gemm (batched small GEMMs + k passes).
 
 glu: a * sigmoid(b) over the last axis split in halves, one parallel Numba pass (float32
-sigmoid through the vectorised rational tanh of recurrent.py).
+sigmoid through the vectorised rational tanh of fastmath.py).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import numpy as np
 from numba import njit, prange
 
 from .linear import linear
-from .recurrent import _sigmoid
+from .fastmath import sigmoid
 
 
 @njit(cache=True, fastmath=False, parallel=True)
@@ -75,7 +75,7 @@ def _glu(x2, out):
     for r in prange(rows):
         a, g, o = x2[r, :half], x2[r, half:], out[r]
         for j in range(half):
-            o[j] = a[j] * _sigmoid(g[j])
+            o[j] = a[j] * sigmoid(g[j])
 
 
 def glu(x):

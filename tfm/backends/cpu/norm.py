@@ -24,42 +24,15 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from llvmlite import ir
 from numba import njit, prange, types
-from numba.extending import intrinsic, overload
+from numba.extending import overload
 
 from ._threads import SMALL_ELEMENTS
-
-_REDUCE = {"reassoc", "nsz", "contract"}
+from .fastmath import REDUCE as _REDUCE
+from .fastmath import exp2_le0, exp_le0, maxnum
 
 
 # ---------------------------------------------------------------------------- row primitives
-@intrinsic
-def maxnum(typingctx, a, b):
-    """llvm.maxnum (a NaN operand yields the other): a max LLVM vectorises as a reduction."""
-    if a != b or not isinstance(a, types.Float):
-        return None
-    sig = a(a, b)
-
-    def codegen(context, builder, signature, args):
-        t = args[0].type
-        fn = builder.module.declare_intrinsic("llvm.maxnum", [t], ir.FunctionType(t, [t, t]))
-        return builder.call(fn, args)
-
-    return sig, codegen
-
-
-@intrinsic
-def _int32_as_float32(typingctx, x):
-    """Reinterpret the bits of an int32 as a float32 (builds 2**k for the exp below)."""
-    sig = types.float32(types.int32)
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
-
-    return sig, codegen
-
-
 @njit(cache=True, fastmath=_REDUCE)
 def row_max(row, n):
     """max(row[:n]), -inf for n == 0."""
@@ -69,32 +42,12 @@ def row_max(row, n):
     return m
 
 
-@njit(inline="always", fastmath=_REDUCE)
-def _expf_le0(x):
-    """exp(x) for float32 x <= 0, Cephes expf: x = k ln2 + r, |r| <= ln2/2, e^r by a degree-7
-    polynomial, 2**k from the exponent bits. x < -87 (incl. -inf: masked keys) gives exactly 0;
-    NaN stays NaN.
-    """
-    xc = np.float32(-87.0) if x < np.float32(-87.0) else x
-    ki = np.int32(xc * np.float32(1.4426950408889634) - np.float32(0.5))  # round(x/ln2), x <= 0
-    kf = np.float32(ki)
-    r = xc - kf * np.float32(0.693359375) + kf * np.float32(2.12194440e-4)
-    p = np.float32(1.9875691500e-4)
-    p = p * r + np.float32(1.3981999507e-3)
-    p = p * r + np.float32(8.3334519073e-3)
-    p = p * r + np.float32(4.1665795894e-2)
-    p = p * r + np.float32(1.6666665459e-1)
-    p = p * r + np.float32(5.0000001201e-1)
-    p = (p * r * r + r + np.float32(1.0)) * _int32_as_float32((ki + np.int32(127)) << 23)
-    return np.float32(0.0) if x < np.float32(-87.0) else p
-
-
 @njit(cache=True, fastmath=_REDUCE)
 def _exp_shift_f32(row, n, m):
     """row[:n] = exp(row[:n] - m) in place. No reduction in this loop: with one, LLVM kept it
     scalar."""
     for j in range(n):
-        row[j] = _expf_le0(row[j] - m)
+        row[j] = exp_le0(row[j] - m)
 
 
 @njit(cache=True, fastmath=_REDUCE)
@@ -102,33 +55,14 @@ def _exp_shift_to_f32(src, dst, n, m):
     """dst[:n] = exp(src[:n] - m); src and dst must not overlap (a separate loop from the
     in-place one, so neither carries LLVM's runtime overlap check)."""
     for j in range(n):
-        dst[j] = _expf_le0(src[j] - m)
-
-
-@njit(inline="always", fastmath=_REDUCE)
-def _exp2f_le0(x):
-    """2**x for float32 x <= 0: x = k + r, |r| <= 1/2, 2**r by a degree-5 polynomial (fitted
-    here with c0 = 1, max relative error 1.9e-7 in float32), 2**k from the exponent bits.
-    x < -126 (incl. -inf: masked keys) gives exactly 0; NaN stays NaN. 14 vector operations
-    where ``_expf_le0`` needs 23 (no Cody-Waite x / ln2 reduction): see ``exp2_shift_sum``.
-    """
-    xc = np.float32(-126.0) if x < np.float32(-126.0) else x
-    ki = np.int32(xc - np.float32(0.5))  # round(x): truncation toward zero, x <= 0
-    r = xc - np.float32(ki)  # exact
-    p = np.float32(1.326472731307149e-3)
-    p = p * r + np.float32(9.671512991189957e-3)
-    p = p * r + np.float32(5.550733581185341e-2)
-    p = p * r + np.float32(2.4022242426872253e-1)
-    p = p * r + np.float32(6.931470036506653e-1)
-    p = (p * r + np.float32(1.0)) * _int32_as_float32((ki + np.int32(127)) << 23)
-    return np.float32(0.0) if x < np.float32(-126.0) else p
+        dst[j] = exp_le0(src[j] - m)
 
 
 @njit(cache=True, fastmath=_REDUCE)
 def _exp2_shift_f32(row, n, m):
     """row[:n] = 2**(row[:n] - m) in place."""
     for j in range(n):
-        row[j] = _exp2f_le0(row[j] - m)
+        row[j] = exp2_le0(row[j] - m)
 
 
 @njit(cache=True, fastmath=_REDUCE)

@@ -103,6 +103,7 @@ import numpy as np
 from numba import get_num_threads, njit, prange, types
 from numba.extending import overload
 
+from .fastmath import sigmoid, tanh
 from .linear import linear
 
 # Hidden units per block: 4*128 LSTM gate columns = a 2 KB segment of each W_hh^T row, and
@@ -126,60 +127,6 @@ MIN_GROUP_ROWS = 8
 MIN_SPLIT_STEP_FLOPS = 8_000_000
 
 _NONLINEARITIES = {"tanh": 0, "relu": 1}
-
-# Eigen's generic_fast_tanh_float: odd rational 13/6 approximation on [-7.905, 7.905].
-_TANH_CLAMP = np.float32(7.90531110763549805)
-_TANH_TINY = np.float32(0.0004)
-_A1, _A3, _A5, _A7 = (np.float32(4.89352455891786e-03), np.float32(6.37261928875436e-04),
-                      np.float32(1.48572235717979e-05), np.float32(5.12229709037114e-08))
-_A9, _A11, _A13 = (np.float32(-8.60467152213735e-11), np.float32(2.00018790482477e-13),
-                   np.float32(-2.76076847742355e-16))
-_B0, _B2, _B4, _B6 = (np.float32(4.89352518554385e-03), np.float32(2.26843463243900e-03),
-                      np.float32(1.18534705686654e-04), np.float32(1.19825839466702e-06))
-_HALF32 = np.float32(0.5)
-
-
-def _tanh(x):
-    """tanh; inside kernels float32 takes the vectorisable rational form (overload below)."""
-    return np.tanh(x)
-
-
-def _sigmoid(x):
-    """Logistic sigmoid; inside kernels float32 goes through the rational tanh."""
-    return 1.0 / (1.0 + np.exp(-x))
-
-
-@njit(cache=True, fastmath=False, error_model="numpy")
-def _tanh_f32(x):
-    y = min(max(x, -_TANH_CLAMP), _TANH_CLAMP)
-    y2 = y * y
-    p = _A13
-    p = p * y2 + _A11
-    p = p * y2 + _A9
-    p = p * y2 + _A7
-    p = p * y2 + _A5
-    p = p * y2 + _A3
-    p = p * y2 + _A1
-    q = _B6
-    q = q * y2 + _B4
-    q = q * y2 + _B2
-    q = q * y2 + _B0
-    r = y * p / q
-    return x if abs(x) < _TANH_TINY else r
-
-
-@overload(_tanh)
-def _tanh_overload(x):
-    if x == types.float32:
-        return lambda x: _tanh_f32(x)
-    return lambda x: np.tanh(x)
-
-
-@overload(_sigmoid)
-def _sigmoid_overload(x):
-    if x == types.float32:
-        return lambda x: _HALF32 * _tanh_f32(_HALF32 * x) + _HALF32
-    return lambda x: 1.0 / (1.0 + np.exp(-x))
 
 
 # ------------------------------------------------------------------------------ kernels
@@ -265,7 +212,7 @@ def _rnn_block(h_prev, w_hhT, acc, xw, h_next, out, r0, t, u0, w, relu):
         h_row, o_row = h_next[b, u0:u0 + w], out[r0 + b, t, u0:u0 + w]
         for u in range(w):
             z = a_row[u] + x_row[u]
-            hh = max(z, 0.0) if relu else _tanh(z)
+            hh = max(z, 0.0) if relu else tanh(z)
             h_row[u] = hh
             o_row[u] = hh
 
@@ -279,13 +226,13 @@ def _lstm_block(h_prev, w_hhT, acc, xw, c, h_next, out, r0, t, u0, w):
         c_row, h_row = c[r0 + b, u0:u0 + w], h_next[b, u0:u0 + w]
         o_row = out[r0 + b, t, u0:u0 + w]
         for u in range(w):
-            i = _sigmoid(a_row[u] + x_row[u])
-            f = _sigmoid(a_row[w + u] + x_row[w + u])
-            g = _tanh(a_row[2 * w + u] + x_row[2 * w + u])
-            o = _sigmoid(a_row[3 * w + u] + x_row[3 * w + u])
+            i = sigmoid(a_row[u] + x_row[u])
+            f = sigmoid(a_row[w + u] + x_row[w + u])
+            g = tanh(a_row[2 * w + u] + x_row[2 * w + u])
+            o = sigmoid(a_row[3 * w + u] + x_row[3 * w + u])
             cc = f * c_row[u] + i * g
             c_row[u] = cc
-            hh = o * _tanh(cc)
+            hh = o * tanh(cc)
             h_row[u] = hh
             o_row[u] = hh
 
@@ -299,9 +246,9 @@ def _gru_block(h_prev, w_hhT, acc, xw, b_hn, h_next, out, r0, t, u0, w):
         hp_row, bn = h_prev[b, u0:u0 + w], b_hn[u0:u0 + w]
         h_row, o_row = h_next[b, u0:u0 + w], out[r0 + b, t, u0:u0 + w]
         for u in range(w):
-            r = _sigmoid(a_row[u] + x_row[u])
-            z = _sigmoid(a_row[w + u] + x_row[w + u])
-            nn = _tanh(x_row[2 * w + u] + r * (a_row[2 * w + u] + bn[u]))
+            r = sigmoid(a_row[u] + x_row[u])
+            z = sigmoid(a_row[w + u] + x_row[w + u])
+            nn = tanh(x_row[2 * w + u] + r * (a_row[2 * w + u] + bn[u]))
             hh = nn + z * (hp_row[u] - nn)
             h_row[u] = hh
             o_row[u] = hh
