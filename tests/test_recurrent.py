@@ -190,10 +190,11 @@ def test_recurrence_kernel_writes_every_output(rng, kind, batch, groups, units):
               else np.array(groups, dtype=np.int64))
     if kind == "lstm":
         xw, w_hhT = cpu_rec._prepare(x, h0, w_ih, w_hh, b_ih + b_hh, 4, units)
-        args = (xw, h0, c0, w_hhT, out, units)
-        h_n, c_n = cpu_rec._lstm_by_units(*args) if by_units else cpu_rec._lstm_by_rows(*args, starts)
+        c = c0.copy()  # the cell state, updated in place
+        args = (xw, h0, w_hhT, c, out, units)
+        h_n = cpu_rec._lstm_by_units(*args) if by_units else cpu_rec._lstm_by_rows(*args, starts)
         want = ref.lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
-        got = (out, h_n, c_n)
+        got = (out, h_n, c)
     elif kind == "gru":
         bias = b_ih.copy()
         bias[:2 * hidden] += b_hh[:2 * hidden]
@@ -205,8 +206,8 @@ def test_recurrence_kernel_writes_every_output(rng, kind, batch, groups, units):
     else:
         xw, w_hhT = cpu_rec._prepare(x, h0, w_ih, w_hh, b_ih + b_hh, 1)
         relu = kind == "rnn_relu"
-        h_n = (cpu_rec._rnn_by_units(xw, h0, w_hhT, out, units, relu) if by_units
-               else cpu_rec._rnn_by_rows(xw, h0, w_hhT, out, units, starts, relu))
+        h_n = (cpu_rec._rnn_by_units(xw, h0, w_hhT, relu, out, units) if by_units
+               else cpu_rec._rnn_by_rows(xw, h0, w_hhT, relu, out, units, starts))
         want = ref.rnn_layer(x, h0, w_ih, w_hh, b_ih, b_hh, kind[4:])
         got = (out, h_n)
     for a, b in zip(got, want):

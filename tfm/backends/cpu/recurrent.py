@@ -204,8 +204,10 @@ def _row_schedule(batch: int, hidden: int, units: int, n_gates: int):
 # One step of one unit block [u0, u0 + w) for the batch rows r0 .. r0 + len(h_prev): the
 # block's slice of h_{t-1} W_hh^T into ``acc``, then the gate/state update of those units.
 # ``h_prev`` / ``h_next`` hold only those rows; ``xw``, ``out`` (and ``c``) the whole batch.
+# The fifth argument is the kind's own state: the RNN's relu flag, the LSTM's cell state
+# (B, H), updated in place, the GRU's b_hn (H,).
 @njit(cache=True, fastmath=False, error_model="numpy")
-def _rnn_block(h_prev, w_hhT, acc, xw, h_next, out, r0, t, u0, w, relu):
+def _rnn_block(h_prev, w_hhT, acc, xw, relu, h_next, out, r0, t, u0, w):
     _hidden_block(h_prev, w_hhT, acc, u0, w)
     for b in range(h_prev.shape[0]):
         a_row, x_row = acc[b], xw[r0 + b, t, u0:u0 + w]
@@ -254,116 +256,81 @@ def _gru_block(h_prev, w_hhT, acc, xw, b_hn, h_next, out, r0, t, u0, w):
             o_row[u] = hh
 
 
-# Two schedules per kind, same blocks. By rows: each thread runs all n steps for its own row
-# group (no barriers). By units: every step's unit blocks are shared out over the threads
-# (one parallel region, i.e. one barrier, per step; each thread streams only its blocks'
-# share of W_hh^T), for batches too small for a row group per thread.
-@njit(cache=True, fastmath=False, error_model="numpy", parallel=True)
-def _rnn_by_rows(xw, h0, w_hhT, out, units, starts, relu):
-    batch, n, hidden = xw.shape
-    n_blocks = (hidden + units - 1) // units
-    h_n = np.empty((batch, hidden), dtype=xw.dtype)
-    for grp in prange(starts.shape[0] - 1):
-        r0, r1 = starts[grp], starts[grp + 1]
-        acc = np.empty((r1 - r0, units), dtype=xw.dtype)
-        h_buf = np.empty((2, r1 - r0, hidden), dtype=xw.dtype)
-        h_buf[0] = h0[r0:r1]
+_BLOCKS = {1: _rnn_block, 4: _lstm_block, 3: _gru_block}
+
+
+def _cell_block(n_gates, h_prev, w_hhT, acc, xw, state, h_next, out, r0, t, u0, w):
+    """The block step of the cell with ``n_gates`` gates (a constant); @njit code only."""
+    raise NotImplementedError("_cell_block is only callable from @njit code")
+
+
+@overload(_cell_block, prefer_literal=True)
+def _cell_block_impl(n_gates, h_prev, w_hhT, acc, xw, state, h_next, out, r0, t, u0, w):
+    # Resolved at compile time from the literal gate count: a direct call, as if written out.
+    if not isinstance(n_gates, types.IntegerLiteral):
+        return None
+    block = _BLOCKS[n_gates.literal_value]
+
+    def impl(n_gates, h_prev, w_hhT, acc, xw, state, h_next, out, r0, t, u0, w):
+        block(h_prev, w_hhT, acc, xw, state, h_next, out, r0, t, u0, w)
+
+    return impl
+
+
+def _schedules(name: str, n_gates: int):
+    """The two schedule kernels of one cell kind, (by_rows, by_units), over its block.
+
+    By rows: each thread runs all n steps for its own row group (no barriers). By units:
+    every step's unit blocks are shared out over the threads (one parallel region, i.e. one
+    barrier, per step; each thread streams only its blocks' share of W_hh^T), for batches
+    too small for a row group per thread. Both return h_n; the LSTM's cell state is
+    ``state``, updated in place. ``n_gates`` is a closure constant, so each kind compiles
+    (and caches) its own kernels, with its block called directly.
+    """
+
+    def by_rows(xw, h0, w_hhT, state, out, units, starts):
+        batch, n, gates = xw.shape
+        hidden = gates // n_gates
+        n_blocks = (hidden + units - 1) // units
+        h_n = np.empty((batch, hidden), dtype=xw.dtype)
+        for grp in prange(starts.shape[0] - 1):
+            r0, r1 = starts[grp], starts[grp + 1]
+            acc = np.empty((r1 - r0, n_gates * units), dtype=xw.dtype)
+            h_buf = np.empty((2, r1 - r0, hidden), dtype=xw.dtype)
+            h_buf[0] = h0[r0:r1]
+            for t in range(n):
+                for blk in range(n_blocks):
+                    u0 = blk * units
+                    _cell_block(n_gates, h_buf[t % 2], w_hhT, acc, xw, state, h_buf[(t + 1) % 2],
+                                out, r0, t, u0, min(units, hidden - u0))
+            h_n[r0:r1] = h_buf[n % 2]
+        return h_n
+
+    def by_units(xw, h0, w_hhT, state, out, units):
+        batch, n, gates = xw.shape
+        hidden = gates // n_gates
+        n_blocks = (hidden + units - 1) // units
+        acc = np.empty((n_blocks, batch, n_gates * units), dtype=xw.dtype)
+        h_buf = np.empty((2, batch, hidden), dtype=xw.dtype)
+        h_buf[0] = h0
         for t in range(n):
-            for blk in range(n_blocks):
+            for blk in prange(n_blocks):
                 u0 = blk * units
-                _rnn_block(h_buf[t % 2], w_hhT, acc, xw, h_buf[(t + 1) % 2], out, r0, t, u0,
-                           min(units, hidden - u0), relu)
-        h_n[r0:r1] = h_buf[n % 2]
-    return h_n
+                _cell_block(n_gates, h_buf[t % 2], w_hhT, acc[blk], xw, state,
+                            h_buf[(t + 1) % 2], out, 0, t, u0, min(units, hidden - u0))
+        return h_buf[n % 2].copy()
+
+    kernels = []
+    for fn in (by_rows, by_units):
+        # its own name: the cache file and profiles tell the kinds apart
+        fn.__name__ = fn.__qualname__ = f"_{name}_{fn.__name__}"
+        kernels.append(njit(cache=True, fastmath=False, error_model="numpy", parallel=True)(fn))
+    return tuple(kernels)
 
 
-@njit(cache=True, fastmath=False, error_model="numpy", parallel=True)
-def _rnn_by_units(xw, h0, w_hhT, out, units, relu):
-    batch, n, hidden = xw.shape
-    n_blocks = (hidden + units - 1) // units
-    acc = np.empty((n_blocks, batch, units), dtype=xw.dtype)
-    h_buf = np.empty((2, batch, hidden), dtype=xw.dtype)
-    h_buf[0] = h0
-    for t in range(n):
-        for blk in prange(n_blocks):
-            u0 = blk * units
-            _rnn_block(h_buf[t % 2], w_hhT, acc[blk], xw, h_buf[(t + 1) % 2], out, 0, t, u0,
-                       min(units, hidden - u0), relu)
-    return h_buf[n % 2].copy()
-
-
-@njit(cache=True, fastmath=False, error_model="numpy", parallel=True)
-def _lstm_by_rows(xw, h0, c0, w_hhT, out, units, starts):
-    batch, n, gates = xw.shape
-    hidden = gates // 4
-    n_blocks = (hidden + units - 1) // units
-    h_n = np.empty((batch, hidden), dtype=xw.dtype)
-    c = c0.copy()
-    for grp in prange(starts.shape[0] - 1):
-        r0, r1 = starts[grp], starts[grp + 1]
-        acc = np.empty((r1 - r0, 4 * units), dtype=xw.dtype)
-        h_buf = np.empty((2, r1 - r0, hidden), dtype=xw.dtype)
-        h_buf[0] = h0[r0:r1]
-        for t in range(n):
-            for blk in range(n_blocks):
-                u0 = blk * units
-                _lstm_block(h_buf[t % 2], w_hhT, acc, xw, c, h_buf[(t + 1) % 2], out, r0, t, u0,
-                            min(units, hidden - u0))
-        h_n[r0:r1] = h_buf[n % 2]
-    return h_n, c
-
-
-@njit(cache=True, fastmath=False, error_model="numpy", parallel=True)
-def _lstm_by_units(xw, h0, c0, w_hhT, out, units):
-    batch, n, gates = xw.shape
-    hidden = gates // 4
-    n_blocks = (hidden + units - 1) // units
-    c = c0.copy()
-    acc = np.empty((n_blocks, batch, 4 * units), dtype=xw.dtype)
-    h_buf = np.empty((2, batch, hidden), dtype=xw.dtype)
-    h_buf[0] = h0
-    for t in range(n):
-        for blk in prange(n_blocks):
-            u0 = blk * units
-            _lstm_block(h_buf[t % 2], w_hhT, acc[blk], xw, c, h_buf[(t + 1) % 2], out, 0, t, u0,
-                        min(units, hidden - u0))
-    return h_buf[n % 2].copy(), c
-
-
-@njit(cache=True, fastmath=False, error_model="numpy", parallel=True)
-def _gru_by_rows(xw, h0, w_hhT, b_hn, out, units, starts):
-    batch, n, gates = xw.shape
-    hidden = gates // 3
-    n_blocks = (hidden + units - 1) // units
-    h_n = np.empty((batch, hidden), dtype=xw.dtype)
-    for grp in prange(starts.shape[0] - 1):
-        r0, r1 = starts[grp], starts[grp + 1]
-        acc = np.empty((r1 - r0, 3 * units), dtype=xw.dtype)
-        h_buf = np.empty((2, r1 - r0, hidden), dtype=xw.dtype)
-        h_buf[0] = h0[r0:r1]
-        for t in range(n):
-            for blk in range(n_blocks):
-                u0 = blk * units
-                _gru_block(h_buf[t % 2], w_hhT, acc, xw, b_hn, h_buf[(t + 1) % 2], out, r0, t, u0,
-                           min(units, hidden - u0))
-        h_n[r0:r1] = h_buf[n % 2]
-    return h_n
-
-
-@njit(cache=True, fastmath=False, error_model="numpy", parallel=True)
-def _gru_by_units(xw, h0, w_hhT, b_hn, out, units):
-    batch, n, gates = xw.shape
-    hidden = gates // 3
-    n_blocks = (hidden + units - 1) // units
-    acc = np.empty((n_blocks, batch, 3 * units), dtype=xw.dtype)
-    h_buf = np.empty((2, batch, hidden), dtype=xw.dtype)
-    h_buf[0] = h0
-    for t in range(n):
-        for blk in prange(n_blocks):
-            u0 = blk * units
-            _gru_block(h_buf[t % 2], w_hhT, acc[blk], xw, b_hn, h_buf[(t + 1) % 2], out, 0, t, u0,
-                       min(units, hidden - u0))
-    return h_buf[n % 2].copy()
+_rnn_by_rows, _rnn_by_units = _schedules("rnn", 1)
+_lstm_by_rows, _lstm_by_units = _schedules("lstm", 4)
+_gru_by_rows, _gru_by_units = _schedules("gru", 3)
 
 
 # ------------------------------------------------------------------------------ wrappers
@@ -431,26 +398,27 @@ def rnn_layer(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity="tanh"):
     split_units = max(UNITS, RNN_UNITS // get_num_threads())  # the one gate needs no permutation
     starts = _row_schedule(x.shape[0], hidden, split_units, 1)
     if starts is None:
-        h_n = _rnn_by_units(xw, h0, w_hhT, out, split_units, relu)
+        h_n = _rnn_by_units(xw, h0, w_hhT, relu, out, split_units)
     else:
-        h_n = _rnn_by_rows(xw, h0, w_hhT, out, RNN_UNITS, starts, relu)
+        h_n = _rnn_by_rows(xw, h0, w_hhT, relu, out, RNN_UNITS, starts)
     return out, h_n
 
 
 def lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh):
     """LSTM (gates i, f, g, o) -> (out (B, N, H), h_n (B, H), c_n (B, H))."""
     x = _host(x)
-    h0, c0 = _host(h0, x.dtype), _host(c0, x.dtype)
+    h0 = _host(h0, x.dtype)
+    c = np.array(c0, dtype=x.dtype, order="C")  # the cell state, a copy the kernels update in place
     hidden = h0.shape[1]
     bias = _vec(b_ih, 4 * hidden, x.dtype) + _vec(b_hh, 4 * hidden, x.dtype)
     xw, w_hhT = _prepare(x, h0, w_ih, w_hh, bias, 4)
     out = np.empty((x.shape[0], x.shape[1], hidden), x.dtype)
     starts = _row_schedule(x.shape[0], hidden, UNITS, 4)
     if starts is None:
-        h_n, c_n = _lstm_by_units(xw, h0, c0, w_hhT, out, UNITS)
+        h_n = _lstm_by_units(xw, h0, w_hhT, c, out, UNITS)
     else:
-        h_n, c_n = _lstm_by_rows(xw, h0, c0, w_hhT, out, UNITS, starts)
-    return out, h_n, c_n
+        h_n = _lstm_by_rows(xw, h0, w_hhT, c, out, UNITS, starts)
+    return out, h_n, c
 
 
 def gru_layer(x, h0, w_ih, w_hh, b_ih, b_hh):
