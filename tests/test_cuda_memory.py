@@ -68,3 +68,39 @@ def test_pool_allocator_reuses_freed_blocks_and_releases_them_on_oom(monkeypatch
     monkeypatch.setattr(NumbaCUDAMemoryManager, "memalloc", broken)
     with pytest.raises(CudaAPIError, match="invalid value"):  # other errors are not swallowed
         mm.memalloc(8 * GRANULE)
+
+
+def test_pool_module_is_imported_only_when_requested():
+    """``_memory`` needs numba-cuda's ``binding`` module (absent in older releases): importing
+    the backend, or making one without TFM_CUDA_POOL, must not import it."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys, tfm.backends.cuda as c; c.pool_requested(); "
+            "print('tfm.backends.cuda._memory' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "TFM_CUDA_POOL": "0"})
+    assert out.stdout.strip() == "False"
+
+
+def test_pool_requested_follows_the_environment(monkeypatch):
+    from tfm.backends.cuda import pool_requested
+
+    monkeypatch.setenv("TFM_CUDA_POOL", "1")
+    assert pool_requested()
+    monkeypatch.setenv("TFM_CUDA_POOL", "0")
+    assert not pool_requested()
+
+
+def test_pool_with_caching_off_allocates_like_numba(monkeypatch):
+    from numba.cuda.cudadrv.driver import NumbaCUDAMemoryManager
+
+    from tfm.backends.cuda._memory import PoolMemoryManager
+
+    made = []
+    monkeypatch.setattr(NumbaCUDAMemoryManager, "memalloc", lambda self, size: made.append(size) or size)
+    mm = PoolMemoryManager(context=None)
+    mm.caching = False
+    assert mm.memalloc(1000) == 1000 and made == [1000]  # no rounding, no free list
+    assert mm.cached_bytes() == 0

@@ -1,86 +1,45 @@
-"""Every CUDA kernel compiles for a real GPU (sm_90 PTX through NVVM), without a GPU.
+"""Every CUDA kernel the GPU run launches compiles for a real GPU (sm_90 PTX through NVVM), and
+the launch path marshals arguments as numba does, all without a GPU.
 
 The simulator runs kernels as Python, so it cannot catch what only the CUDA compiler sees:
-typing errors, non-constant shared/local array shapes, float64 promotion. Here each kernel
-factory is compiled with ``numba.cuda.compile_ptx`` for compute capability 9.0 (H100), and
-``ptxas`` (when present) must allocate the hot kernels without register spills. Needs a
-CUDA toolkit's libNVVM and libdevice (``CUDA_HOME`` or /usr/local/cuda*); skipped otherwise.
-Runs in the normal (non-simulator) test process.
+typing errors, non-constant shared/local array shapes, float64 promotion, register pressure.
+Here each kernel factory is compiled with ``numba.cuda.compile_ptx`` for compute capability
+9.0 (H100/H200) at the tilings the GPU run uses (``Tuning()``'s defaults and the ``TILINGS``
+the lab times); ptxas (when present) must report at most 48 KB of static shared memory,
+registers x threads within a block's 64 K, and no register spills in the hot kernels (GEMM,
+fused attention). Needs a CUDA toolkit's libNVVM and libdevice (``CUDA_HOME`` or
+/usr/local/cuda*); skipped otherwise. Runs in the normal (non-simulator) test process.
 """
 
 from __future__ import annotations
 
-import glob
-import os
-import shutil
-import subprocess
+import ctypes
+import warnings
 
 import numpy as np
 import pytest
 
-from tfm.backends.cuda._launch import simulator_enabled
+from tfm.backends.cuda import _offline
+from tfm.backends.cuda._launch import REGISTERS_PER_BLOCK, SHARED_BYTES_LIMIT, simulator_enabled
 
-
-def _toolkit():
-    roots = [os.environ.get(v) for v in ("CUDA_HOME", "CUDA_PATH")] + sorted(glob.glob("/usr/local/cuda*"))
-    for root in filter(None, roots):
-        libdevice = os.path.join(root, "nvvm", "libdevice", "libdevice.10.bc")
-        nvvm = glob.glob(os.path.join(root, "lib*", "libnvvm.so*")) + glob.glob(
-            os.path.join(root, "nvvm", "lib64", "libnvvm.so*"))
-        if os.path.exists(libdevice) and nvvm:
-            return root, libdevice
-    return None, None
-
-
-ROOT, LIBDEVICE = _toolkit()
 pytestmark = [
     pytest.mark.skipif(simulator_enabled(), reason="numba runs in simulator mode in this process"),
-    pytest.mark.skipif(ROOT is None, reason="no CUDA toolkit with libNVVM and libdevice found "
-                                            "(set CUDA_HOME)"),
+    pytest.mark.skipif(_offline.toolkit()[0] is None, reason="no CUDA toolkit with libNVVM and libdevice "
+                                                             "found (set CUDA_HOME)"),
 ]
-CC = (9, 0)
 
 
 @pytest.fixture(scope="module")
-def compile_ptx():
-    """``compile_ptx(kernel, signature) -> (ptx, ptxas report)`` for sm_90 without a GPU."""
-    mp = pytest.MonkeyPatch()
-    if not os.environ.get("CUDA_HOME"):
-        mp.setenv("CUDA_HOME", ROOT)  # where numba looks for libNVVM
+def offline():
     try:
-        import numba.cuda.codegen as codegen
-        import numba.cuda.cudadrv.nvvm as nvvm
-        import numba.cuda.dispatcher as dispatcher
-        from numba import cuda
-
-        class _Device:  # device functions ask the current device for its compute capability
-            compute_capability = CC
-
-        mp.setattr(dispatcher, "get_current_device", lambda: _Device())
-        mp.setattr(codegen.nvrtc, "get_arch_option", lambda major, minor: f"compute_{major}{minor}")
-        mp.setattr(nvvm, "get_libdevice", lambda: LIBDEVICE)
-        mp.setattr(nvvm, "open_libdevice", lambda: open(LIBDEVICE, "rb").read())
+        with _offline.offline():
+            yield
     except (ImportError, AttributeError) as exc:
-        mp.undo()
         pytest.skip(f"this numba-cuda's internals differ from the ones patched here: {exc}")
-    ptxas = shutil.which("ptxas") or shutil.which(os.path.join(ROOT, "bin", "ptxas"))
-
-    def run(kernel, sig, tmp):
-        ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=CC)
-        if not ptxas:
-            return ptx, None
-        path = os.path.join(tmp, "k.ptx")
-        with open(path, "w") as fh:
-            fh.write(ptx)
-        res = subprocess.run([ptxas, "-v", f"-arch=sm_{CC[0]}{CC[1]}", path, "-o", os.devnull],
-                             capture_output=True, text=True, check=True)
-        return ptx, res.stderr
-
-    yield run
-    mp.undo()
 
 
 def _kernels():
+    """(name, kernel, signature, threads per block, must not spill) for every launched kernel."""
     from numba import types as T
 
     from tfm.backends.cuda import attention as A
@@ -97,50 +56,173 @@ def _kernels():
         return T.Array(dt, nd, layout)
 
     f1, f2, f3, f4 = (a(f32, n) for n in (1, 2, 3, 4))
+    s4 = a(f32, 4, "A")  # split heads and head-merged outputs are strided views
     mask = a(T.boolean, 4, "A")
-    fused_args = (f4, f4, f4, f4, mask, i64, i64, i64, i64, f32, i64, i64)
     s32, s64 = np.dtype(np.float32), np.dtype(np.float64)
-    # (name, kernel, signature, must not spill)
-    yield "gemm_large_gelu", L.gemm_kernel(s32, *t.gemm_large, True, 2, True), (f3, f3, f1, f3, i64, i64, i64, f32), True
-    yield "gemm_small_nt", L.gemm_kernel(s32, *t.gemm_small, False, 0, False), (f3, f3, f1, f3, i64, i64, i64, f32), True
-    yield "gemm_f64", L.gemm_kernel(s64, *t.gemm_small, True, 1, True), (a(f64, 3), a(f64, 3), a(f64, 1), a(f64, 3), i64, i64, i64, f64), True
-    for masked, band in ((False, False), (True, True)):
-        yield f"fused_m{masked:d}_b{band:d}", A.fused_kernel(s32, 64, 64, *A.fused_tiles(t, 64, 64, 4), masked, band), fused_args, True
-    yield "fused_strided_kv", A.fused_kernel(s32, 64, 64, *A.fused_tiles(t, 64, 64, 4), False, True), \
-        (f4, a(f32, 4, "A"), a(f32, 4, "A"), f4) + fused_args[4:], True
-    yield "fused_f64_d128", A.fused_kernel(s64, 128, 128, *A.fused_tiles(t, 128, 128, 8), True, False), \
-        (a(f64, 4),) * 4 + (mask, i64, i64, i64, i64, f64, i64, i64), False
-    yield "softmax_masked_causal", N.softmax_kernel(s32, t.row_threads, False, True, True), (f2, f2, mask) + (i64,) * 6, False
-    yield "log_softmax", N.softmax_kernel(s32, t.row_threads, True, False, False), (f2, f2, mask) + (i64,) * 6, False
-    yield "layer_norm_residual", N._layer_norm_kernel(s32, t.row_threads, True), (f2, f2, f1, f1, f32, f2), False
-    yield "argmax", N._argmax_kernel(s32, t.row_threads), (f2, a(i64, 1)), False
-    yield "add", L._add_kernel(), (f1, f1, f1), False
-    yield "gelu", L._unary_kernel(s32, 2), (f1, f1), False
-    yield "cast", L._cast_kernel(), (a(f64, 1), f1), False
-    yield "copy4", L._copy_kernel(4), (a(f32, 4, "A"), f4), False
-    yield "embedding", E._embedding_kernel(), (a(i64, 1), f2, f32, f2), False
-    yield "add_pe", E._add_pe_kernel(), (f3, f2, i64, f3), False
-    yield "split_heads_view", A._split_kernel(), (a(f32, 3, "A"), i64, f4), False
-    yield "merge_heads", A._merge_kernel(), (f4, f3), False
-    yield "write_rows", A._write_rows_kernel(), (f4, f4, i64), False
+    gemm_sig = (f3, f3, f1, f3, i64, i64, i64, f32)
+    for tiles in sorted(set(L.TILINGS) | {t.gemm_large, t.gemm_small}):
+        threads = (tiles[0] // tiles[3]) * (tiles[1] // tiles[4])
+        yield f"gemm{tiles}_nt_gelu_bias", L.gemm_kernel(s32, *tiles, True, 2, True), gemm_sig, threads, True
+        yield f"gemm{tiles}_nn", L.gemm_kernel(s32, *tiles, False, 0, False), gemm_sig, threads, True
+    f64_tiles = L.pick_gemm_tiles(t, 1, 1, 1, 8)
+    yield "gemm_f64", L.gemm_kernel(s64, *f64_tiles, True, 1, True), \
+        (a(f64, 3), a(f64, 3), a(f64, 1), a(f64, 3), i64, i64, i64, f64), \
+        (f64_tiles[0] // f64_tiles[3]) * (f64_tiles[1] // f64_tiles[4]), True
+    fused_tail = (mask, i64, i64, i64, i64, f32, i64, i64)
+    for attn in sorted(set(A.TILINGS) | {t.attn}):
+        tiles = A.fused_tiles(t.replace(attn=attn), 64, 64, 4)
+        threads = tiles[2] * tiles[3]
+        for masked, band in ((False, False), (True, False), (False, True), (True, True)):
+            # the model's operands: split-head views in, head-merged view out
+            yield (f"fused{attn}_m{masked:d}_b{band:d}", A.fused_kernel(s32, 64, 64, *tiles, masked, band),
+                   (s4, s4, s4, s4) + fused_tail, threads, True)
+    yield "fused_contiguous", A.fused_kernel(s32, 64, 64, *A.fused_tiles(t, 64, 64, 4), False, False), \
+        (f4, f4, f4, s4) + fused_tail, t.attn[2] * t.attn[3], True
+    f64_attn = A.fused_tiles(t, 128, 128, 8)
+    yield "fused_f64_d128", A.fused_kernel(s64, 128, 128, *f64_attn, True, False), \
+        (a(f64, 4),) * 3 + (a(f64, 4, "A"), mask, i64, i64, i64, i64, f64, i64, i64), f64_attn[2] * f64_attn[3], False
+    rt, et = t.row_threads, t.elem_threads
+    soft_sig = (f2, f2, mask) + (i64,) * 6
+    for log in (False, True):
+        for masked in (False, True):
+            for causal in (False, True):
+                yield (f"softmax_log{log:d}_m{masked:d}_c{causal:d}", N.softmax_kernel(s32, rt, log, masked, causal),
+                       soft_sig, rt, False)
+    for res in (False, True):
+        yield f"layer_norm_res{res:d}", N._layer_norm_kernel(s32, rt, res), (f2, f2, f1, f1, f32, f2), rt, False
+    yield "argmax", N._argmax_kernel(s32, rt), (f2, a(i64, 1)), rt, False
+    yield "add", L._add_kernel(), (f1, f1, f1), et, False
+    yield "gelu", L._unary_kernel(s32, 2), (f1, f1), et, False
+    for act in (0, 1, 2):
+        yield f"bias_act{act}", L._bias_act_kernel(s32, act, True), (f2, f1), et, False
+    yield "act_no_bias", L._bias_act_kernel(s32, 1, False), (f2, f1), et, False
+    yield "cast", L._cast_kernel(), (a(f64, 1), f1), et, False
+    yield "copy3", L._copy_kernel(3), (a(f32, 3, "A"), f3), et, False
+    yield "copy4", L._copy_kernel(4), (s4, f4), et, False
+    yield "embedding", E._embedding_kernel(), (a(i64, 1), f2, f32, f2), et, False
+    yield "add_pe", E._add_pe_kernel(), (f3, f2, i64, f3), et, False
+    yield "merge_heads", A._merge_kernel(), (s4, f3), et, False
+    yield "write_rows", A._write_rows_kernel(), (f4, s4, i64), et, False
+    yield "transpose", R._transpose_kernel(), (f2, f2), et, False
     for kind in range(4):
-        yield f"recurrent_step_{kind}", R._step_kernel(s32, kind), (f3, i64, f2, f2, f2, f1, f3, f2, f2), False
-    yield "im2col", C._im2col_kernel(s32), (f3, f2, i64, i64, i64, i64), False
-    yield "glu", C._glu_kernel(s32), (f2, f2), False
+        yield f"recurrent_step_{kind}", R._step_kernel(s32, kind), (f3, i64, f2, f2, f2, f1, f3, f2, f2), \
+            t.step_threads, False
+    yield "im2col", C._im2col_kernel(s32), (f3, f2, i64, i64, i64, i64), et, False
+    yield "glu", C._glu_kernel(s32), (f2, f2), et, False
 
 
-def test_every_kernel_compiles_for_sm90(compile_ptx, tmp_path):
+def test_every_kernel_compiles_for_sm90_within_its_resources(offline):
     failures = []
-    for name, kernel, sig, no_spill in _kernels():
+    for name, kernel, sig, threads, hot in _kernels():
         try:
-            ptx, report = compile_ptx(kernel, sig, str(tmp_path))
+            ptx = _offline.compile_ptx(kernel, sig)
+            report = _offline.ptxas_report(ptx)
         except Exception as exc:  # collect them all, then fail once with every message
             failures.append(f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
             continue
         assert ".entry" in ptx
-        if no_spill and report is not None and "0 bytes spill stores" not in report:
-            failures.append(f"{name} spills registers:\n{report}")
         # float32 kernels must not silently compute in float64 (a Python float literal would)
         if "f64" not in name and "cast" not in name:
             assert ".f64" not in ptx.split(".entry")[1], f"{name} computes in float64"
+        if report is None:
+            continue
+        if report["smem"] > SHARED_BYTES_LIMIT:
+            failures.append(f"{name}: {report['smem']} bytes of static shared memory")
+        if report["registers"] * threads > REGISTERS_PER_BLOCK:
+            failures.append(f"{name}: {report['registers']} registers x {threads} threads")
+        if hot and (report["spill_stores"] or report["spill_loads"]):
+            failures.append(f"{name} spills registers:\n{report['report']}")
     assert not failures, "\n".join(failures)
+
+
+# ---------------------------------------------------------------------- launch paths
+@pytest.fixture
+def stubbed(monkeypatch):
+    """Kernels compile for sm_90 and "launch" into a recorder instead of the driver."""
+    from numba.cuda import dispatcher
+
+    from tfm.backends.cuda import _launch
+
+    try:
+        ctx = _offline.offline(stub_launch=True)
+        ctx.__enter__()
+    except (ImportError, AttributeError) as exc:
+        pytest.skip(f"this numba-cuda's internals differ from the ones patched here: {exc}")
+    calls = []
+    stub = dispatcher.launch
+    dispatcher.launch = lambda stream, config, kernel, *words: calls.append(words)
+    for name, fresh in (("_OVERLOADS", {}), ("_CONFIGS", {}), ("_STREAM", []), ("_mode", None)):
+        monkeypatch.setattr(_launch, name, fresh)  # nothing compiled offline outlives the test
+    try:
+        yield calls
+    finally:
+        dispatcher.launch = stub
+        ctx.__exit__(None, None, None)
+
+
+def _words(words):
+    return [(type(w), w.value) if isinstance(w, ctypes._SimpleCData) else (type(w), w) for w in words]
+
+
+def _launch_args():
+    from tfm.backends.cuda import attention as A
+    from tfm.backends.cuda import norm as N
+    from tfm.backends.cuda._launch import Tuning
+
+    fake = _offline.fake_device_array
+    t = Tuning()
+    base = fake((2, 9, 3 * 16), np.float32, ptr=1 << 24)
+    heads = A.split_heads(base, 2, t, start=16, width=16)  # a strided view
+    merged = fake((2, 9, 16), np.float32, ptr=1 << 25)
+    out = A.strided_view(merged, (2, 2, 9, 8), A.merged_layout(2, 2, 9, 8, 4))
+    mask = fake((2, 1, 1, 9), np.bool_, ptr=1 << 26)
+    tiles = A.fused_tiles(t, 8, 8, 4)
+    yield ("attention_fused", A.fused_kernel(np.dtype(np.float32), 8, 8, *tiles, True, True), (1, 4), 128,
+           (heads, heads, heads, out, mask, 1, 0, 0, 1, np.float32(0.35), 5, 0))
+    rows = fake((6, 33), np.float64, ptr=1 << 27)
+    yield ("softmax", N.softmax_kernel(np.dtype(np.float64), 32, False, False, True), 6, 32,
+           (rows, rows, mask, 0, 0, 0, 0, 3, 2))
+
+
+def test_direct_launch_marshals_exactly_as_numba(stubbed):
+    """The ``direct`` path hands the driver the same words as numba's own launch, for C and
+    strided arrays, bool masks, int64, float32 and float64 scalars; the ``overload`` path too."""
+    from tfm.backends.cuda import _launch
+
+    for name, kernel, grid, block, args in _launch_args():
+        got = {}
+        for mode in ("dispatch", "overload", "direct"):
+            _launch.set_launch_mode(mode)
+            stubbed.clear()
+            _launch.launch(name, kernel, grid, block, *args)
+            _launch.launch(name, kernel, grid, block, *args)  # the second call hits the cache
+            assert len(stubbed) == 2 and _words(stubbed[0]) == _words(stubbed[1])
+            got[mode] = _words(stubbed[0])
+        assert got["direct"] == got["dispatch"] and got["overload"] == got["dispatch"], name
+    entries = list(_launch._OVERLOADS.values())
+    assert entries and all(e.verified and e.mode == "direct" for e in entries)
+
+
+def test_direct_launch_falls_back_when_marshalling_differs(stubbed, monkeypatch):
+    from tfm.backends.cuda import _launch
+
+    monkeypatch.setattr(_launch, "_array_words", lambda a: (0,))  # a numba with another array model
+    name, kernel, grid, block, args = next(_launch_args())
+    _launch.set_launch_mode("direct")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _launch.launch(name, kernel, grid, block, *args)
+    assert any("marshalling differs" in str(w.message) for w in caught)
+    (entry,) = _launch._OVERLOADS.values()
+    assert entry.mode == "overload" and len(stubbed) == 1 and len(stubbed[0]) > 1
+
+
+def test_registers_are_checked_on_the_first_launch(stubbed, monkeypatch):
+    from tfm.backends.cuda import _launch
+
+    name, kernel, grid, block, args = next(_launch_args())
+    monkeypatch.setattr(_offline._FakeCufunc.attrs, "regs", 600)
+    _launch.set_launch_mode("direct")
+    with pytest.raises(_launch.CudaLaunchError, match="600 registers per thread x 128 threads"):
+        _launch.launch(name, kernel, grid, block, *args)
+    assert not stubbed

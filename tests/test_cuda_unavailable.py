@@ -40,7 +40,8 @@ def test_simulator_variable_set_too_late_is_explained(monkeypatch):
 
 
 @pytest.mark.parametrize("module", ["linear", "norm", "embedding", "attention", "restricted",
-                                    "recurrent", "conv", "_launch", "_memory"])
+                                    "recurrent", "conv", "_launch", "_memory", "_cublas",
+                                    "_views", "_offline"])
 def test_kernel_modules_import_without_a_gpu(module):
     importlib.import_module(f"tfm.backends.cuda.{module}")
 

@@ -11,10 +11,22 @@ from tfm import reference as ref
 DTYPES = [np.float32, np.float64]
 
 
+@pytest.fixture(params=["numba", "cupy"])
+def gemm_bk(request):
+    """The backend with each GEMM: the Numba kernels and cuBLAS (skipped where unavailable)."""
+    from tfm.backends.cuda import CudaBackend
+
+    try:
+        return CudaBackend(gemm=request.param)
+    except ValueError as exc:
+        pytest.skip(str(exc))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("lead,d_in,d_out,bias", [((1,), 1, 1, True), ((2, 7), 13, 11, True),
                                                    ((19,), 9, 17, False), ((3, 1), 5, 3, True)])
-def test_linear(bk, rng, dtype, lead, d_in, d_out, bias):
+def test_linear(gemm_bk, rng, dtype, lead, d_in, d_out, bias):
+    bk = gemm_bk
     x, w = randn(rng, *lead, d_in, dtype=dtype), randn(rng, d_out, d_in, dtype=dtype)
     b = randn(rng, d_out, dtype=dtype) if bias else None
     out = run(bk, bk.linear, x, w, b)
@@ -33,7 +45,8 @@ def test_gemm_picks_the_small_tile_for_small_products(bk):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("act", ["relu", "gelu"])
-def test_feed_forward_and_activation(bk, rng, dtype, act):
+def test_feed_forward_and_activation(gemm_bk, rng, dtype, act):
+    bk = gemm_bk
     x = randn(rng, 2, 5, 6, dtype=dtype)
     w1, b1 = randn(rng, 10, 6, dtype=dtype), randn(rng, 10, dtype=dtype)
     w2, b2 = randn(rng, 6, 10, dtype=dtype), randn(rng, 6, dtype=dtype)
@@ -95,13 +108,34 @@ def test_split_merge_heads_and_strided_views(bk, rng, dtype):
     dx = bk.asarray(x)
     heads = bk.split_heads(dx, 3)
     np.testing.assert_array_equal(bk.to_numpy(heads), ref.split_heads(x, 3))
-    np.testing.assert_array_equal(bk.to_numpy(bk.merge_heads(heads)), x)
+    np.testing.assert_array_equal(bk.to_numpy(bk.merge_heads(heads)), x)  # a strided view: copied
     # a column slice of a fused projection (a strided view)
     part = bk.split_heads(dx[:, :, 6:12], 2)
     np.testing.assert_array_equal(bk.to_numpy(part), ref.split_heads(x[:, :, 6:12], 2))
-    # the same columns selected by the kernel, as the model asks for them
+    # the same columns selected by the view, as the model asks for them
     cols = bk.split_heads(dx, 2, start=6, width=6)
     np.testing.assert_array_equal(bk.to_numpy(cols), ref.split_heads(x[:, :, 6:12], 2))
+
+
+def test_attention_output_is_merged_without_a_copy(bk, rng, monkeypatch):
+    """Split heads are views of the projection; the attention output is written head-merged,
+    so merge_heads launches nothing (and the result is still right)."""
+    from tfm.backends.cuda import _launch
+
+    qkv = randn(rng, 2, 7, 3 * 6)
+    d = bk.asarray(qkv)
+    q, k, v = (bk.split_heads(d, 2, start=6 * i, width=6) for i in range(3))
+    launched = []
+    real = _launch.launch
+    monkeypatch.setattr(_launch, "launch", lambda name, *a: (launched.append(name), real(name, *a)))
+    import tfm.backends.cuda.attention as attention_module
+
+    monkeypatch.setattr(attention_module, "launch", _launch.launch)
+    merged = bk.merge_heads(bk.attention(q, k, v, causal=True))
+    assert launched == ["attention_fused"]
+    heads = [ref.split_heads(qkv[:, :, 6 * i:6 * i + 6], 2) for i in range(3)]
+    expect = ref.merge_heads(ref.scaled_dot_product_attention(*heads, causal=True))
+    assert rel_err(bk.to_numpy(merged), expect) < TOL[np.float32]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -9,13 +9,17 @@ from numba import cuda
 
 from tfm import reference as ref
 from tfm.backends.cuda import CudaBackend
-from tfm.backends.cuda._launch import CudaLaunchError, Tuning, checked_mode, launch
+from tfm.backends.cuda._launch import (CudaLaunchError, Tuning, check_resources, checked_mode, launch,
+                                       set_launch_mode)
 
 
 @pytest.mark.parametrize("bad,match", [
     ({"gemm_large": (8, 8, 4, 3, 2)}, "BM % TM"),
     ({"gemm_small": (64, 64, 8, 1, 1)}, "more than 1024 threads"),
+    ({"gemm_large": (128, 128, 64, 8, 8)}, "static shared memory"),
+    ({"gemm_small": (64, 64, 16, 4)}, "five positive sizes"),
     ({"attn": (6, 4, 4, 2)}, "BQ % TY"),
+    ({"attn": (64, 32, 64, 32)}, "TY\\*TX <= 1024"),
     ({"row_threads": 6}, "power of two"),
     ({"elem_threads": 0}, "elem_threads"),
 ])
@@ -24,15 +28,37 @@ def test_tuning_validation(bad, match):
         Tuning(**bad)
 
 
+def test_float64_gemm_tiles_shrink_to_fit_shared_memory():
+    from tfm.backends.cuda._launch import SHARED_BYTES_LIMIT, gemm_shared_bytes
+    from tfm.backends.cuda.linear import pick_gemm_tiles
+
+    t = Tuning(gemm_large=(128, 128, 16, 8, 8), min_blocks=1)
+    assert pick_gemm_tiles(t, 1, 512, 512, 4) == t.gemm_large
+    bm, bn, bk, _, _ = pick_gemm_tiles(t, 1, 512, 512, 8)
+    assert bk == 8 and gemm_shared_bytes(bm, bn, bk, 8) <= SHARED_BYTES_LIMIT
+
+
+def test_register_check_refuses_before_the_card_does():
+    check_resources("fits", 64, 1024, 1024)
+    with pytest.raises(CudaLaunchError, match=r"kernel big: 255 registers per thread x 512 threads"):
+        check_resources("big", 255, 1024, 512)
+    with pytest.raises(CudaLaunchError, match="at most 256 threads"):
+        check_resources("capped", 32, 256, 512)
+
+
+def test_launch_mode_is_validated():
+    with pytest.raises(ValueError, match="unknown launch mode 'fast'"):
+        set_launch_mode("fast")
+
+
 def test_backend_options_are_validated():
     with pytest.raises(ValueError, match="unknown gemm 'blas'"):
         CudaBackend(gemm="blas")
     with pytest.raises(TypeError, match="tuning must be"):
         CudaBackend(tuning=(64, 64))
-    try:
-        import cupy  # noqa: F401
-    except ImportError:
-        with pytest.raises(ValueError, match="needs CuPy"):
+    if SIMULATOR:  # no cuBLAS there: the default is the Numba GEMM, an explicit "cupy" is refused
+        assert CudaBackend().gemm == "numba"
+        with pytest.raises(ValueError, match="gemm='cupy' is unavailable: Numba's CUDA simulator"):
             CudaBackend(gemm="cupy")
 
 

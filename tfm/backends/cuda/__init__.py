@@ -9,8 +9,9 @@ Kernel modules (the same names as the CPU backend) are imported on first use:
     restricted.py  restricted (windowed) self-attention through the banded fused kernel
     recurrent.py   Elman RNN, LSTM, GRU (one GEMM for the inputs, one launch per step)
     conv.py        1-D convolution (im2col + GEMM), GLU
-    _launch.py     tile/block sizes (``Tuning``), checked launches (``CudaLaunchError``)
-    _memory.py     opt-in caching device allocator (``TFM_CUDA_POOL=1``)
+    _launch.py     tile/block sizes (``Tuning``), resource checks, the launch paths
+    _memory.py     opt-in caching device allocator (``TFM_CUDA_POOL=1``; imported only then)
+    _cublas.py     cuBLAS SGEMM/DGEMM through CuPy's bindings on numba device pointers
 
 Data stays on the device: every method takes and returns numba-cuda device arrays;
 ``asarray`` uploads host arrays and wraps ``__cuda_array_interface__`` objects (CuPy,
@@ -34,7 +35,13 @@ from ._compat import install as _install_numpy_shims
 
 _install_numpy_shims()  # before numba-cuda loads its CUDA target (see _compat)
 
-GEMM_IMPLS = ("numba", "cupy")
+GEMM_IMPLS = ("auto", "numba", "cupy")
+
+
+def pool_requested() -> bool:
+    """``TFM_CUDA_POOL=1``: install the caching allocator (``_memory``, imported only then: it
+    needs numba-cuda's ``binding`` module, which older releases lack)."""
+    return os.environ.get("TFM_CUDA_POOL", "0").strip() not in ("", "0")
 
 
 def _simulator_requested() -> bool:
@@ -90,17 +97,40 @@ def batch_device_frees() -> None:
     config.CUDA_DEALLOCS_COUNT = max(config.CUDA_DEALLOCS_COUNT, PENDING_FREES)
 
 
+def _resolve_gemm(gemm: str) -> str:
+    """"auto" -> "cupy" where cuBLAS works here, else "numba"; "cupy" must work or raise."""
+    if gemm == "numba":
+        return gemm
+    from ._cublas import cublas_unavailable_reason
+
+    reason = cublas_unavailable_reason()
+    if reason is None:
+        return "cupy"
+    if gemm == "cupy":
+        raise ValueError(f"gemm='cupy' is unavailable: {reason}")
+    from ._launch import simulator_enabled
+
+    if not simulator_enabled():  # under the simulator the Numba GEMM is the only choice
+        import warnings
+
+        warnings.warn(f"cuda backend: using the Numba GEMM because cuBLAS through CuPy is "
+                      f"unavailable: {reason}", RuntimeWarning, stacklevel=3)
+    return "numba"
+
+
 def _k(module: str):
     return importlib.import_module(f"{__name__}.{module}")
 
 
 class CudaBackend(Backend):
     """numba-cuda kernels. ``tuning``: a :class:`~._launch.Tuning` (tile/block sizes);
-    ``gemm``: "numba" (this package's tiled GEMM) or "cupy" (cuBLAS through CuPy)."""
+    ``gemm``: "cupy" (cuBLAS through CuPy), "numba" (this package's tiled GEMM) or "auto"
+    (the default: cuBLAS when CuPy imports and passes a small self-check on this device,
+    else the Numba GEMM, with a warning that says why). ``self.gemm`` names the one in use."""
 
     name = "cuda"
 
-    def __init__(self, tuning=None, gemm: str = "numba"):
+    def __init__(self, tuning=None, gemm: str = "auto"):
         reason = cuda_unavailable_reason()
         if reason is not None:
             from .. import BackendUnavailable
@@ -112,24 +142,17 @@ class CudaBackend(Backend):
             from ._simulator import thread_safe_shared_arrays
 
             thread_safe_shared_arrays()  # works around a race in the simulator (see there)
-        else:
-            from ._memory import install_pool, pool_requested
+        elif pool_requested():  # before default_tuning() creates the CUDA context
+            from ._memory import install_pool
 
-            if pool_requested():  # before default_tuning() creates the CUDA context
-                install_pool()
+            install_pool()
 
         if gemm not in GEMM_IMPLS:
             raise ValueError(f"unknown gemm {gemm!r}; choose one of {', '.join(GEMM_IMPLS)}")
-        if gemm == "cupy":
-            try:
-                import cupy  # noqa: F401
-            except ImportError:
-                raise ValueError("gemm='cupy' needs CuPy, which is not installed "
-                                 "(pip install cupy-cuda12x)") from None
         if tuning is not None and not isinstance(tuning, Tuning):
             raise TypeError(f"tuning must be a tfm.backends.cuda._launch.Tuning, got {type(tuning).__name__}")
         self.tuning = tuning if tuning is not None else default_tuning()
-        self.gemm = gemm
+        self.gemm = _resolve_gemm(gemm)
         batch_device_frees()
 
     def __repr__(self) -> str:
@@ -157,7 +180,7 @@ class CudaBackend(Backend):
     def to_numpy(self, x) -> np.ndarray:
         if isinstance(x, np.ndarray):
             return x
-        return x.copy_to_host()
+        return np.ascontiguousarray(x.copy_to_host())  # head views come back strided
 
     def empty(self, shape, dtype):
         from numba import cuda
@@ -246,4 +269,4 @@ class CudaBackend(Backend):
         return _k("conv").glu(x, self.tuning)
 
 
-__all__ = ["CudaBackend", "GEMM_IMPLS", "cuda_unavailable_reason", "device_view"]
+__all__ = ["CudaBackend", "GEMM_IMPLS", "cuda_unavailable_reason", "device_view", "pool_requested"]

@@ -10,15 +10,15 @@ that read it. When an allocation fails for lack of memory, the cached blocks are
 and the allocation is retried once.
 
 It must be installed before the process creates its CUDA context; ``CudaBackend`` does so
-when ``TFM_CUDA_POOL=1`` and warns if a context already existed. Status: exercised by
-unit tests of its bookkeeping only; GPU measurements pending (run ``make gpu-check`` with
-and without ``TFM_CUDA_POOL=1``).
+when ``TFM_CUDA_POOL=1`` and warns if a context already existed. It stays opt-in until a
+GPU measures it faster: ``python3 -m dev.cuda.lab --out DIR --family forward`` times a base
+forward pass with ``caching`` on and off, interleaved in one process. Verdict: not yet
+measured on a GPU; its bookkeeping is unit-tested (tests/test_cuda_memory.py).
 """
 
 from __future__ import annotations
 
 import functools
-import os
 import warnings
 import weakref
 
@@ -27,22 +27,23 @@ from numba.cuda.cudadrv.driver import CudaAPIError, MemoryPointer, NumbaCUDAMemo
 GRANULE = 512  # bytes; allocations are rounded up to a multiple
 
 
-def pool_requested() -> bool:
-    return os.environ.get("TFM_CUDA_POOL", "0").strip() not in ("", "0")
-
-
 def _is_out_of_memory(exc: CudaAPIError) -> bool:
     return exc.code == binding.CUresult.CUDA_ERROR_OUT_OF_MEMORY
 
 
 class PoolMemoryManager(NumbaCUDAMemoryManager):
-    """Numba's memory manager plus per-size free lists of device blocks."""
+    """Numba's memory manager plus per-size free lists of device blocks. With ``caching``
+    False it allocates as Numba's own manager does (the lab switches it between rounds to time
+    pool on and off in one process, since the manager is fixed when the context is made)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._free: dict[int, list] = {}
+        self.caching = True
 
     def memalloc(self, size):
+        if not self.caching:
+            return super().memalloc(size)
         size = max(GRANULE, -(-int(size) // GRANULE) * GRANULE)
         bucket = self._free.setdefault(size, [])
         block = bucket.pop() if bucket else self._allocate(size)

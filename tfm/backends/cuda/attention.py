@@ -44,6 +44,7 @@ import numpy as np
 from numba import cuda
 
 from ._launch import SHARED_BYTES_LIMIT, cdiv, grid_1d, launch, numba_dtype
+from ._views import c_strides, c_view, strided_view
 from .linear import contiguous, gemm
 from .norm import no_mask, run_softmax
 
@@ -51,6 +52,10 @@ VARIANTS = {
     "naive": "GEMM -> (B*H, Nq, Nk) scores in global memory -> masked row softmax -> GEMM",
     "fused": "FlashAttention-2 style tiles in shared memory, online softmax in registers",
 }
+
+# Tilings (BQ, BK, TY, TX) the lab times beside the default (dev/cuda/lab.py, family
+# "attention"); tests/test_cuda_ptx.py compiles each of them for sm_90.
+TILINGS = ((64, 32, 16, 8), (64, 32, 8, 8), (32, 32, 8, 8))
 
 # Causal attention as a band: a left window wider than any sequence, no right window.
 _UNBOUNDED = 2**62
@@ -259,8 +264,8 @@ def attention(q, k, v, mask, causal, impl, tuning):
     nk, dv = k.shape[2], v.shape[3]
     dtype = np.dtype(q.dtype)
     mask4, factors = _mask4(mask) if mask is not None else (None, (0, 0, 0, 0))
-    out = cuda.device_array((b, h, nq, dv), dtype=dtype)
     if impl == "fused":
+        out = empty_heads(b, h, nq, dv, dtype)
         run_fused(q, k, v, out, tuning, mask4=mask4, factors=factors,
                   window=(_UNBOUNDED, 0) if causal else None)
         return out
@@ -271,8 +276,9 @@ def attention(q, k, v, mask, causal, impl, tuning):
     gemm(q3, k3, scores, tuning, trans_b=True, alpha=1.0 / math.sqrt(dk))
     s2 = scores.reshape(b * h * nq, nk)
     run_softmax(s2, s2, tuning, mask4=mask4, factors=factors, n_heads=h, nq=nq, causal=causal)
-    gemm(scores, v3, out.reshape(b * h, nq, dv), tuning, trans_b=False)
-    return out
+    out3 = cuda.device_array((b * h, nq, dv), dtype=dtype)
+    gemm(scores, v3, out3, tuning, trans_b=False)
+    return c_view(out3, (b, h, nq, dv))
 
 
 def run_fused(q, k, v, out, tuning, *, mask4=None, factors=(0, 0, 0, 0), window=None):
@@ -289,22 +295,6 @@ def run_fused(q, k, v, out, tuning, *, mask4=None, factors=(0, 0, 0, 0), window=
 
 
 # ------------------------------------------------------------------- layout kernels
-@lru_cache(maxsize=None)
-def _split_kernel():
-    @cuda.jit(cache=True)
-    def split(x, start, out):  # x (B, N, C), columns [start, start + H*Dh) -> out (B, H, N, Dh)
-        i = cuda.grid(1)
-        bb, hh, n, dh = out.shape
-        if i < bb * hh * n * dh:
-            e = i % dh
-            pos = (i // dh) % n
-            head = (i // (dh * n)) % hh
-            bi = i // (dh * n * hh)
-            out[bi, head, pos, e] = x[bi, pos, start + head * dh + e]
-
-    return split
-
-
 @lru_cache(maxsize=None)
 def _merge_kernel():
     @cuda.jit(cache=True)
@@ -337,19 +327,36 @@ def _write_rows_kernel():
 
 
 def split_heads(x, n_heads, tuning, start=0, width=None):
-    """Columns [start, start + width) of x (B, N, C) as (B, H, N, width / H), without slicing x
-    on the host (a numba device-array slice walks its extents in Python: ~2.5 ms per slice of a
-    (8, 128, 1536) projection on the first GPU run, dev/cuda/profile_forward.txt)."""
+    """Columns [start, start + width) of x (B, N, C) as (B, H, N, width / H): a strided view of
+    x, no copy and no launch (the attention kernels read any strides). A strided x is made
+    contiguous first (one copy)."""
     b, n, c = x.shape
     width = c - start if width is None else width
-    out = cuda.device_array((b, n_heads, n, width // n_heads), dtype=x.dtype)
-    launch("split_heads", _split_kernel(), grid_1d(out.size, tuning.elem_threads),
-           tuning.elem_threads, x, start, out)
-    return out
+    x = contiguous(x, tuning)
+    dh = width // n_heads
+    s = x.dtype.itemsize
+    return strided_view(x, (b, n_heads, n, dh), (n * c * s, dh * s, c * s, s), start)
+
+
+def merged_layout(b, h, n, dh, itemsize) -> tuple:
+    """Byte strides of a (B, H, N, Dh) view of a contiguous (B, N, H*Dh) array."""
+    return (n * h * dh * itemsize, dh * itemsize, h * dh * itemsize, itemsize)
+
+
+def empty_heads(b, h, n, dh, dtype):
+    """A (B, H, N, Dh) output whose memory is laid out as (B, N, H*Dh), so that
+    :func:`merge_heads` returns it without a copy."""
+    dtype = np.dtype(dtype)
+    merged = cuda.device_array((b, n, h * dh), dtype=dtype)
+    return strided_view(merged, (b, h, n, dh), merged_layout(b, h, n, dh, dtype.itemsize))
 
 
 def merge_heads(x, tuning):
+    """(B, H, N, Dh) -> (B, N, H*Dh): free (a view) for the attention kernels' outputs, which
+    are written in that layout already; one copy kernel otherwise."""
     b, h, n, dh = x.shape
+    if tuple(x.strides) == merged_layout(b, h, n, dh, x.dtype.itemsize):
+        return strided_view(x, (b, n, h * dh), c_strides((b, n, h * dh), x.dtype.itemsize))
     out = cuda.device_array((b, n, h * dh), dtype=x.dtype)
     launch("merge_heads", _merge_kernel(), grid_1d(out.size, tuning.elem_threads),
            tuning.elem_threads, x, out)

@@ -32,12 +32,18 @@ from functools import lru_cache
 import numpy as np
 from numba import cuda
 
-from ._launch import cdiv, grid_1d, launch, numba_dtype
+from ._cublas import linear_into
+from ._launch import SHARED_BYTES_LIMIT, cdiv, gemm_shared_bytes, grid_1d, launch, numba_dtype
+from ._views import c_view
 
 VARIANTS = {
     "numba": "tiled shared-memory GEMM with register blocking, fused bias + activation",
     "cupy": "cuBLAS sgemm/dgemm through CuPy (optional dependency)",
 }
+
+# Tilings (BM, BN, BK, TM, TN) the lab times (dev/cuda/lab.py, family "gemm"); the first two
+# are Tuning's defaults; tests/test_cuda_ptx.py compiles each of them for sm_90.
+TILINGS = ((128, 128, 16, 8, 8), (64, 64, 16, 4, 4), (128, 64, 16, 8, 4))
 
 ACTIVATIONS = {None: 0, "relu": 1, "gelu": 2}
 _SQRT1_2 = 1.0 / math.sqrt(2.0)
@@ -144,35 +150,48 @@ def placeholder(dtype):
     return cuda.to_device(np.zeros(1, dtype=dtype))
 
 
-def pick_gemm_tiles(tuning, z: int, m: int, n: int) -> tuple:
-    """The large tile when it still gives ``tuning.min_blocks`` blocks, else the small one."""
+def pick_gemm_tiles(tuning, z: int, m: int, n: int, itemsize: int = 4) -> tuple:
+    """The large tile when it still gives ``tuning.min_blocks`` blocks, else the small one;
+    BK halved until the slabs fit in 48 KB of shared memory for this itemsize (float64)."""
     bm, bn = tuning.gemm_large[:2]
-    if z * cdiv(m, bm) * cdiv(n, bn) >= tuning.min_blocks:
-        return tuning.gemm_large
-    return tuning.gemm_small
+    tiles = tuning.gemm_large if z * cdiv(m, bm) * cdiv(n, bn) >= tuning.min_blocks else tuning.gemm_small
+    bm, bn, bk, tm, tn = tiles
+    while gemm_shared_bytes(bm, bn, bk, itemsize) > SHARED_BYTES_LIMIT:
+        if bk == 1:
+            raise ValueError(f"GEMM tiling {tiles} does not fit {SHARED_BYTES_LIMIT} bytes of shared "
+                             f"memory for {itemsize}-byte floats even with BK = 1; use smaller BM, BN")
+        bk //= 2
+    return bm, bn, bk, tm, tn
 
 
 def gemm(a, b, c, tuning, *, trans_b: bool, alpha: float = 1.0, bias=None, act=None) -> None:
     """Batched product into the preallocated 3-D ``c`` (see :func:`gemm_kernel`)."""
     z, m, k = a.shape
     n = b.shape[1] if trans_b else b.shape[2]
-    bm, bn, bk, tm, tn = tiles = pick_gemm_tiles(tuning, z, m, n)
     dtype = np.dtype(c.dtype)
+    bm, bn, bk, tm, tn = tiles = pick_gemm_tiles(tuning, z, m, n, dtype.itemsize)
     kern = gemm_kernel(dtype, *tiles, bool(trans_b), ACTIVATIONS[act], bias is not None)
     launch("gemm", kern, (cdiv(n, bn), cdiv(m, bm), z), (bm // tm) * (bn // tn),
            a, b, placeholder(dtype) if bias is None else bias, c, m, n, k, dtype.type(alpha))
 
 
-def _cupy_linear(x2, weight, bias, act, tuning):
-    try:
-        import cupy as cp
-    except ImportError as exc:  # pragma: no cover - CuPy is optional
-        raise RuntimeError("gemm='cupy' needs CuPy (pip install cupy-cuda12x)") from exc
-    y = cp.asarray(x2) @ cp.asarray(weight).T  # cuBLAS; zero-copy views of Numba arrays
-    if bias is not None:
-        y += cp.asarray(bias)
-    out = cuda.as_cuda_array(y)  # keeps y alive as its owner
-    return out if act is None else activation(out, act, tuning)
+@lru_cache(maxsize=None)
+def _bias_act_kernel(dtype, act_code: int, has_bias: bool):
+    act = _make_act(numba_dtype(dtype))
+
+    @cuda.jit(cache=True)
+    def bias_act(y, bias):  # in place: y (M, N) = act(y + bias); consecutive threads walk N
+        i = cuda.grid(1)
+        n = y.shape[1]
+        if i < y.shape[0] * n:
+            r = i // n
+            c = i - r * n
+            v = y[r, c]
+            if has_bias:
+                v += bias[c]
+            y[r, c] = act(v, act_code)
+
+    return bias_act
 
 
 def linear(x, weight, bias, tuning, gemm_impl: str = "numba", act=None):
@@ -182,13 +201,18 @@ def linear(x, weight, bias, tuning, gemm_impl: str = "numba", act=None):
     k = tuple(x.shape)[-1]
     m = int(np.prod(lead)) if lead else 1
     n = weight.shape[0]
-    x2 = x.reshape(m, k)
-    if gemm_impl == "cupy":
-        return _cupy_linear(x2, weight, bias, act, tuning).reshape(lead + (n,))
-    out = cuda.device_array((1, m, n), dtype=x.dtype)
-    gemm(x2.reshape(1, m, k), weight.reshape(1, n, k), out, tuning, trans_b=True,
-         bias=bias, act=act)
-    return out.reshape(lead + (n,))
+    dtype = np.dtype(x.dtype)
+    out = cuda.device_array((m, n), dtype=dtype)
+    if gemm_impl == "cupy":  # cuBLAS, then bias and activation in one elementwise pass
+        linear_into(c_view(x, (m, k)), weight, out)
+        if bias is not None or act is not None:
+            launch("bias_act", _bias_act_kernel(dtype, ACTIVATIONS[act], bias is not None),
+                   grid_1d(m * n, tuning.elem_threads), tuning.elem_threads, out,
+                   placeholder(dtype) if bias is None else bias)
+    else:
+        gemm(c_view(x, (1, m, k)), c_view(weight, (1, n, k)), c_view(out, (1, m, n)), tuning,
+             trans_b=True, bias=bias, act=act)
+    return c_view(out, lead + (n,))
 
 
 def feed_forward(x, w1, b1, w2, b2, activation_kind, tuning, gemm_impl="numba"):
