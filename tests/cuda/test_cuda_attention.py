@@ -125,6 +125,21 @@ def test_public_api_naive_memory_guard_uses_device_memory(bk, monkeypatch):
         tfm.attention(x, x, x, impl="naive", backend="cuda")
 
 
+def test_naive_guard_counts_the_one_score_matrix_the_kernel_allocates(bk, rng, monkeypatch):
+    """The cuda naive kernel holds one (B*H, Nq, Nk) score array, normalised in place: with
+    free memory for exactly that it runs (so n = 16384, B = 4, H = 16, 69 GB, is allowed on a
+    141 GB GPU), with one byte less it is refused."""
+    b, h, nq, nk = 2, 3, 5, 7
+    q, k, v = randn(rng, b, h, nq, 4), randn(rng, b, h, nk, 4), randn(rng, b, h, nk, 4)
+    scores = b * h * nq * nk * 4
+    monkeypatch.setattr(type(bk), "free_memory_bytes", lambda self: scores)
+    out = tfm.attention(q, k, v, impl="naive", backend="cuda")
+    assert rel_err(out, ref.scaled_dot_product_attention(q, k, v)) < TOL[np.float32]
+    monkeypatch.setattr(type(bk), "free_memory_bytes", lambda self: scores - 1)
+    with pytest.raises(tfm.InsufficientMemoryError):
+        tfm.attention(q, k, v, impl="naive", backend="cuda")
+
+
 @requires_torch
 @pytest.mark.parametrize("causal", [False, True])
 def test_matches_torch_sdpa(bk, rng, causal):

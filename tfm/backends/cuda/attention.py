@@ -46,7 +46,7 @@ from numba import cuda
 from ._launch import SHARED_BYTES_LIMIT, cdiv, grid_1d, launch, numba_dtype
 from ._views import c_strides, c_view, strided_view
 from .linear import contiguous, gemm
-from .norm import no_mask, run_softmax
+from .norm import UNBOUNDED, no_mask, run_softmax, visibility
 
 VARIANTS = {
     "naive": "GEMM -> (B*H, Nq, Nk) scores in global memory -> masked row softmax -> GEMM",
@@ -56,9 +56,6 @@ VARIANTS = {
 # Tilings (BQ, BK, TY, TX) the lab times beside the default (dev/cuda/lab.py, family
 # "attention"); tests/test_cuda_ptx.py compiles each of them for sm_90.
 TILINGS = ((64, 32, 16, 8), (64, 32, 8, 8), (32, 32, 8, 8))
-
-# Causal attention as a band: a left window wider than any sequence, no right window.
-_UNBOUNDED = 2**62
 
 
 def fused_shared_bytes(dk, dv, bq, bk, tx, itemsize) -> int:
@@ -90,6 +87,7 @@ def fused_kernel(dtype, dk, dv, bq, bkt, ty_n, tx_n, masked: bool, band: bool):
     (cdiv(Nq, bq), B*H), block ty_n * tx_n threads.
     """
     dt = numba_dtype(dtype)
+    visible = visibility(masked, band)
     tm = bq // ty_n  # query rows per thread
     sc = bkt // tx_n  # score columns per thread per key tile
     oc = cdiv(dv, tx_n)  # output columns per thread
@@ -185,12 +183,8 @@ def fused_kernel(dtype, dk, dv, bq, bkt, ty_n, tx_n, masked: bool, band: bool):
                 mx = ninf
                 for j in range(sc):
                     col = k0 + tx + j * tx_n
-                    ok = col < k_hi
-                    if band:
-                        ok = ok and col >= row - wl and col <= row + wr
-                    if masked:
-                        ok = ok and row < nq and mask[b * fb, h * fh, row * fi, col * fj]
-                    if ok:
+                    # rows past the end are computed (never stored): clamp their mask reads
+                    if col < k_hi and visible(mask, b, h, min(row, nq - 1), col, fb, fh, fi, fj, wl, wr):
                         if s_r[i, j] > mx:
                             mx = s_r[i, j]
                     else:
@@ -267,7 +261,7 @@ def attention(q, k, v, mask, causal, impl, tuning):
     if impl == "fused":
         out = empty_heads(b, h, nq, dv, dtype)
         run_fused(q, k, v, out, tuning, mask4=mask4, factors=factors,
-                  window=(_UNBOUNDED, 0) if causal else None)
+                  window=(UNBOUNDED, 0) if causal else None)
         return out
     q3 = contiguous(q, tuning).reshape(b * h, nq, dk)
     k3 = contiguous(k, tuning).reshape(b * h, nk, dk)

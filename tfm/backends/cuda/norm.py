@@ -132,6 +132,30 @@ def layer_norm(x, gamma, beta, eps, residual, tuning):
 
 
 @lru_cache(maxsize=None)
+def visibility(masked: bool, band: bool):
+    """Device function ``visible(mask, b, h, i, j, fb, fh, fi, fj, wl, wr)``: may query i of
+    head (b, h) attend to key j? The one definition of the mask test for the naive softmax and
+    the fused attention: an optional broadcast boolean mask, read through per-axis 0/1 index
+    factors (never materialised to (B, H, Nq, Nk)), and an optional key band [i - wl, i + wr]
+    (causal: wl unbounded, wr = 0). Compiled out entirely when neither is on."""
+
+    @cuda.jit(device=True, inline=True)
+    def visible(mask, b, h, i, j, fb, fh, fi, fj, wl, wr):
+        ok = True
+        if band:
+            ok = j >= i - wl and j <= i + wr
+        if masked:
+            ok = ok and mask[b * fb, h * fh, i * fi, j * fj]
+        return ok
+
+    return visible
+
+
+# Causal attention as a band: a left window wider than any sequence, no right window.
+UNBOUNDED = 2**62
+
+
+@lru_cache(maxsize=None)
 def softmax_kernel(dtype, nt: int, log: bool, masked: bool, causal: bool):
     """Row softmax of x (R, L) into out (may alias x).
 
@@ -140,6 +164,8 @@ def softmax_kernel(dtype, nt: int, log: bool, masked: bool, causal: bool):
     """
     dt = numba_dtype(dtype)
     block_sum, block_max, _ = _make_reducers(nt)
+    visible = visibility(masked, causal)
+    wl = UNBOUNDED
 
     @cuda.jit(cache=True)
     def softmax(x, out, mask, fb, fh, fi, fj, n_heads, nq):
@@ -154,35 +180,21 @@ def softmax_kernel(dtype, nt: int, log: bool, masked: bool, causal: bool):
         ninf = dt(-math.inf)
         mx = ninf
         for c in range(t, ncol, nt):
-            ok = True
-            if causal:
-                ok = c <= i
-            if masked:
-                ok = ok and mask[b * fb, h * fh, i * fi, c * fj]
-            if ok and x[row, c] > mx:
+            if visible(mask, b, h, i, c, fb, fh, fi, fj, wl, 0) and x[row, c] > mx:
                 mx = x[row, c]
         sm[t] = mx
         mx = block_max(sm, t)
         s = dt(0.0)
         if mx > ninf:
             for c in range(t, ncol, nt):
-                ok = True
-                if causal:
-                    ok = c <= i
-                if masked:
-                    ok = ok and mask[b * fb, h * fh, i * fi, c * fj]
-                if ok:
+                if visible(mask, b, h, i, c, fb, fh, fi, fj, wl, 0):
                     s += math.exp(x[row, c] - mx)
         sm[t] = s
         s = block_sum(sm, t)
         inv = dt(1.0) / s if s > dt(0.0) else dt(0.0)
         lse = mx + math.log(s) if s > dt(0.0) else dt(0.0)
         for c in range(t, ncol, nt):
-            ok = True
-            if causal:
-                ok = c <= i
-            if masked:
-                ok = ok and mask[b * fb, h * fh, i * fi, c * fj]
+            ok = visible(mask, b, h, i, c, fb, fh, fi, fj, wl, 0)
             if log:
                 out[row, c] = x[row, c] - lse if ok else ninf
             else:
