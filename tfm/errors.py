@@ -7,3 +7,7 @@ class InsufficientMemoryError(ValueError, MemoryError):
     Subclasses ValueError (it is bad input for this machine) and MemoryError (so callers
     and the studies can treat it as an expected out-of-memory case).
     """
+
+
+class BackendUnavailable(RuntimeError):
+    """The backend exists but cannot run on this machine (e.g. CUDA without a GPU)."""
