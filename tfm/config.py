@@ -1,8 +1,18 @@
-"""Model configuration: the paper's defaults in one dataclass, validated in one place."""
+"""Model configurations: the paper's defaults in dataclasses, validated in one place.
+
+Every model's config is a frozen, keyword-only dataclass built on :class:`ModelConfig`,
+which holds the fields all of them share (width, vocabularies, max_len, dtype), the one
+validation routine and the dict round trip that ``save``/``load`` use:
+
+    TransformerConfig    the encoder-decoder Transformer (Table 3 "base" by default)
+    LSTMSeq2SeqConfig    the recurrent baseline (tfm.LSTMSeq2Seq)
+    ConvS2SConfig        the convolutional baseline (tfm.ConvS2S)
+"""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
+from typing import ClassVar
 
 ACTIVATIONS = ("relu", "gelu")
 NORM_POSITIONS = ("post", "pre")
@@ -10,8 +20,49 @@ DTYPES = ("float32", "float64")
 PRESETS = ("base", "big", "small", "tiny")
 
 
-@dataclass(frozen=True)
-class TransformerConfig:
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Fields every model has; subclasses name their integer fields in ``_positive`` (>= 1)
+    and ``_non_negative`` (>= 0) and add checks in ``_check``."""
+
+    d_model: int = 512
+    src_vocab: int = 32000
+    tgt_vocab: int = 32000
+    max_len: int = 1024
+    dtype: str = "float32"
+
+    _positive: ClassVar[tuple[str, ...]] = ("d_model", "src_vocab", "tgt_vocab", "max_len")
+    _non_negative: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self):
+        for names, low, what in ((self._positive, 1, "a positive"), (self._non_negative, 0, "a non-negative")):
+            for name in names:
+                value = getattr(self, name)
+                if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                    raise ValueError(f"{name} must be {what} integer, got {value!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        self._check()
+
+    def _check(self) -> None:
+        """Checks beyond the integer fields and the dtype (none by default)."""
+
+    def replace(self, **changes):
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
+        return cls(**d)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TransformerConfig(ModelConfig):
     """Hyper-parameters of the encoder-decoder Transformer (paper, Table 3 "base" by default).
 
     ``norm="post"`` is the paper's ``LayerNorm(x + Sublayer(x))``; ``"pre"`` is
@@ -20,30 +71,20 @@ class TransformerConfig:
     with the output projection (section 3.4).
     """
 
-    d_model: int = 512
     n_heads: int = 8
     d_ff: int = 2048
     n_encoder_layers: int = 6
     n_decoder_layers: int = 6
-    src_vocab: int = 32000
-    tgt_vocab: int = 32000
-    max_len: int = 1024
     activation: str = "relu"
     norm: str = "post"
     final_norm: bool = False
     layer_norm_eps: float = 1e-5
     tie_embeddings: bool = False
-    dtype: str = "float32"
 
-    def __post_init__(self):
-        for name in ("d_model", "n_heads", "d_ff", "src_vocab", "tgt_vocab", "max_len"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("n_encoder_layers", "n_decoder_layers"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    _positive: ClassVar[tuple[str, ...]] = ModelConfig._positive + ("n_heads", "d_ff")
+    _non_negative: ClassVar[tuple[str, ...]] = ("n_encoder_layers", "n_decoder_layers")
+
+    def _check(self) -> None:
         if self.d_model % self.n_heads != 0:
             raise ValueError(
                 f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}: "
@@ -53,8 +94,6 @@ class TransformerConfig:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if self.norm not in NORM_POSITIONS:
             raise ValueError(f"norm must be one of {NORM_POSITIONS}, got {self.norm!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if not self.layer_norm_eps > 0:
             raise ValueError(f"layer_norm_eps must be > 0, got {self.layer_norm_eps!r}")
 
@@ -94,16 +133,35 @@ class TransformerConfig:
             raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
         return getattr(cls, name)(**overrides)
 
-    def replace(self, **changes) -> "TransformerConfig":
-        return replace(self, **changes)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+# The baselines' tiny presets share TransformerConfig.tiny's width and odd vocabularies.
+_TINY = {"d_model": 32, "n_layers": 2, "src_vocab": 53, "tgt_vocab": 47, "max_len": 128}
+
+
+@dataclass(frozen=True, kw_only=True)
+class LSTMSeq2SeqConfig(ModelConfig):
+    """Hyper-parameters of :class:`tfm.LSTMSeq2Seq`; ``d_model`` is the embedding and hidden size."""
+
+    n_layers: int = 2
+
+    _positive: ClassVar[tuple[str, ...]] = ModelConfig._positive + ("n_layers",)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TransformerConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown TransformerConfig fields: {sorted(unknown)}")
-        return cls(**d)
+    def tiny(cls, **overrides) -> "LSTMSeq2SeqConfig":
+        """For tests: d_model=32, 2 layers, odd-sized vocabularies (as TransformerConfig.tiny)."""
+        return cls(**{**_TINY, **overrides})
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConvS2SConfig(ModelConfig):
+    """Hyper-parameters of :class:`tfm.ConvS2S`; ``n_layers`` blocks in each stack."""
+
+    n_layers: int = 6
+    kernel_size: int = 3
+
+    _positive: ClassVar[tuple[str, ...]] = ModelConfig._positive + ("n_layers", "kernel_size")
+
+    @classmethod
+    def tiny(cls, **overrides) -> "ConvS2SConfig":
+        """For tests: d_model=32, 2 layers, k=3, odd-sized vocabularies."""
+        return cls(**{**_TINY, "kernel_size": 3, **overrides})
