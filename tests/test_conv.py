@@ -124,7 +124,7 @@ def test_bad_inputs(rng):
     with pytest.raises(ValueError, match="larger than the padded input"):
         m(randn(rng, 2, 12, 3))  # span 13 > 12
     assert m(randn(rng, 2, 13, 3)).shape == (2, 1, 4)
-    with pytest.raises(ValueError, match="in_channels is 3"):
+    with pytest.raises(ValueError, match="in_channels=3 features"):
         m(randn(rng, 2, 20, 4))
     with pytest.raises(ValueError, match="3 dimensions"):
         m(randn(rng, 20, 3))
@@ -138,7 +138,7 @@ def test_bad_inputs(rng):
         layers.Conv1d(3, 4, 3, padding="full")
     with pytest.raises(ValueError, match="padding must be >= 0"):
         layers.Conv1d(3, 4, 3, padding=-1)
-    with pytest.raises(ValueError, match="channels is 6"):
+    with pytest.raises(ValueError, match="channels=6 features"):
         layers.ConvS2SBlock(6, 3)(randn(rng, 1, 5, 4))
     with pytest.raises(ValueError, match="kernel_size >= 2"):
         layers.ConvStack(4, 1, 2, dilated=True)

@@ -120,12 +120,12 @@ def test_bad_input_shapes(rng):
     conv = tfm.from_torch(torch.nn.Conv1d(3, 4, 5, dilation=2))
     with pytest.raises(ValueError, match=r"\(C_in, N\) or \(B, C_in, N\)"):
         conv(np.zeros(3, np.float32))
-    with pytest.raises(ValueError, match="in_channels is 3"):
+    with pytest.raises(ValueError, match=r"in_channels=3 channels in dimension 1, got shape \(2, 4, 20\)"):
         conv(np.zeros((2, 4, 20), np.float32))
     with pytest.raises(ValueError, match="larger than the padded input"):
         conv(np.zeros((2, 3, 8), np.float32))
     rec = tfm.from_torch(torch.nn.GRU(3, 4))
-    with pytest.raises(ValueError, match="input_size is 3"):
+    with pytest.raises(ValueError, match="input_size=3 features"):
         rec(np.zeros((5, 2, 4), np.float32))
     with pytest.raises(ValueError, match="h0 must have shape"):
         rec(np.zeros((5, 2, 3), np.float32), np.zeros((2, 2, 4), np.float32))

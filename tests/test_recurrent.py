@@ -148,7 +148,7 @@ def test_bad_construction(bad, err, match):
 
 def test_bad_inputs(rng):
     m = layers.LSTM(3, 4, num_layers=2)
-    with pytest.raises(ValueError, match="input_size is 3"):
+    with pytest.raises(ValueError, match="input_size=3 features"):
         m(randn(rng, 2, 5, 4))
     with pytest.raises(ValueError, match="3 dimensions"):
         m(randn(rng, 5, 3))

@@ -259,8 +259,10 @@ def test_load_rejects_foreign_and_mismatched_files(tmp_path):
     class Other(Model):
         config_class = TransformerConfig
 
-        def _param_specs(self):
-            return {"w": ((2, 2), xavier_uniform)}
+        def __init__(self, config, seed=0, backend="cpu"):
+            super().__init__(config)
+            self.param("w", (2, 2), xavier_uniform)
+            self._build(seed, backend)
 
     path = Other(cfg, backend="numpy").save(tmp_path / "other.npz")
     with pytest.raises(ValueError, match="holds a Other, not a Transformer"):

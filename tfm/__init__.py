@@ -9,12 +9,21 @@ Public API (stable):
     tfm.from_torch(module, backend="cpu")   nn.Transformer -> tfm.EncoderDecoder
     tfm.get_backend(name)               "numpy" (float64 reference) | "cpu" | "cuda"
 
+The Transformer's sublayers (tfm.layers), which the models compose:
+
+    tfm.MultiHeadAttention, tfm.FeedForward, tfm.LayerNorm, tfm.ResidualNorm,
+    tfm.EncoderLayer, tfm.DecoderLayer, tfm.Encoder, tfm.Decoder,
+    tfm.Embedding, tfm.TransformerEmbedding, tfm.Linear
+
 Baselines of Table 1 (tfm.layers, tfm.models.lstm_seq2seq, tfm.models.convs2s):
 
     tfm.RNN / tfm.LSTM / tfm.GRU(input_size, hidden_size, num_layers=1, ...)
     tfm.Conv1d, tfm.ConvStack(dilated=False|True), tfm.ConvS2SBlock
     tfm.restricted_attention(q, k, v, window, *, causal=False, backend="cpu")
     tfm.LSTMSeq2Seq(LSTMSeq2SeqConfig(...)), tfm.ConvS2S(ConvS2SConfig(...))
+
+Every layer and model is a ``tfm.Module``: parameters by PyTorch's state-dict names
+(``.params``), ``.backend`` / ``.to(...)``, ``.save(path)`` / ``Class.load(path)``.
 
 Threading: Numba's parallel kernels run on OpenMP. libgomp's idle threads spin after each
 parallel region and take the cores from the next BLAS or PyTorch call in the same process
@@ -27,15 +36,15 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from .backends import BACKENDS, BackendUnavailable, get_backend
-from .config import TransformerConfig
-from .errors import InsufficientMemoryError
+from .backends import BACKENDS, get_backend
+from .config import ConvS2SConfig, LSTMSeq2SeqConfig, TransformerConfig
+from .errors import BackendUnavailable, InsufficientMemoryError
 from .functional import attention
 from .interop import from_torch
-from .layers import GRU, LSTM, RNN, Conv1d, ConvS2SBlock, ConvStack, restricted_attention
-from .models import EncoderDecoder, Transformer
-from .models.convs2s import ConvS2S, ConvS2SConfig
-from .models.lstm_seq2seq import LSTMSeq2Seq, LSTMSeq2SeqConfig
+from .layers import (GRU, LSTM, RNN, Conv1d, ConvS2SBlock, ConvStack, Decoder, DecoderLayer, Embedding,
+                     Encoder, EncoderLayer, FeedForward, LayerNorm, Linear, Module, MultiHeadAttention,
+                     ResidualNorm, TransformerEmbedding, restricted_attention)
+from .models import ConvS2S, EncoderDecoder, LSTMSeq2Seq, Transformer
 
 __version__ = "0.1.0"
 
@@ -47,15 +56,27 @@ __all__ = [
     "ConvS2SBlock",
     "ConvS2SConfig",
     "ConvStack",
+    "Decoder",
+    "DecoderLayer",
+    "Embedding",
+    "Encoder",
     "EncoderDecoder",
+    "EncoderLayer",
+    "FeedForward",
     "GRU",
     "InsufficientMemoryError",
     "LSTM",
     "LSTMSeq2Seq",
     "LSTMSeq2SeqConfig",
+    "LayerNorm",
+    "Linear",
+    "Module",
+    "MultiHeadAttention",
     "RNN",
+    "ResidualNorm",
     "Transformer",
     "TransformerConfig",
+    "TransformerEmbedding",
     "attention",
     "from_torch",
     "get_backend",

@@ -42,6 +42,49 @@ def check_float(name: str, x, ndim: int | None = None):
     return x
 
 
+def check_dtype(dtype) -> np.dtype:
+    """A layer's dtype: float32 or float64 (a name, np.dtype or NumPy type)."""
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from None
+    if dt not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be float32 or float64, got {dt}")
+    return dt
+
+
+def check_int(name: str, value, minimum: int = 1) -> int:
+    """An integer (not a bool) >= minimum."""
+    if not isinstance(value, (int, np.integer)) or isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_bool(name: str, value) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return bool(value)
+
+
+def check_features(name: str, x, ndim: int, features: int, what: str):
+    """A float array of ``ndim`` dimensions whose last one has ``features`` entries (the
+    layer's ``what``, e.g. d_model); host arrays and device arrays alike."""
+    x = check_float(name, x, ndim)
+    if x.shape[-1] != features:
+        raise ValueError(f"{name} must have {what}={features} features in its last dimension, "
+                         f"got shape {tuple(x.shape)}")
+    return x
+
+
+def check_same_batch(names: str, *arrays) -> None:
+    """Arrays that pair up row by row; ``names`` reads "src and tgt" in the message."""
+    sizes = [a.shape[0] for a in arrays]
+    if len(set(sizes)) > 1:
+        raise ValueError(f"{names} batch sizes differ: {' != '.join(map(str, sizes))}")
+
+
 def check_impl(impl) -> str:
     if impl not in IMPLS:
         raise ValueError(f"unknown attention impl {impl!r}; choose one of {', '.join(IMPLS)}")

@@ -24,6 +24,9 @@ class TorchConv1d:
         if x.ndim not in (2, 3):
             raise ValueError(f"input must be (C_in, N) or (B, C_in, N), got shape {x.shape}")
         xb = x[None] if x.ndim == 2 else x
+        if xb.shape[1] != self.layer.in_channels:  # name PyTorch's layout, not tfm's
+            raise ValueError(f"input must have in_channels={self.layer.in_channels} channels in "
+                             f"dimension {x.ndim - 2}, got shape {x.shape}")
         y = np.swapaxes(self.layer(np.swapaxes(xb, 1, 2)), 1, 2)  # (B, C_out, N_out)
         return np.ascontiguousarray(y[0] if x.ndim == 2 else y)
 

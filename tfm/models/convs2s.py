@@ -4,7 +4,7 @@ convolutional baseline of Table 1.
 With s = sqrt(1/2), one attention head and GLU(a, b) = a * sigmoid(b):
 
     e   = E_src[src] + P_src[0..Ns)                       learned positions (B, Ns, d)
-    x_0 = e;  x_{l+1} = s (x_l + GLU(conv_l(x_l)))          centred convs, C -> 2C, k = kernel_size
+    x_0 = e;  x_{l+1} = s (x_l + GLU(conv_l(x_l)))          ConvS2SBlocks, centred, k = kernel_size
     z   = x_L                                             encoder output
     g   = E_tgt[tgt] + P_tgt[0..Nt)
     y_0 = g;  for each decoder layer l:
@@ -14,10 +14,11 @@ With s = sqrt(1/2), one attention head and GLU(a, b) = a * sigmoid(b):
     logits = y_L W_g^T + b_g                              (B, Nt, tgt_vocab)
 
 The backend interface has no scalar multiply, so the s factors are folded into the weights
-when they are uploaded (``_device_params``): the kernels carry v_l = x_l / s^l instead of
-x_l, which turns every block into v_{l+1} = v_l + GLU(conv'(v_l)) with the GLU's gate
-half scaled by s^l and its value bias by s^-l, and the last factors move into the query,
-attention-output and generator weights. ``params`` and ``save`` keep the unfolded weights.
+when they are uploaded: the kernels carry v_l = x_l / s^l instead of x_l. Each
+:class:`~tfm.layers.ConvS2SBlock` (``encoder.{l}.conv``, and ``decoder.{l}.conv`` for the
+decoder's h) folds its own input scale s^l (see its docstring); the last factors move into
+the query, attention-output and generator weights. ``params`` and ``save`` keep the
+unfolded weights. Matrices and convolution weights are Xavier-uniform, biases zero.
 
 Greedy ``generate`` runs the encoder once and then the decoder over the growing prefix at
 each step (the argmax loop over ``forward``, O(n^2) in the output length: a conv decoder
@@ -26,51 +27,53 @@ has no recurrent state to carry).
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import numpy as np
 
-from .base import Model, greedy, xavier_uniform, zeros
-from .lstm_seq2seq import _ConfigMixin, check_generate_args, check_pair, validate_config
+from ..config import ConvS2SConfig
+from ..layers.conv import S, ConvS2SBlock
+from ..layers.embedding import Embedding
+from ..layers.module import Module, upload, xavier_uniform, zeros
+from .base import Seq2Seq
 
 __all__ = ["ConvS2S", "ConvS2SConfig"]
 
-S = math.sqrt(0.5)
+
+class _DecoderLayer(Module):
+    """Decoder layer ``layer`` of ``n_layers`` in the carried scale: u -> u + h' + o', where
+    h' = h / s^layer comes from the causal block's GLU conv and o' = a W_o^T + b_o over
+    s^layer, attending to keys v_L = z / s^L and values (z + e) / s^L.
+
+    Parameters ``conv.*`` (a causal ConvS2SBlock), ``attn_in.*`` (W_q, b_q), ``attn_out.*``
+    (W_o, b_o).
+    """
+
+    def __init__(self, d_model: int, kernel_size: int, layer: int, n_layers: int, dtype):
+        super().__init__(dtype)
+        self.scale, self.memory_scale = S ** layer, S ** n_layers
+        self.conv = self.add("conv", ConvS2SBlock(d_model, kernel_size, causal=True, input_scale=self.scale,
+                                                  backend=None, dtype=dtype))
+        for name in ("attn_in", "attn_out"):
+            self.param(f"{name}.weight", (d_model, d_model), xavier_uniform)
+            self.param(f"{name}.bias", (d_model,), zeros)
+
+    def _device_params(self, bk):
+        p, c, m = self._params, self.scale, self.memory_scale
+        return upload(bk, {
+            # query: h = c h', scored against z = m v_L
+            "attn_in.weight": p["attn_in.weight"] * (m * c), "attn_in.bias": p["attn_in.bias"] * m,
+            # output: a = m a', divided by c to stay in the carried scale
+            "attn_out.weight": p["attn_out.weight"] * (m / c), "attn_out.bias": p["attn_out.bias"] / c,
+        }, self.dtype)
+
+    def forward(self, u, keys, values):
+        bk, w = self.backend, self.weights
+        h = self.conv.glu_conv(u)  # h / s^layer
+        q = bk.split_heads(bk.linear(h, w["attn_in.weight"], w["attn_in.bias"]), 1)  # (B, 1, Nt, d)
+        a = bk.merge_heads(bk.attention(q, keys, values))  # (B, Nt, d)
+        return bk.add(bk.add(u, h), bk.linear(a, w["attn_out.weight"], w["attn_out.bias"]))
 
 
-@dataclass(frozen=True)
-class ConvS2SConfig(_ConfigMixin):
-    """Hyper-parameters of :class:`ConvS2S`; ``n_layers`` blocks in each stack."""
-
-    d_model: int = 512
-    n_layers: int = 6
-    kernel_size: int = 3
-    src_vocab: int = 32000
-    tgt_vocab: int = 32000
-    max_len: int = 1024
-    dtype: str = "float32"
-
-    def __post_init__(self):
-        validate_config(self, ("d_model", "n_layers", "kernel_size", "src_vocab", "tgt_vocab", "max_len"))
-
-    @classmethod
-    def tiny(cls, **overrides) -> "ConvS2SConfig":
-        """For tests: d_model=32, 2 layers, k=3, odd-sized vocabularies."""
-        return cls(**{"d_model": 32, "n_layers": 2, "kernel_size": 3, "src_vocab": 53,
-                      "tgt_vocab": 47, "max_len": 128, **overrides})
-
-
-def _fold_glu_conv(weight, bias, c):
-    """GLU(conv(c v)) / c == GLU(conv'(v)): value half bias / c, gate half weight * c."""
-    half = weight.shape[0] // 2
-    w, b = weight.copy(), bias.copy()
-    w[half:] *= c
-    b[:half] /= c
-    return w, b
-
-
-class ConvS2S(Model):
+class ConvS2S(Seq2Seq):
     """ConvS2S-style convolutional encoder-decoder (module docstring), on any backend.
 
     >>> model = ConvS2S(ConvS2SConfig.tiny(), seed=0, backend="cpu")
@@ -80,107 +83,57 @@ class ConvS2S(Model):
 
     config_class = ConvS2SConfig
 
-    def _param_specs(self):
-        c = self.config
-        d, k = c.d_model, c.kernel_size
-        specs = {"src_embed.weight": ((c.src_vocab, d), xavier_uniform),
-                 "src_pos.weight": ((c.max_len, d), xavier_uniform),
-                 "tgt_embed.weight": ((c.tgt_vocab, d), xavier_uniform),
-                 "tgt_pos.weight": ((c.max_len, d), xavier_uniform)}
-        for stack in ("encoder", "decoder"):
-            for i in range(c.n_layers):
-                specs[f"{stack}.{i}.conv.weight"] = ((2 * d, d, k), xavier_uniform)
-                specs[f"{stack}.{i}.conv.bias"] = ((2 * d,), zeros)
-                if stack == "decoder":
-                    specs[f"decoder.{i}.attn_in.weight"] = ((d, d), xavier_uniform)
-                    specs[f"decoder.{i}.attn_in.bias"] = ((d,), zeros)
-                    specs[f"decoder.{i}.attn_out.weight"] = ((d, d), xavier_uniform)
-                    specs[f"decoder.{i}.attn_out.bias"] = ((d,), zeros)
-        specs["generator.weight"] = ((c.tgt_vocab, d), xavier_uniform)
-        specs["generator.bias"] = ((c.tgt_vocab,), zeros)
-        return specs
+    def __init__(self, config, seed: int = 0, backend="cpu"):
+        super().__init__(config)
+        c, kw = self.config, {"backend": None, "dtype": self.config.dtype}
+        d, k, n = c.d_model, c.kernel_size, c.n_layers
+        self.src_embed = self.add("src_embed", Embedding(c.src_vocab, d, **kw))
+        self.src_pos = self.add("src_pos", Embedding(c.max_len, d, **kw))
+        self.tgt_embed = self.add("tgt_embed", Embedding(c.tgt_vocab, d, **kw))
+        self.tgt_pos = self.add("tgt_pos", Embedding(c.max_len, d, **kw))
+        self.encoder = [self.add(f"encoder.{i}.conv", ConvS2SBlock(d, k, input_scale=S ** i, **kw))
+                        for i in range(n)]
+        self.decoder = [self.add(f"decoder.{i}", _DecoderLayer(d, k, i, n, c.dtype)) for i in range(n)]
+        self.param("generator.weight", (c.tgt_vocab, d), xavier_uniform)
+        self.param("generator.bias", (c.tgt_vocab,), zeros)
+        self._build(seed, backend)
 
-    def _device_params(self, params):
-        n = self.config.n_layers
-        out = dict(params)
-        enc_scale = S ** n  # z = enc_scale * v_L
-        for i in range(n):
-            for stack in ("encoder", "decoder"):
-                p = f"{stack}.{i}.conv"
-                out[f"{p}.weight"], out[f"{p}.bias"] = _fold_glu_conv(params[f"{p}.weight"],
-                                                                       params[f"{p}.bias"], S ** i)
-            p = f"decoder.{i}"
-            # query: h = S^i h', scores against z = enc_scale * v_L
-            out[f"{p}.attn_in.weight"] = params[f"{p}.attn_in.weight"] * (enc_scale * S ** i)
-            out[f"{p}.attn_in.bias"] = params[f"{p}.attn_in.bias"] * enc_scale
-            # output: a = enc_scale * a', divided by S^i to stay in the carried scale
-            out[f"{p}.attn_out.weight"] = params[f"{p}.attn_out.weight"] * (enc_scale / S ** i)
-            out[f"{p}.attn_out.bias"] = params[f"{p}.attn_out.bias"] / S ** i
-        out["generator.weight"] = params["generator.weight"] * S ** n
-        return out
+    def _init_rule(self, name, shape, init):
+        # Xavier-uniform for every matrix and convolution (not Conv1d's PyTorch default), zero biases.
+        return xavier_uniform if len(shape) >= 2 else zeros
 
-    # ------------------------------------------------------------------ pieces
-    def _embed(self, ids, table, positions, scale=1.0):
-        bk = self.backend
-        pos = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape)
-        return bk.add(bk.embedding(ids, self.weights[table], scale),
-                      bk.embedding(np.ascontiguousarray(pos), self.weights[positions], scale))
+    def _device_params(self, bk):
+        p = self._params
+        return upload(bk, {"generator.weight": p["generator.weight"] * S ** self.config.n_layers,
+                           "generator.bias": p["generator.bias"]}, self.dtype)
 
-    def _block(self, prefix, v, causal):
-        """GLU(conv'(v)) with the folded weights, length-preserving padding."""
-        k = self.config.kernel_size
-        pad = (k - 1, 0) if causal else ((k - 1) // 2, k - 1 - (k - 1) // 2)
-        w = self.weights
-        return self.backend.glu(self.backend.conv1d(v, w[f"{prefix}.conv.weight"],
-                                                    w[f"{prefix}.conv.bias"], 1, *pad))
+    def _embed(self, ids, table: Embedding, positions: Embedding, scale=1.0):
+        pos = np.ascontiguousarray(np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape))
+        return self.backend.add(table.forward(ids, scale), positions.forward(pos, scale))
 
     def _encode(self, src):
-        """-> keys v_L and values (z + e) / S^L, each as one head (B, 1, Ns, d)."""
+        """-> keys v_L and values (z + e) / s^L, each as one head (B, 1, Ns, d)."""
         bk = self.backend
-        v = self._embed(src, "src_embed.weight", "src_pos.weight")
-        for i in range(self.config.n_layers):
-            v = bk.add(v, self._block(f"encoder.{i}", v, causal=False))
-        e_scaled = self._embed(src, "src_embed.weight", "src_pos.weight", 1.0 / S ** self.config.n_layers)
+        v = self._embed(src, self.src_embed, self.src_pos)
+        for block in self.encoder:
+            v = block.forward(v)
+        e_scaled = self._embed(src, self.src_embed, self.src_pos, 1.0 / S ** self.config.n_layers)
         return bk.split_heads(v, 1), bk.split_heads(bk.add(v, e_scaled), 1)
 
-    def _decode_logits(self, tgt, keys, values):
-        bk, w = self.backend, self.weights
-        u = self._embed(tgt, "tgt_embed.weight", "tgt_pos.weight")
-        for i in range(self.config.n_layers):
-            p = f"decoder.{i}"
-            h = self._block(p, u, causal=True)  # h / S^i
-            q = bk.split_heads(bk.linear(h, w[f"{p}.attn_in.weight"], w[f"{p}.attn_in.bias"]), 1)
-            a = bk.merge_heads(bk.attention(q, keys, values))  # (B, Nt, d)
-            o = bk.linear(a, w[f"{p}.attn_out.weight"], w[f"{p}.attn_out.bias"])
-            u = bk.add(bk.add(u, h), o)
-        return bk.linear(u, w["generator.weight"], w["generator.bias"])  # (B, Nt, V)
+    def _decode(self, tgt, keys, values):
+        u = self._embed(tgt, self.tgt_embed, self.tgt_pos)
+        for layer in self.decoder:
+            u = layer.forward(u, keys, values)
+        w = self.weights
+        return self.backend.linear(u, w["generator.weight"], w["generator.bias"])  # (B, Nt, V)
 
-    # ------------------------------------------------------------------ public
-    def forward(self, src_ids, tgt_ids):
-        """Teacher-forced logits (B, Nt, tgt_vocab), a host array in the config dtype
-        (float64 on the numpy backend); ids are (B, N) integers, N <= max_len."""
-        src, tgt = check_pair(self, src_ids, tgt_ids)
-        keys, values = self._encode(src)
-        return self.backend.to_numpy(self._decode_logits(tgt, keys, values))
+    def _logits(self, src, tgt):
+        return self._decode(tgt, *self._encode(src))
 
-    def __call__(self, src_ids, tgt_ids):
-        """Same as :meth:`forward`."""
-        return self.forward(src_ids, tgt_ids)
-
-    def generate(self, src_ids, max_new_tokens: int, bos_id: int, eos_id: int | None = None) -> np.ndarray:
-        """Greedy decoding: encoder once, decoder over the prefix at each step.
-
-        Returns host int64 ids (B, 1 + generated) starting with ``bos_id``; a sequence that
-        emitted ``eos_id`` keeps emitting it and decoding stops once all have.
-        """
-        src = check_generate_args(self, src_ids, max_new_tokens, bos_id, eos_id)
-        if max_new_tokens == 0:
-            return np.full((src.shape[0], 1), bos_id, dtype=np.int64)
-        bk = self.backend
+    def _decoding_step(self, src, max_new_tokens):
         keys, values = self._encode(src)
 
         def step(out, t):
-            logits = self._decode_logits(np.ascontiguousarray(out[:, :t + 1]), keys, values)
-            return bk.argmax(logits)[:, t]
+            return self.backend.argmax(self._decode(np.ascontiguousarray(out[:, :t + 1]), keys, values))[:, t]
 
-        return greedy(src.shape[0], max_new_tokens, bos_id, eos_id, step)
+        return step

@@ -1,0 +1,151 @@
+"""Recurrent layers of Table 1: multi-layer, unidirectional RNN (tanh or relu), LSTM and GRU.
+
+Parameters carry PyTorch's names and gate layouts (``weight_ih_l0``, ``weight_hh_l0``,
+``bias_ih_l0``, ``bias_hh_l0`` per layer; LSTM gates i, f, g, o; GRU gates r, z, n), drawn
+from U(-1/sqrt(H), 1/sqrt(H)) as PyTorch's defaults, so ``tfm.from_torch`` copies them as
+they are. Sequences are batch-first (B, N, features).
+
+The public call takes and returns states shaped (num_layers, B, H), as PyTorch's;
+``forward`` (backend arrays) takes and returns one state per layer: h (B, H) for RNN and
+GRU, (h, c) for LSTM, so that a model can carry them from one decoding step to the next.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .._checks import check_bool, check_features, check_float, check_int
+from .module import Module, uniform
+
+NONLINEARITIES = ("tanh", "relu")
+
+
+class _Recurrent(Module):
+    n_gates = 1
+    has_cell = False
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 seed: int = 0, backend="cpu", dtype="float32"):
+        super().__init__(dtype)
+        self.input_size = check_int("input_size", input_size)
+        self.hidden_size = check_int("hidden_size", hidden_size)
+        self.num_layers = check_int("num_layers", num_layers)
+        self.bias = check_bool("bias", bias)
+        init = uniform(1.0 / math.sqrt(self.hidden_size))  # PyTorch's U(-1/sqrt(H), 1/sqrt(H))
+        g, h = self.n_gates * self.hidden_size, self.hidden_size
+        for layer in range(self.num_layers):
+            self.param(f"weight_ih_l{layer}", (g, self.input_size if layer == 0 else h), init)
+            self.param(f"weight_hh_l{layer}", (g, h), init)
+            if self.bias:
+                self.param(f"bias_ih_l{layer}", (g,), init)
+                self.param(f"bias_hh_l{layer}", (g,), init)
+        self._build(seed, backend)
+
+    def _config(self) -> dict:
+        return {"input_size": self.input_size, "hidden_size": self.hidden_size,
+                "num_layers": self.num_layers, "bias": self.bias, "dtype": self.dtype.name}
+
+    def _device_params(self, bk):
+        w = super()._device_params(bk)
+        if not self.bias:  # the kernels always add biases: give them zeros, uploaded once
+            w["zero_bias"] = bk.asarray(np.zeros(self.n_gates * self.hidden_size, self.dtype))
+        return w
+
+    def _layer_weights(self, layer: int) -> tuple:
+        w = self.weights
+        if self.bias:
+            return (w[f"weight_ih_l{layer}"], w[f"weight_hh_l{layer}"],
+                    w[f"bias_ih_l{layer}"], w[f"bias_hh_l{layer}"])
+        return w[f"weight_ih_l{layer}"], w[f"weight_hh_l{layer}"], w["zero_bias"], w["zero_bias"]
+
+    # --------------------------------------------------------------- backend arrays
+    def forward(self, x, states=None):
+        """x (B, N, input_size) backend array; ``states``: one initial state per layer (see
+        the module docstring) or None for zeros. Returns (out (B, N, H), final states)."""
+        if states is None:
+            zero = self.backend.asarray(np.zeros((x.shape[0], self.hidden_size), self.dtype))
+            states = [(zero, zero) if self.has_cell else zero] * self.num_layers
+        final = []
+        for layer, state in enumerate(states):
+            x, state = self._layer(x, state, self._layer_weights(layer))  # (B, N, H)
+            final.append(state)
+        return x, final
+
+    # --------------------------------------------------------------- host arrays
+    def _state(self, name, s, batch):
+        shape = (self.num_layers, batch, self.hidden_size)
+        if s is None:
+            return np.zeros(shape, self.dtype)
+        s = check_float(name, s, 3)
+        if tuple(s.shape) != shape:
+            raise ValueError(f"{name} must have shape (num_layers, B, hidden_size) = {shape}, "
+                             f"got {tuple(s.shape)}")
+        return s
+
+    def _run(self, x, h0, c0=None):
+        x = check_features("x", x, 3, self.input_size, "input_size")
+        bk, batch = self.backend, x.shape[0]
+        states = None
+        if h0 is not None or c0 is not None:
+            h0 = self._state("h0", h0, batch)
+            if self.has_cell:
+                c0 = self._state("c0", c0, batch)
+            states = [(bk.asarray(h0[i], self.dtype), bk.asarray(c0[i], self.dtype)) if self.has_cell
+                      else bk.asarray(h0[i], self.dtype) for i in range(self.num_layers)]
+        out, final = self.forward(bk.asarray(x, self.dtype), states)
+        if self.has_cell:
+            return (self._host(out), np.stack([self._host(h) for h, _ in final]),
+                    np.stack([self._host(c) for _, c in final]))
+        return self._host(out), np.stack([self._host(h) for h in final])
+
+
+class RNN(_Recurrent):
+    """Elman RNN, h_t = act(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh), act = tanh or relu."""
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
+                 nonlinearity: str = "tanh", bias: bool = True, seed: int = 0, backend="cpu",
+                 dtype="float32"):
+        if nonlinearity not in NONLINEARITIES:
+            raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+        self.nonlinearity = nonlinearity
+        super().__init__(input_size, hidden_size, num_layers, bias, seed, backend, dtype)
+
+    def _config(self) -> dict:
+        return {**super()._config(), "nonlinearity": self.nonlinearity}
+
+    def _layer(self, x, h, w):
+        return self.backend.rnn_layer(x, h, *w, self.nonlinearity)
+
+    def __call__(self, x, h0=None):
+        """x (B, N, input_size) -> (out (B, N, H), h_n (num_layers, B, H)), host arrays."""
+        return self._run(x, h0)
+
+
+class LSTM(_Recurrent):
+    """LSTM with PyTorch's gates (i, f, g, o): c' = f*c + i*g, h' = o*tanh(c')."""
+
+    n_gates = 4
+    has_cell = True
+
+    def _layer(self, x, state, w):
+        y, h, c = self.backend.lstm_layer(x, *state, *w)
+        return y, (h, c)
+
+    def __call__(self, x, h0=None, c0=None):
+        """x (B, N, input_size) -> (out (B, N, H), h_n, c_n (num_layers, B, H)), host arrays."""
+        return self._run(x, h0, c0)
+
+
+class GRU(_Recurrent):
+    """GRU with PyTorch's gates (r, z, n): h' = (1 - z)*n + z*h."""
+
+    n_gates = 3
+
+    def _layer(self, x, h, w):
+        return self.backend.gru_layer(x, h, *w)
+
+    def __call__(self, x, h0=None):
+        """x (B, N, input_size) -> (out (B, N, H), h_n (num_layers, B, H)), host arrays."""
+        return self._run(x, h0)

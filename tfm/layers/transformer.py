@@ -1,0 +1,224 @@
+"""The Transformer's layers and stacks (section 3.1), composed from its sublayers.
+
+    EncoderLayer   x -> ResidualNorm(self-attention) -> ResidualNorm(FFN)
+    DecoderLayer   y -> ResidualNorm(causal self-attention) -> ResidualNorm(cross-attention to
+                   the encoder output) -> ResidualNorm(FFN)
+    Encoder        N encoder layers, then an optional final LayerNorm (nn.Transformer's)
+    Decoder        N decoder layers, then an optional final LayerNorm
+
+Parameter names are ``torch.nn.Transformer``'s: ``layers.0.self_attn.in_proj_weight``,
+``layers.0.linear1.weight``, ``layers.0.norm1.weight``, ``norm.weight`` ... (the FFN's
+``linear1``/``linear2`` sit directly in the layer, as in PyTorch). Masks on backend arrays
+are bool, True = may attend (:func:`~tfm.layers.attention.key_mask` makes them from
+PyTorch-style padding masks); the public calls take padding masks, True = padding.
+"""
+
+from __future__ import annotations
+
+from .._checks import check_bool, check_features, check_impl, check_int, check_padding_mask, check_same_batch
+from .attention import MultiHeadAttention, key_mask
+from .linear import FeedForward
+from .module import Module
+from .norm import LayerNorm, ResidualNorm
+
+
+class HasAttention:
+    """Mixin for modules that contain ``MultiHeadAttention``: ``impl`` ("fused" or "naive")
+    picks the attention kernel of every one of them."""
+
+    @property
+    def impl(self) -> str:
+        """Attention kernel: "fused" (online softmax, O(N) memory) or "naive"."""
+        return self._impl
+
+    @impl.setter
+    def impl(self, impl: str) -> None:
+        self._impl = check_impl(impl)
+        for module in self.modules():
+            if isinstance(module, MultiHeadAttention):
+                module.impl = impl
+
+
+class _Layer(HasAttention, Module):
+    """The arguments every Transformer layer and stack shares, and their checks."""
+
+    def __init__(self, d_model: int, n_heads: int, d_ff: int, activation: str, norm: str,
+                 layer_norm_eps: float, dtype):
+        super().__init__(dtype)
+        self.d_model, self.n_heads = check_int("d_model", d_model), check_int("n_heads", n_heads)
+        self.d_ff = check_int("d_ff", d_ff)
+        self.activation, self.norm, self.layer_norm_eps = activation, norm, layer_norm_eps
+
+    def _layer_args(self) -> dict:
+        return {"d_model": self.d_model, "n_heads": self.n_heads, "d_ff": self.d_ff,
+                "activation": self.activation, "norm": self.norm, "layer_norm_eps": self.layer_norm_eps}
+
+    def _config(self) -> dict:
+        return {**self._layer_args(), "dtype": self.dtype.name}
+
+    def _sequence(self, name: str, x):
+        return check_features(name, x, 3, self.d_model, "d_model")
+
+
+class _Encoding(_Layer):
+    """The public call of an encoder layer or stack: ``forward(x, mask, causal)``."""
+
+    def __call__(self, x, src_key_padding_mask=None, causal: bool = False):
+        """x (B, N, d_model) -> (B, N, d_model), a host array.
+
+        ``src_key_padding_mask`` (B, N) bool, True = padding: keys no query attends to.
+        ``causal``: position i attends to positions <= i only.
+        """
+        x = self._sequence("x", x)
+        pad = check_padding_mask("src_key_padding_mask", src_key_padding_mask, *x.shape[:2])
+        bk = self.backend
+        return self._host(self.forward(bk.asarray(x, self.dtype), key_mask(bk, pad), check_bool("causal", causal)))
+
+
+class _Decoding(_Layer):
+    """The public call of a decoder layer or stack: ``forward(y, project_memory(memory), ...)``."""
+
+    def __call__(self, y, memory, tgt_key_padding_mask=None, memory_key_padding_mask=None,
+                 causal: bool = True):
+        """y (B, Nt, d_model) attending to memory (B, Ns, d_model) -> (B, Nt, d_model), a host array.
+
+        Padding masks are (B, N) bool, True = padding: ``tgt_key_padding_mask`` for the
+        self-attention keys, ``memory_key_padding_mask`` for the cross-attention keys.
+        ``causal`` (default True): target position i attends to targets <= i only.
+        """
+        y, memory = self._sequence("y", y), self._sequence("memory", memory)
+        check_same_batch("y and memory", y, memory)
+        tgt_pad = check_padding_mask("tgt_key_padding_mask", tgt_key_padding_mask, *y.shape[:2])
+        mem_pad = check_padding_mask("memory_key_padding_mask", memory_key_padding_mask, *memory.shape[:2])
+        bk = self.backend
+        memory_kv = self.project_memory(bk.asarray(memory, self.dtype))
+        return self._host(self.forward(bk.asarray(y, self.dtype), memory_kv, key_mask(bk, tgt_pad),
+                                       key_mask(bk, mem_pad), check_bool("causal", causal)))
+
+
+class EncoderLayer(_Encoding):
+    """Self-attention and a feed-forward network, each inside a :class:`ResidualNorm`.
+
+    Parameters: ``self_attn.*`` (:class:`MultiHeadAttention`), ``linear1.*``, ``linear2.*``
+    (:class:`FeedForward`), ``norm1.*``, ``norm2.*``. ``norm``: "post" (the paper's) or "pre".
+    """
+
+    def __init__(self, d_model: int, n_heads: int, d_ff: int, activation: str = "relu",
+                 norm: str = "post", layer_norm_eps: float = 1e-5, *, impl: str = "fused",
+                 seed: int = 0, backend="cpu", dtype="float32"):
+        super().__init__(d_model, n_heads, d_ff, activation, norm, layer_norm_eps, dtype)
+        kw = {"backend": None, "dtype": dtype}
+        self.self_attn = self.add("self_attn", MultiHeadAttention(d_model, n_heads, **kw))
+        self.ff = self.add(None, FeedForward(d_model, d_ff, activation, **kw))
+        self.norm1 = self.add("norm1", ResidualNorm(d_model, norm, layer_norm_eps, **kw))
+        self.norm2 = self.add("norm2", ResidualNorm(d_model, norm, layer_norm_eps, **kw))
+        self.impl = impl
+        self._build(seed, backend)
+
+    def forward(self, x, mask=None, causal: bool = False):
+        """x (B, N, d_model) backend array; mask: backend bool, True = may attend."""
+        x = self.norm1.forward(x, self.self_attn, mask, causal)
+        return self.norm2.forward(x, self.ff)
+
+
+class DecoderLayer(_Decoding):
+    """Causal self-attention, cross-attention to the encoder output and a feed-forward network,
+    each inside a :class:`ResidualNorm`.
+
+    Parameters: ``self_attn.*``, ``multihead_attn.*`` (cross-attention), ``linear1.*``,
+    ``linear2.*``, ``norm1.*``, ``norm2.*``, ``norm3.*``.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, d_ff: int, activation: str = "relu",
+                 norm: str = "post", layer_norm_eps: float = 1e-5, *, impl: str = "fused",
+                 seed: int = 0, backend="cpu", dtype="float32"):
+        super().__init__(d_model, n_heads, d_ff, activation, norm, layer_norm_eps, dtype)
+        kw = {"backend": None, "dtype": dtype}
+        self.self_attn = self.add("self_attn", MultiHeadAttention(d_model, n_heads, **kw))
+        self.multihead_attn = self.add("multihead_attn", MultiHeadAttention(d_model, n_heads, **kw))
+        self.ff = self.add(None, FeedForward(d_model, d_ff, activation, **kw))
+        self.norm1 = self.add("norm1", ResidualNorm(d_model, norm, layer_norm_eps, **kw))
+        self.norm2 = self.add("norm2", ResidualNorm(d_model, norm, layer_norm_eps, **kw))
+        self.norm3 = self.add("norm3", ResidualNorm(d_model, norm, layer_norm_eps, **kw))
+        self.impl = impl
+        self._build(seed, backend)
+
+    def project_memory(self, memory):
+        """The cross-attention keys and values of the encoder output (once per source)."""
+        return self.multihead_attn.project_memory(memory)
+
+    def new_cache(self, batch: int, max_len: int):
+        """An empty self-attention key/value cache for greedy decoding."""
+        return self.self_attn.new_cache(batch, max_len)
+
+    def forward(self, y, memory_kv, mask=None, memory_mask=None, causal: bool = True, cache=None):
+        """y (B, Nt, d_model) backend array; ``memory_kv`` from :meth:`project_memory`;
+        ``mask``/``memory_mask``: the self- and cross-attention masks (True = may attend);
+        ``cache``: y holds the next positions and earlier keys/values are cached."""
+        y = self.norm1.forward(y, self.self_attn, mask, causal, cache=cache)
+        y = self.norm2.forward(y, self.multihead_attn, memory_mask, memory_kv=memory_kv)
+        return self.norm3.forward(y, self.ff)
+
+
+class _Stack(_Layer):
+    """``n_layers`` layers (``layers.{i}``) and an optional final LayerNorm (``norm``)."""
+
+    def __init__(self, layer_class, n_layers, d_model, n_heads, d_ff, activation, norm, layer_norm_eps,
+                 final_norm, impl, dtype):
+        super().__init__(d_model, n_heads, d_ff, activation, norm, layer_norm_eps, dtype)
+        self.n_layers = check_int("n_layers", n_layers, 0)
+        self.final_norm = check_bool("final_norm", final_norm)
+        self.layers = [self.add(f"layers.{i}", layer_class(**self._layer_args(), backend=None, dtype=dtype))
+                       for i in range(self.n_layers)]
+        self.norm_out = (self.add("norm", LayerNorm(d_model, layer_norm_eps, backend=None, dtype=dtype))
+                         if self.final_norm else None)
+        self.impl = impl
+
+    def _config(self) -> dict:
+        return {"n_layers": self.n_layers, **super()._config(), "final_norm": self.final_norm}
+
+    def _final(self, x):
+        return x if self.norm_out is None else self.norm_out.forward(x)
+
+
+class Encoder(_Stack, _Encoding):
+    """N :class:`EncoderLayer` s (``layers.{i}``), then a LayerNorm (``norm``) if ``final_norm``."""
+
+    def __init__(self, n_layers: int, d_model: int, n_heads: int, d_ff: int, activation: str = "relu",
+                 norm: str = "post", layer_norm_eps: float = 1e-5, final_norm: bool = False, *,
+                 impl: str = "fused", seed: int = 0, backend="cpu", dtype="float32"):
+        super().__init__(EncoderLayer, n_layers, d_model, n_heads, d_ff, activation, norm,
+                         layer_norm_eps, final_norm, impl, dtype)
+        self._build(seed, backend)
+
+    def forward(self, x, mask=None, causal: bool = False):
+        """x (B, Ns, d_model) backend array -> the memory (B, Ns, d_model)."""
+        for layer in self.layers:
+            x = layer.forward(x, mask, causal)
+        return self._final(x)
+
+
+class Decoder(_Stack, _Decoding):
+    """N :class:`DecoderLayer` s (``layers.{i}``), then a LayerNorm (``norm``) if ``final_norm``."""
+
+    def __init__(self, n_layers: int, d_model: int, n_heads: int, d_ff: int, activation: str = "relu",
+                 norm: str = "post", layer_norm_eps: float = 1e-5, final_norm: bool = False, *,
+                 impl: str = "fused", seed: int = 0, backend="cpu", dtype="float32"):
+        super().__init__(DecoderLayer, n_layers, d_model, n_heads, d_ff, activation, norm,
+                         layer_norm_eps, final_norm, impl, dtype)
+        self._build(seed, backend)
+
+    def project_memory(self, memory) -> list:
+        """Each layer's cross-attention keys and values of the encoder output."""
+        return [layer.project_memory(memory) for layer in self.layers]
+
+    def new_cache(self, batch: int, max_len: int) -> list:
+        """Each layer's empty self-attention key/value cache."""
+        return [layer.new_cache(batch, max_len) for layer in self.layers]
+
+    def forward(self, y, memory_kv, mask=None, memory_mask=None, causal: bool = True, cache=None):
+        """y (B, Nt, d_model) backend array; ``memory_kv`` and ``cache``: one entry per layer,
+        from :meth:`project_memory` and :meth:`new_cache`."""
+        for i, layer in enumerate(self.layers):
+            y = layer.forward(y, memory_kv[i], mask, memory_mask, causal, None if cache is None else cache[i])
+        return self._final(y)
