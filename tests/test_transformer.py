@@ -5,6 +5,7 @@ generation against the uncached argmax loop, save/load, initialisation and every
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -274,6 +275,19 @@ def test_load_rejects_foreign_and_mismatched_files(tmp_path):
     params["generator.weight"] = np.zeros((3, 3))
     with pytest.raises(ValueError, match="'generator.weight' has shape"):
         Transformer.from_params(cfg, params)
+
+
+@pytest.mark.parametrize("name", ["Transformer", "EncoderDecoder", "LSTMSeq2Seq", "ConvS2S"])
+def test_loads_files_saved_by_1d4e43a(tmp_path, name):
+    """Files saved before the models were built from tfm.layers (commit 1d4e43a; float64
+    models, tests/data/saved_1d4e43a.npz holds each file's bytes and what the model computed
+    then on the numpy backend) load and compute the same."""
+    with np.load(Path(__file__).parent / "data" / "saved_1d4e43a.npz") as data:
+        path = tmp_path / f"{name}.npz"
+        path.write_bytes(data[f"{name}.file"].tobytes())
+        model = getattr(tfm, name).load(path, backend="numpy")
+        out = model(data["x"], data["y"]) if name == "EncoderDecoder" else model.forward(data["src"], data["tgt"])
+        assert rel_err(out, data[f"{name}.out"]) < TOL["float64"]
 
 
 def test_switching_backend_keeps_the_weights(rng):
