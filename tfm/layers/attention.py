@@ -42,7 +42,24 @@ class KVCache:
         return self.k[:, :, :self.length], self.v[:, :, :self.length]
 
 
-class MultiHeadAttention(Module):
+class HasAttention:
+    """Mixin for modules that are or contain ``MultiHeadAttention``: ``impl`` ("fused" or
+    "naive") picks the attention kernel of every one of them."""
+
+    @property
+    def impl(self) -> str:
+        """Attention kernel: "fused" (online softmax, O(N) memory) or "naive"."""
+        return self._impl
+
+    @impl.setter
+    def impl(self, impl: str) -> None:
+        impl = check_impl(impl)
+        for module in self.modules():
+            if isinstance(module, HasAttention):
+                module._impl = impl
+
+
+class MultiHeadAttention(HasAttention, Module):
     """Multi-head attention over (B, N, d_model) sequences with ``n_heads`` heads.
 
     ``impl`` picks the attention kernel: "fused" (online softmax, O(N) memory) or "naive".
@@ -63,15 +80,6 @@ class MultiHeadAttention(Module):
         self.param("out_proj.weight", (d, d), xavier_uniform)
         self.param("out_proj.bias", (d,), zeros)
         self._build(seed, backend)
-
-    @property
-    def impl(self) -> str:
-        """Attention kernel: "fused" (online softmax, O(N) memory) or "naive"."""
-        return self._impl
-
-    @impl.setter
-    def impl(self, impl: str) -> None:
-        self._impl = check_impl(impl)
 
     def _config(self) -> dict:
         return {"d_model": self.d_model, "n_heads": self.n_heads, "dtype": self.dtype.name}
@@ -102,7 +110,9 @@ class MultiHeadAttention(Module):
         from :meth:`project_memory`. ``mask``: backend bool broadcastable to
         (B, h, Nq, Nk), True = may attend (see :func:`key_mask`). ``causal``: query i sees
         keys j <= i. ``cache``: x holds the next positions of a sequence whose earlier
-        keys and values are cached; the new ones are appended and all are attended to.
+        keys and values are cached; the new ones are appended and every cached position
+        is attended to (no causal mask inside a block of new positions: greedy decoding
+        feeds one position at a time).
         """
         bk, w, h, d = self.backend, self.weights, self.n_heads, self.d_model
         if memory_kv is None:

@@ -15,39 +15,31 @@ PyTorch-style padding masks); the public calls take padding masks, True = paddin
 
 from __future__ import annotations
 
-from .._checks import check_bool, check_features, check_impl, check_int, check_padding_mask, check_same_batch
-from .attention import MultiHeadAttention, key_mask
+from .._checks import check_bool, check_features, check_int, check_padding_mask, check_same_batch
+from .attention import HasAttention, MultiHeadAttention, key_mask
 from .linear import FeedForward
 from .module import Module
 from .norm import LayerNorm, ResidualNorm
 
 
-class HasAttention:
-    """Mixin for modules that contain ``MultiHeadAttention``: ``impl`` ("fused" or "naive")
-    picks the attention kernel of every one of them."""
-
-    @property
-    def impl(self) -> str:
-        """Attention kernel: "fused" (online softmax, O(N) memory) or "naive"."""
-        return self._impl
-
-    @impl.setter
-    def impl(self, impl: str) -> None:
-        self._impl = check_impl(impl)
-        for module in self.modules():
-            if isinstance(module, MultiHeadAttention):
-                module.impl = impl
-
-
 class _Layer(HasAttention, Module):
-    """The arguments every Transformer layer and stack shares, and their checks."""
+    """The arguments every Transformer layer and stack shares, their checks and the
+    construction sequence: store them, ``_add_sublayers``, pick the attention kernel, build."""
 
-    def __init__(self, d_model: int, n_heads: int, d_ff: int, activation: str, norm: str,
-                 layer_norm_eps: float, dtype):
+    def __init__(self, d_model: int, n_heads: int, d_ff: int, activation: str = "relu",
+                 norm: str = "post", layer_norm_eps: float = 1e-5, *, impl: str = "fused",
+                 seed: int = 0, backend="cpu", dtype="float32"):
         super().__init__(dtype)
         self.d_model, self.n_heads = check_int("d_model", d_model), check_int("n_heads", n_heads)
         self.d_ff = check_int("d_ff", d_ff)
         self.activation, self.norm, self.layer_norm_eps = activation, norm, layer_norm_eps
+        self._add_sublayers({"backend": None, "dtype": dtype})
+        self.impl = impl
+        self._build(seed, backend)
+
+    def _add_sublayers(self, kw: dict) -> None:
+        """Add the submodules, unfilled (``kw``: backend=None and the dtype)."""
+        raise NotImplementedError
 
     def _layer_args(self) -> dict:
         return {"d_model": self.d_model, "n_heads": self.n_heads, "d_ff": self.d_ff,
@@ -103,17 +95,12 @@ class EncoderLayer(_Encoding):
     (:class:`FeedForward`), ``norm1.*``, ``norm2.*``. ``norm``: "post" (the paper's) or "pre".
     """
 
-    def __init__(self, d_model: int, n_heads: int, d_ff: int, activation: str = "relu",
-                 norm: str = "post", layer_norm_eps: float = 1e-5, *, impl: str = "fused",
-                 seed: int = 0, backend="cpu", dtype="float32"):
-        super().__init__(d_model, n_heads, d_ff, activation, norm, layer_norm_eps, dtype)
-        kw = {"backend": None, "dtype": dtype}
-        self.self_attn = self.add("self_attn", MultiHeadAttention(d_model, n_heads, **kw))
-        self.ff = self.add(None, FeedForward(d_model, d_ff, activation, **kw))
-        self.norm1 = self.add("norm1", ResidualNorm(d_model, norm, layer_norm_eps, **kw))
-        self.norm2 = self.add("norm2", ResidualNorm(d_model, norm, layer_norm_eps, **kw))
-        self.impl = impl
-        self._build(seed, backend)
+    def _add_sublayers(self, kw):
+        d, norm, eps = self.d_model, self.norm, self.layer_norm_eps
+        self.self_attn = self.add("self_attn", MultiHeadAttention(d, self.n_heads, **kw))
+        self.ff = self.add(None, FeedForward(d, self.d_ff, self.activation, **kw))
+        self.norm1 = self.add("norm1", ResidualNorm(d, norm, eps, **kw))
+        self.norm2 = self.add("norm2", ResidualNorm(d, norm, eps, **kw))
 
     def forward(self, x, mask=None, causal: bool = False):
         """x (B, N, d_model) backend array; mask: backend bool, True = may attend."""
@@ -129,19 +116,14 @@ class DecoderLayer(_Decoding):
     ``linear2.*``, ``norm1.*``, ``norm2.*``, ``norm3.*``.
     """
 
-    def __init__(self, d_model: int, n_heads: int, d_ff: int, activation: str = "relu",
-                 norm: str = "post", layer_norm_eps: float = 1e-5, *, impl: str = "fused",
-                 seed: int = 0, backend="cpu", dtype="float32"):
-        super().__init__(d_model, n_heads, d_ff, activation, norm, layer_norm_eps, dtype)
-        kw = {"backend": None, "dtype": dtype}
-        self.self_attn = self.add("self_attn", MultiHeadAttention(d_model, n_heads, **kw))
-        self.multihead_attn = self.add("multihead_attn", MultiHeadAttention(d_model, n_heads, **kw))
-        self.ff = self.add(None, FeedForward(d_model, d_ff, activation, **kw))
-        self.norm1 = self.add("norm1", ResidualNorm(d_model, norm, layer_norm_eps, **kw))
-        self.norm2 = self.add("norm2", ResidualNorm(d_model, norm, layer_norm_eps, **kw))
-        self.norm3 = self.add("norm3", ResidualNorm(d_model, norm, layer_norm_eps, **kw))
-        self.impl = impl
-        self._build(seed, backend)
+    def _add_sublayers(self, kw):
+        d, norm, eps = self.d_model, self.norm, self.layer_norm_eps
+        self.self_attn = self.add("self_attn", MultiHeadAttention(d, self.n_heads, **kw))
+        self.multihead_attn = self.add("multihead_attn", MultiHeadAttention(d, self.n_heads, **kw))
+        self.ff = self.add(None, FeedForward(d, self.d_ff, self.activation, **kw))
+        self.norm1 = self.add("norm1", ResidualNorm(d, norm, eps, **kw))
+        self.norm2 = self.add("norm2", ResidualNorm(d, norm, eps, **kw))
+        self.norm3 = self.add("norm3", ResidualNorm(d, norm, eps, **kw))
 
     def project_memory(self, memory):
         """The cross-attention keys and values of the encoder output (once per source)."""
@@ -161,18 +143,22 @@ class DecoderLayer(_Decoding):
 
 
 class _Stack(_Layer):
-    """``n_layers`` layers (``layers.{i}``) and an optional final LayerNorm (``norm``)."""
+    """``n_layers`` layers (``layers.{i}``, of ``layer_class``) and an optional final LayerNorm
+    (``norm``)."""
 
-    def __init__(self, layer_class, n_layers, d_model, n_heads, d_ff, activation, norm, layer_norm_eps,
-                 final_norm, impl, dtype):
-        super().__init__(d_model, n_heads, d_ff, activation, norm, layer_norm_eps, dtype)
+    layer_class: type = None  # set by subclasses
+
+    def __init__(self, n_layers: int, d_model: int, n_heads: int, d_ff: int, activation: str = "relu",
+                 norm: str = "post", layer_norm_eps: float = 1e-5, final_norm: bool = False, **options):
         self.n_layers = check_int("n_layers", n_layers, 0)
         self.final_norm = check_bool("final_norm", final_norm)
-        self.layers = [self.add(f"layers.{i}", layer_class(**self._layer_args(), backend=None, dtype=dtype))
+        super().__init__(d_model, n_heads, d_ff, activation, norm, layer_norm_eps, **options)
+
+    def _add_sublayers(self, kw):
+        self.layers = [self.add(f"layers.{i}", self.layer_class(**self._layer_args(), **kw))
                        for i in range(self.n_layers)]
-        self.norm_out = (self.add("norm", LayerNorm(d_model, layer_norm_eps, backend=None, dtype=dtype))
+        self.norm_out = (self.add("norm", LayerNorm(self.d_model, self.layer_norm_eps, **kw))
                          if self.final_norm else None)
-        self.impl = impl
 
     def _config(self) -> dict:
         return {"n_layers": self.n_layers, **super()._config(), "final_norm": self.final_norm}
@@ -184,12 +170,7 @@ class _Stack(_Layer):
 class Encoder(_Stack, _Encoding):
     """N :class:`EncoderLayer` s (``layers.{i}``), then a LayerNorm (``norm``) if ``final_norm``."""
 
-    def __init__(self, n_layers: int, d_model: int, n_heads: int, d_ff: int, activation: str = "relu",
-                 norm: str = "post", layer_norm_eps: float = 1e-5, final_norm: bool = False, *,
-                 impl: str = "fused", seed: int = 0, backend="cpu", dtype="float32"):
-        super().__init__(EncoderLayer, n_layers, d_model, n_heads, d_ff, activation, norm,
-                         layer_norm_eps, final_norm, impl, dtype)
-        self._build(seed, backend)
+    layer_class = EncoderLayer
 
     def forward(self, x, mask=None, causal: bool = False):
         """x (B, Ns, d_model) backend array -> the memory (B, Ns, d_model)."""
@@ -201,12 +182,7 @@ class Encoder(_Stack, _Encoding):
 class Decoder(_Stack, _Decoding):
     """N :class:`DecoderLayer` s (``layers.{i}``), then a LayerNorm (``norm``) if ``final_norm``."""
 
-    def __init__(self, n_layers: int, d_model: int, n_heads: int, d_ff: int, activation: str = "relu",
-                 norm: str = "post", layer_norm_eps: float = 1e-5, final_norm: bool = False, *,
-                 impl: str = "fused", seed: int = 0, backend="cpu", dtype="float32"):
-        super().__init__(DecoderLayer, n_layers, d_model, n_heads, d_ff, activation, norm,
-                         layer_norm_eps, final_norm, impl, dtype)
-        self._build(seed, backend)
+    layer_class = DecoderLayer
 
     def project_memory(self, memory) -> list:
         """Each layer's cross-attention keys and values of the encoder output."""

@@ -30,10 +30,10 @@ import numpy as np
 
 from .._checks import check_bool, check_float, check_padding_mask, check_same_batch
 from ..config import TransformerConfig
-from ..layers.attention import key_mask
+from ..layers.attention import HasAttention, key_mask
 from ..layers.embedding import TransformerEmbedding
 from ..layers.linear import Linear
-from ..layers.transformer import Decoder, Encoder, HasAttention
+from ..layers.transformer import Decoder, Encoder
 from .base import Model, Seq2Seq
 
 __all__ = ["EncoderDecoder", "Transformer"]
