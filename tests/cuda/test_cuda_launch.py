@@ -130,3 +130,40 @@ def test_simulator_shared_arrays_are_one_per_block_under_thread_switches(monkeyp
     block_sum[3, 32](out)
     monkeypatch.undo()
     np.testing.assert_array_equal(out, np.full((3, 32), 31 * 32 / 2, np.float32))
+
+
+@pytest.mark.skipif(not SIMULATOR, reason="exercises the simulator with the GPU's tile sizes")
+def test_the_gpu_default_tilings_run_under_the_simulator(rng):
+    """Tuning()'s H100/H200 tiles (256-thread GEMM blocks, 128-thread attention blocks), not
+    the simulator's toy tiles, at small ragged sizes: one tile with ragged edges each."""
+    bk = CudaBackend(tuning=Tuning(), gemm="numba")
+    x, w, b = randn(rng, 37, 45), randn(rng, 29, 45), randn(rng, 29)
+    assert rel_err(run(bk, bk.linear, x, w, b), ref.linear(x, w, b)) < TOL[np.float32]
+    q, k, v = randn(rng, 1, 2, 67, 16), randn(rng, 1, 2, 35, 16), randn(rng, 1, 2, 35, 8)
+    mask = rng.random((1, 1, 67, 35)) > 0.2
+    for causal in (False, True):
+        out = run(bk, lambda *a: bk.attention(*a, causal=causal), q, k, v, mask)
+        assert rel_err(out, ref.scaled_dot_product_attention(q, k, v, mask=mask, causal=causal)) < TOL[np.float32]
+
+
+@pytest.mark.skipif(not SIMULATOR, reason="the lab's --smoke mode runs only under the simulator")
+def test_lab_smoke_writes_every_family(tmp_path):
+    """dev/cuda/lab.py at toy sizes: every family writes its CSV, every tfm variant passes its
+    float64 check and gets a time, and peers missing here are rows with a reason."""
+    import csv
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    res = subprocess.run([sys.executable, "-m", "dev.cuda.lab", "--out", str(tmp_path), "--smoke",
+                          "--budget-s", "120"], cwd=root, capture_output=True, text=True,
+                         env={**os.environ, "NUMBA_ENABLE_CUDASIM": "1"})
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert sorted(os.listdir(tmp_path)) == ["SUMMARY.md", "attention.csv", "forward.csv", "gemm.csv", "launch.csv"]
+    for family in ("gemm", "attention", "forward"):
+        with open(tmp_path / f"{family}.csv") as fh:
+            rows = list(csv.DictReader(fh))
+        ours = [r for r in rows if not r["variant"].startswith(("torch", "sdpa", "tfm_cublas"))]
+        assert ours and all(r["status"] == "ok" and float(r["median_ms"]) > 0 for r in ours), rows
+        assert all(r["reason"] for r in rows if r["status"] != "ok")

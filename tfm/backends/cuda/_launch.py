@@ -56,6 +56,8 @@ REGISTERS_PER_BLOCK = 64 * 1024
 MAX_THREADS_PER_BLOCK = 1024
 
 LAUNCH_MODES = ("dispatch", "overload", "direct")
+# Versions of the GEMM and fused attention kernels (linear.GEMM_VERSIONS, attention.ATTN_VERSIONS).
+KERNEL_VERSIONS = (1,)
 
 
 class CudaLaunchError(RuntimeError):
@@ -104,6 +106,8 @@ class Tuning:
     gemm_small: tuple = (64, 64, 16, 4, 4)
     min_blocks: int = 264  # 2 x the 132 SMs of an H100 SXM
     attn: tuple = (64, 32, 16, 8)
+    gemm_version: int = 1  # which Numba GEMM kernel (linear.GEMM_VERSIONS)
+    attn_version: int = 1  # which fused attention kernel (attention.ATTN_VERSIONS)
     row_threads: int = 128  # block size of one-row-per-block reductions (power of two)
     elem_threads: int = 256  # block size of elementwise kernels
     step_threads: int = 128  # block size of the recurrent step kernels
@@ -127,6 +131,9 @@ class Tuning:
         bq, bk, ty, tx = self.attn
         if bq % ty or bk % tx or ty * tx > MAX_THREADS_PER_BLOCK:
             raise ValueError(f"Tuning.attn={self.attn}: need BQ % TY == 0, BK % TX == 0, TY*TX <= 1024")
+        for name, known in (("gemm_version", KERNEL_VERSIONS), ("attn_version", KERNEL_VERSIONS)):
+            if getattr(self, name) not in known:
+                raise ValueError(f"Tuning.{name}={getattr(self, name)}: choose one of {sorted(known)}")
         for name in ("row_threads", "elem_threads", "step_threads"):
             v = getattr(self, name)
             if not 1 <= v <= MAX_THREADS_PER_BLOCK:

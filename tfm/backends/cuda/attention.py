@@ -48,6 +48,8 @@ from ._views import c_strides, c_view, strided_view
 from .linear import contiguous, gemm
 from .norm import UNBOUNDED, no_mask, run_softmax, visibility
 
+ATTN_VERSIONS = {1: "v1: FlashAttention-2 tiles, interleaved register tiles, single-buffered K/V"}
+
 VARIANTS = {
     "naive": "GEMM -> (B*H, Nq, Nk) scores in global memory -> masked row softmax -> GEMM",
     "fused": "FlashAttention-2 style tiles in shared memory, online softmax in registers",

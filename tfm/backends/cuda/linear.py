@@ -36,6 +36,8 @@ from ._cublas import linear_into
 from ._launch import SHARED_BYTES_LIMIT, cdiv, gemm_shared_bytes, grid_1d, launch, numba_dtype
 from ._views import c_view
 
+GEMM_VERSIONS = {1: "v1: single-buffered slabs, interleaved 8 x 8 register tile"}
+
 VARIANTS = {
     "numba": "tiled shared-memory GEMM with register blocking, fused bias + activation",
     "cupy": "cuBLAS sgemm/dgemm through CuPy (optional dependency)",

@@ -1,0 +1,621 @@
+"""The CUDA kernel lab: every kernel variant tfm keeps, validated, then timed side by side.
+
+    python3 -m dev.cuda.lab --out DIR [--budget-s 100] [--family gemm,attention,launch,forward]
+    NUMBA_ENABLE_CUDASIM=1 python3 -m dev.cuda.lab --out DIR --smoke     # toy sizes, CI
+
+(from the repository root). After llm.c's ``dev/cuda``: for each kernel family with
+variants (the ``VARIANTS`` and ``TILINGS`` of ``tfm/backends/cuda/*.py``, and their peers),
+each case first checks every variant against a float64 reference (sampled rows where the
+full product would take the host too long) and then times the variants interleaved
+(A B A B ..., CUDA-synchronised, a warm-up call first, which also JIT-compiles), and reports
+median and interquartile range. Families and their peers:
+
+* ``gemm``      tfm's Numba GEMM (each version, each tiling of ``linear.TILINGS``), tfm's
+                cuBLAS path (CuPy's raw sgemm), torch.matmul (TF32 off); FP32 peak fraction.
+* ``attention`` tfm's fused kernel (each version, each tiling of ``attention.TILINGS``) and
+                naive kernel, PyTorch SDPA's math backend (cuBLAS, FP32 on CUDA cores with
+                TF32 off) and memory-efficient backend (float32 as 3xTF32 on tensor cores,
+                per PyTorch's mem_eff_attention/gemm_kernel_utils.h), B=4, H=16, d=64.
+* ``launch``    the launch paths of ``_launch.LAUNCH_MODES``: host microseconds per launch of a
+                small elementwise kernel (with no GPU and no simulator, the driver call is
+                stubbed: ``--family launch`` then measures the host side alone).
+* ``forward``   the base-config forward pass (``from_torch(nn.Transformer)``, B=8, n=128):
+                cuBLAS vs Numba GEMM, the launch paths, the caching pool on and off
+                (``_memory.PoolMemoryManager.caching``), against eager nn.Transformer (FP32).
+
+Writes one CSV per family into DIR and ``SUMMARY.md`` (at most 5 files), each as soon as its
+family ends; a case that does not fit in the time left becomes a row with the reason. Every
+failure becomes a row too. Numbers are ratios measured in one process, never across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import sys
+import time
+import traceback
+
+import numpy as np
+
+FAMILIES = ("gemm", "attention", "launch", "forward")
+FP32_LANES_PER_SM = {(7, 0): 64, (8, 0): 64, (8, 6): 128, (8, 9): 128, (9, 0): 128}
+
+
+# ---------------------------------------------------------------------- infrastructure
+class Budget:
+    """Seconds left for the whole lab, shared out over the families still to run."""
+
+    def __init__(self, seconds: float):
+        self.start = time.monotonic()
+        self.deadline = self.start + seconds
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+
+def log(budget: Budget, msg: str) -> None:
+    print(f"[lab {budget.elapsed():6.1f}s] {msg}", flush=True)
+
+
+def simulator() -> bool:
+    from tfm.backends.cuda._launch import simulator_enabled
+
+    return simulator_enabled()
+
+
+def gpu_present() -> bool:
+    if simulator():
+        return False
+    try:
+        from numba import cuda
+
+        return bool(cuda.is_available())
+    except Exception:
+        return False
+
+
+def sync() -> None:
+    from numba import cuda
+
+    cuda.synchronize()
+
+
+def torch_cuda():
+    """(torch, None) with CUDA and TF32 off, or (None, reason)."""
+    if simulator():
+        return None, "the simulator has no CUDA PyTorch peer"
+    try:
+        import torch
+    except ImportError:
+        return None, "PyTorch is not installed"
+    if not torch.cuda.is_available():
+        return None, "this PyTorch has no usable CUDA device"
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    return torch, None
+
+
+def device_row() -> dict:
+    """Device, SM count, clock and the FP32 CUDA-core peak derived from them."""
+    if simulator():
+        return {"device": "numba CUDA simulator", "sms": 0, "clock_mhz": 0.0, "fp32_peak_gflops": math.nan}
+    from numba import cuda
+
+    dev = cuda.get_current_device()
+    name = dev.name.decode() if isinstance(dev.name, bytes) else str(dev.name)
+    sms = int(dev.MULTIPROCESSOR_COUNT)
+    try:
+        clock_khz = int(dev.CLOCK_RATE)
+    except Exception:  # deprecated in newer drivers: then no peak, ratios still stand
+        clock_khz = 0
+    lanes = FP32_LANES_PER_SM.get(tuple(dev.compute_capability))
+    peak = sms * lanes * 2 * clock_khz / 1e6 if lanes and clock_khz else math.nan
+    return {"device": name, "sms": sms, "clock_mhz": clock_khz / 1e3, "fp32_peak_gflops": peak}
+
+
+def rel_err(out, ref) -> float:
+    out = np.asarray(out, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    if out.shape != ref.shape or not np.all(np.isfinite(out)):
+        return math.inf
+    den = np.linalg.norm(ref)
+    return float(np.linalg.norm(out - ref) / (den if den > 0 else 1.0))
+
+
+ROUNDS = {"min": 3, "max": 15}  # --smoke sets 1 and 2: the simulator takes seconds per call
+
+
+def interleaved(fns: dict, budget_s: float, *, sample_ms: float = 2.0, wait=None) -> dict:
+    """Time each callable (one op, then a device synchronize) interleaved A B A B ...; each was
+    called once already (its correctness check, which also compiled it). The first round times
+    one call of each; short ops then run ``inner`` times per sample so a sample lasts about
+    ``sample_ms``. Rounds continue up to ROUNDS["max"] while ``budget_s`` lasts, and never
+    fewer than ROUNDS["min"]. Returns {name: (median_ms, iqr_ms, samples)}. ``wait`` replaces
+    the device synchronize (host-only timing)."""
+    sync = wait or globals()["sync"]
+    t_end = time.monotonic() + budget_s
+    samples = {name: [] for name in fns}
+    inner = dict.fromkeys(fns, 1)
+    for r in range(ROUNDS["max"]):
+        if r >= ROUNDS["min"] and time.monotonic() > t_end:
+            break
+        for name, fn in fns.items():
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(inner[name]):
+                fn()
+            sync()
+            samples[name].append((time.perf_counter() - t0) * 1e3 / inner[name])
+        if r == 0:
+            inner = {name: max(1, min(1000, int(sample_ms / max(s[0], 1e-4)))) for name, s in samples.items()}
+    out = {}
+    for name, s in samples.items():
+        q1, med, q3 = np.percentile(s, [25, 50, 75])
+        out[name] = (float(med), float(q3 - q1), len(s))
+    return out
+
+
+def write_csv(path: str, rows: list) -> None:
+    keys = []
+    for row in rows:
+        keys += [k for k in row if k not in keys]
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def run_case(rows: list, base: dict, variants: dict, check, budget_s: float, tol: float, flops=None,
+             peak=math.nan, peer=None, wait=None) -> None:
+    """Validate each variant (``check(name, fn) -> rel_err``), then time the ones that pass.
+    ``variants``: {name: callable or a reason string (variant unavailable)}."""
+    good = {}
+    for name, fn in variants.items():
+        row = dict(base, variant=name)
+        if isinstance(fn, str):
+            rows.append(dict(row, status="skipped", reason=fn))
+            continue
+        try:
+            err = check(name, fn)
+        except Exception as exc:
+            rows.append(dict(row, status="failed", reason=f"{type(exc).__name__}: {exc}"[:300]))
+            continue
+        if not err < tol:
+            rows.append(dict(row, status="wrong", rel_err=err, reason=f"relative error {err:.2e} >= {tol:.0e}"))
+            continue
+        good[name] = (fn, err)
+    if not good:
+        return
+    try:
+        times = interleaved({n: f for n, (f, _) in good.items()}, budget_s, wait=wait)
+    except Exception as exc:
+        for name, (_, err) in good.items():
+            rows.append(dict(base, variant=name, status="failed", rel_err=err,
+                             reason=f"timing: {type(exc).__name__}: {exc}"[:300]))
+        return
+    peer_ms = times[peer][0] if peer in times else math.nan
+    for name, (_, err) in good.items():
+        med, iqr, n = times[name]
+        row = dict(base, variant=name, status="ok", rel_err=err, median_ms=med, iqr_ms=iqr, samples=n)
+        if flops:
+            gflops = flops / med / 1e6
+            row.update(gflops=gflops, frac_fp32_peak=gflops / peak if peak == peak else math.nan)
+        if peer:
+            row[f"speed_vs_{peer}"] = peer_ms / med
+        rows.append(row)
+
+
+# ---------------------------------------------------------------------- families
+def family_gemm(budget_s: float, smoke: bool, dev: dict) -> list:
+    from numba import cuda
+
+    from tfm.backends.cuda import CudaBackend, linear
+    from tfm.backends.cuda._launch import Tuning, default_tuning
+
+    rng = np.random.default_rng(0)
+    shapes = [(37, 19, 23)] if smoke else [(1024, 512, 1536), (1024, 2048, 512), (4096, 4096, 4096)]
+    tilings = [(8, 8, 4, 2, 2)] if smoke else list(linear.TILINGS)
+    versions = sorted(linear.GEMM_VERSIONS)
+    torch, torch_reason = torch_cuda()
+    base_tuning = default_tuning()
+    rows = []
+    t_end = time.monotonic() + budget_s
+    for m, k, n in shapes:
+        left = t_end - time.monotonic()
+        base = {"M": m, "K": k, "N": n}
+        if left < 3:
+            rows.append(dict(base, variant="*", status="skipped", reason="lab budget spent"))
+            continue
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        w = rng.standard_normal((n, k)).astype(np.float32)
+        sample = np.sort(rng.choice(m, size=min(m, 64), replace=False))
+        expect = x[sample].astype(np.float64) @ w.T.astype(np.float64)
+        dx, dw = cuda.to_device(x), cuda.to_device(w)
+        variants, outputs = {}, {}
+
+        def tfm_variant(bk, key):
+            def fn():
+                outputs[key] = bk.linear(dx, dw)
+            return fn
+
+        for version in versions:
+            for tiles in tilings:
+                t = base_tuning.replace(gemm_large=tiles, gemm_small=tiles, gemm_version=version)
+                variants[f"numba_v{version}{tiles}"] = tfm_variant(CudaBackend(tuning=t, gemm="numba"),
+                                                                   f"numba_v{version}{tiles}")
+        try:
+            variants["tfm_cublas"] = tfm_variant(CudaBackend(gemm="cupy"), "tfm_cublas")
+        except ValueError as exc:
+            variants["tfm_cublas"] = str(exc)
+        if torch is not None:
+            tx, tw = torch.as_tensor(x, device="cuda"), torch.as_tensor(w, device="cuda")
+
+            def torch_fn():
+                outputs["torch_matmul"] = tx @ tw.T
+            variants["torch_matmul"] = torch_fn
+        else:
+            variants["torch_matmul"] = torch_reason
+
+        def check(name, fn):
+            fn()
+            sync()
+            out = outputs[name]
+            host = out.cpu().numpy() if hasattr(out, "cpu") else out.copy_to_host()
+            return rel_err(host[sample], expect)
+
+        run_case(rows, base, variants, check, max(1.0, left * 0.8 / max(1, len(shapes))), 1e-4,
+                 flops=2.0 * m * n * k, peak=dev["fp32_peak_gflops"],
+                 peer="torch_matmul" if torch is not None else None)
+    return rows
+
+
+def attention_rows_reference(q, k, v, rows, causal):
+    """Float64 attention outputs of query ``rows`` only (every key), eq. 1."""
+    qs = q[:, :, rows].astype(np.float64)  # (B, H, r, d)
+    s = qs @ np.swapaxes(k.astype(np.float64), -1, -2) / math.sqrt(q.shape[-1])  # (B, H, r, Nk)
+    if causal:
+        s = np.where(np.arange(k.shape[2])[None, None, None, :] <= rows[None, None, :, None], s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return (p / p.sum(-1, keepdims=True)) @ v.astype(np.float64)  # (B, H, r, d)
+
+
+def family_attention(budget_s: float, smoke: bool, dev: dict) -> list:
+    from numba import cuda
+
+    from tfm.backends.cuda import CudaBackend, attention
+    from tfm.backends.cuda._launch import default_tuning
+
+    rng = np.random.default_rng(1)
+    b, h, d = (1, 2, 8) if smoke else (4, 16, 64)
+    ns = [13] if smoke else [1024, 4096, 16384]
+    tilings = [(4, 4, 2, 2)] if smoke else list(attention.TILINGS)
+    versions = sorted(attention.ATTN_VERSIONS)
+    torch, torch_reason = torch_cuda()
+    base_tuning = default_tuning()
+    rows = []
+    t_end = time.monotonic() + budget_s
+    cases = [(n, causal) for n in ns for causal in (False, True)]
+    for i, (n, causal) in enumerate(cases):
+        left = t_end - time.monotonic()
+        base = {"B": b, "H": h, "n": n, "d": d, "causal": causal}
+        if left < 3:
+            rows.append(dict(base, variant="*", status="skipped", reason="lab budget spent"))
+            continue
+        q, k, v = (rng.standard_normal((b, h, n, d)).astype(np.float32) for _ in range(3))
+        sample = np.sort(rng.choice(n, size=min(n, 32 if n <= 4096 else 8), replace=False))
+        expect = attention_rows_reference(q, k, v, sample, causal)
+        dq, dk, dv = cuda.to_device(q), cuda.to_device(k), cuda.to_device(v)
+        variants, outputs = {}, {}
+
+        def tfm_variant(bk, key, impl="fused"):
+            def fn():
+                outputs[key] = bk.attention(dq, dk, dv, causal=causal, impl=impl)
+            return fn
+
+        # the largest n costs ~0.1-1 s per call: there, only each version's default tiling
+        for version in versions:
+            for tiles in (tilings if n <= 4096 else tilings[:1]):
+                bk = CudaBackend(tuning=base_tuning.replace(attn=tiles, attn_version=version), gemm="numba")
+                variants[f"fused_v{version}{tiles}"] = tfm_variant(bk, f"fused_v{version}{tiles}")
+        naive_bytes = b * h * n * n * 4
+        free = CudaBackend(gemm="numba").free_memory_bytes()
+        if naive_bytes > 0.8 * free:
+            variants["tfm_naive"] = f"needs {naive_bytes / 2**30:.0f} GiB of scores; {free / 2**30:.0f} GiB free"
+        elif n > 4096 and budget_s < 300:
+            variants["tfm_naive"] = "about 1 s per call at this n: timed only with --budget-s >= 300"
+        else:
+            variants["tfm_naive"] = tfm_variant(CudaBackend(gemm="numba"), "tfm_naive", "naive")
+        if torch is not None:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            tq, tk, tv = (torch.as_tensor(a, device="cuda") for a in (q, k, v))
+            for label, backend, copies in (("sdpa_math", SDPBackend.MATH, 3),
+                                           ("sdpa_mem_efficient", SDPBackend.EFFICIENT_ATTENTION, 0)):
+                if copies * naive_bytes > 0.8 * free:  # scores, their softmax and a mask/temporary
+                    variants[label] = f"would need about {copies * naive_bytes / 2**30:.0f} GiB"
+                    continue
+
+                def sdpa(label=label, backend=backend):
+                    with sdpa_kernel(backend):
+                        outputs[label] = torch.nn.functional.scaled_dot_product_attention(
+                            tq, tk, tv, is_causal=causal)
+                variants[label] = sdpa
+        else:
+            variants["sdpa_math"] = variants["sdpa_mem_efficient"] = torch_reason
+
+        def check(name, fn):
+            fn()
+            sync()
+            out = outputs[name]
+            host = out.cpu().numpy() if hasattr(out, "cpu") else out.copy_to_host()
+            return rel_err(host[:, :, sample], expect)
+
+        flops = 4.0 * b * h * n * n * d / (2 if causal else 1)  # QK^T and PV (FlashAttention's count)
+        share = max(1.0, left / (len(cases) - i))
+        run_case(rows, base, variants, check, share * 0.7, 1e-4, flops=flops, peak=dev["fp32_peak_gflops"],
+                 peer="sdpa_math" if torch is not None else None)
+        del dq, dk, dv, outputs
+    return rows
+
+
+def family_launch(budget_s: float, smoke: bool, dev: dict) -> list:
+    """Host cost per launch of each launch path: a 1024-element add launched ``reps`` times."""
+    from tfm.backends.cuda import _launch
+    from tfm.backends.cuda.linear import _add_kernel
+
+    rows = []
+    base = {"kernel": "add", "elements": 1024}
+    if simulator():
+        return [dict(base, variant=m, status="skipped", reason="the simulator launches through numba's "
+                     "dispatcher only") for m in _launch.LAUNCH_MODES]
+    import contextlib
+
+    offline = not gpu_present()
+    if offline:
+        from tfm.backends.cuda import _offline
+
+        ctx = _offline.offline(stub_launch=True)
+        arrays = [_offline.fake_device_array((1024,), np.float32, ptr=1 << (20 + i)) for i in range(3)]
+        base["driver"] = "stubbed (no GPU): host side only"
+    else:
+        from numba import cuda
+
+        ctx = contextlib.nullcontext()
+        arrays = [cuda.to_device(np.ones(1024, np.float32)) for _ in range(3)]
+        base["driver"] = dev["device"]
+    reps = 200
+    kernel = _add_kernel()
+    with ctx:
+        def path(mode):
+            def fn():
+                _launch.set_launch_mode(mode)
+                for _ in range(reps):
+                    _launch.launch("add", kernel, (4,), 256, *arrays)
+            return fn
+
+        def check(name, fn):
+            if offline:
+                return 0.0  # nothing runs: the marshalling itself is tested in tests/test_cuda_ptx.py
+            a, b = (np.random.default_rng(3).standard_normal(1024).astype(np.float32) for _ in range(2))
+            arrays[0].copy_to_device(a)
+            arrays[1].copy_to_device(b)
+            fn()
+            sync()
+            return rel_err(arrays[2].copy_to_host(), a.astype(np.float64) + b)
+
+        try:
+            run_case(rows, base, {m: path(m) for m in _launch.LAUNCH_MODES}, check, budget_s * 0.8, 1e-6,
+                     peer="dispatch", wait=(lambda: None) if offline else None)
+        finally:
+            _launch.set_launch_mode("direct")
+    for row in rows:
+        if "median_ms" in row:
+            row["us_per_launch"] = row["median_ms"] * 1e3 / reps
+    return rows
+
+
+def family_forward(budget_s: float, smoke: bool, dev: dict) -> list:
+    from numba import cuda
+
+    import tfm
+    from tfm.backends.cuda import CudaBackend, _launch
+
+    torch, torch_reason = torch_cuda()
+    rng = np.random.default_rng(2)
+    cfg = dict(d_model=16, nhead=2, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=24) \
+        if smoke else dict(d_model=512, nhead=8, num_encoder_layers=6, num_decoder_layers=6, dim_feedforward=2048)
+    b, n = (2, 5) if smoke else (8, 128)
+    base = {"config": "toy" if smoke else "base", "B": b, "n": n}
+    try:
+        import torch as torch_cpu
+    except ImportError:
+        return [dict(base, variant="*", status="skipped", reason="PyTorch is needed for the weights")]
+    torch_cpu.manual_seed(0)
+    module = torch_cpu.nn.Transformer(**cfg, dropout=0.0, batch_first=True).eval()
+    src = rng.standard_normal((b, n, cfg["d_model"])).astype(np.float32)
+    tgt = rng.standard_normal((b, n, cfg["d_model"])).astype(np.float32)
+    mask = torch_cpu.nn.Transformer.generate_square_subsequent_mask(n)
+    with torch_cpu.no_grad():
+        ref64 = module.double()(torch_cpu.as_tensor(src, dtype=torch_cpu.float64),
+                                torch_cpu.as_tensor(tgt, dtype=torch_cpu.float64),
+                                tgt_mask=mask.double(), tgt_is_causal=True).numpy()
+    module.float()
+    pool = _pool_manager()
+    variants, outputs, models = {}, {}, {}
+    ds, dt = cuda.to_device(src), cuda.to_device(tgt)
+
+    def tfm_variant(name, gemm, mode, caching):
+        try:
+            bk = CudaBackend(gemm=gemm)
+        except ValueError as exc:
+            return str(exc)
+        if caching and pool is None:
+            return "the caching pool is not installed in this process (see the lab's start)"
+        models[name] = tfm.from_torch(module, backend=bk)
+
+        def fn():
+            _launch.set_launch_mode(mode)
+            if pool is not None:
+                pool.caching = caching
+            outputs[name] = models[name](ds, dt, tgt_is_causal=True)
+        return fn
+
+    gemm_default = "cupy"
+    for name, gemm, mode, caching in (("tfm_cublas_direct", gemm_default, "direct", False),
+                                      ("tfm_cublas_direct_pool", gemm_default, "direct", True),
+                                      ("tfm_cublas_dispatch", gemm_default, "dispatch", False),
+                                      ("tfm_cublas_overload", gemm_default, "overload", False),
+                                      ("tfm_numba_direct", "numba", "direct", False)):
+        variants[name] = tfm_variant(name, gemm, mode, caching)
+    if torch is not None:
+        gpu_module = torch_cpu.nn.Transformer(**cfg, dropout=0.0, batch_first=True).eval()
+        gpu_module.load_state_dict(module.state_dict())
+        gpu_module = gpu_module.cuda()
+        ts, tt, tm = (torch.as_tensor(a, device="cuda") for a in (src, tgt, mask.numpy()))
+
+        def eager():
+            with torch.no_grad():
+                outputs["torch_eager"] = gpu_module(ts, tt, tgt_mask=tm, tgt_is_causal=True)
+        variants["torch_eager"] = eager
+    else:
+        variants["torch_eager"] = torch_reason
+
+    def check(name, fn):
+        fn()
+        sync()
+        out = outputs[name]
+        host = out.cpu().numpy() if hasattr(out, "cpu") else np.asarray(out)
+        return rel_err(host, ref64)
+
+    rows = []
+    try:
+        run_case(rows, base, variants, check, budget_s * 0.8, 1e-4,
+                 peer="torch_eager" if torch is not None else None)
+    finally:
+        _launch.set_launch_mode("direct")
+        if pool is not None:
+            pool.caching = False
+    return rows
+
+
+# ---------------------------------------------------------------------- main
+_POOL = []
+
+
+def _pool_manager():
+    """The lab's PoolMemoryManager (installed at start, before any CUDA context), or None."""
+    if not _POOL:
+        return None
+    from numba import cuda
+
+    mm = cuda.current_context().memory_manager
+    return mm if hasattr(mm, "caching") else None
+
+
+def install_pool() -> None:
+    """Every allocation of the lab goes through the pool, with caching off except where a
+    ``forward`` variant turns it on: pool on/off is then timed interleaved in one process."""
+    if simulator():
+        return
+    from numba import cuda
+
+    from tfm.backends.cuda._memory import PoolMemoryManager
+
+    cuda.set_memory_manager(PoolMemoryManager)
+    mm = cuda.current_context().memory_manager
+    if isinstance(mm, PoolMemoryManager):
+        mm.caching = False
+        _POOL.append(mm)
+
+
+def summary(results: dict, dev: dict, args, budget: Budget) -> str:
+    lines = [f"# CUDA lab: {dev['device']}", "",
+             f"`python3 -m dev.cuda.lab --out {args.out} --budget-s {args.budget_s:g}"
+             + (" --smoke" if args.smoke else "") + f"` ({budget.elapsed():.0f} s; FP32 peak "
+             f"{dev['fp32_peak_gflops']:.0f} GFLOP/s from {dev['sms']} SMs at {dev['clock_mhz']:.0f} MHz)", ""]
+    for family, rows in results.items():
+        lines += [f"## {family}", ""]
+        for row in rows:
+            shape = ", ".join(f"{k}={row[k]}" for k in ("M", "K", "N", "B", "H", "n", "d", "causal", "config")
+                              if k in row)
+            if row.get("status") == "ok":
+                extra = "".join(f", {k} {row[k]:.2f}" for k in row if k.startswith("speed_vs_"))
+                if "frac_fp32_peak" in row and row["frac_fp32_peak"] == row["frac_fp32_peak"]:
+                    extra += f", {100 * row['frac_fp32_peak']:.1f}% of FP32 peak"
+                if "us_per_launch" in row:
+                    extra += f", {row['us_per_launch']:.1f} us/launch"
+                lines.append(f"- {shape}: {row['variant']} {row['median_ms']:.3f} ms "
+                             f"(IQR {row['iqr_ms']:.3f}){extra}")
+            else:
+                lines.append(f"- {shape}: {row['variant']} {row.get('status')}: {row.get('reason')}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, help="folder for the CSV files and SUMMARY.md")
+    p.add_argument("--budget-s", type=float, default=100.0, help="wall-clock budget, JIT included")
+    p.add_argument("--smoke", action="store_true", help="toy sizes (for the simulator)")
+    p.add_argument("--family", default=",".join(FAMILIES), help="comma-separated subset of " + ", ".join(FAMILIES))
+    args = p.parse_args(argv)
+    families = [f for f in args.family.split(",") if f]
+    unknown = set(families) - set(FAMILIES)
+    if unknown:
+        p.error(f"unknown families {sorted(unknown)}; choose from {', '.join(FAMILIES)}")
+    budget = Budget(args.budget_s)
+    os.makedirs(args.out, exist_ok=True)
+    if not (simulator() or gpu_present()) and families != ["launch"]:
+        print("no GPU and no simulator: only `--family launch` runs here (host side, driver stubbed); "
+              "set NUMBA_ENABLE_CUDASIM=1 for the --smoke run", file=sys.stderr)
+        return 2
+    if simulator() and not args.smoke:
+        print("under NUMBA_ENABLE_CUDASIM=1 the lab runs only with --smoke (toy sizes)", file=sys.stderr)
+        return 2
+    if gpu_present():
+        install_pool()
+    if args.smoke:
+        ROUNDS.update(min=1, max=2)
+    if simulator():
+        # every simulated thread is a Python thread: switching more often than every 5 ms makes
+        # barrier-heavy kernels several times faster (as tests/cuda/conftest.py does)
+        sys.setswitchinterval(5e-4)
+    dev = device_row() if (simulator() or gpu_present()) else {"device": "none (host only)", "sms": 0,
+                                                               "clock_mhz": 0.0, "fp32_peak_gflops": math.nan}
+    log(budget, f"device: {dev}")
+    runners = {"gemm": family_gemm, "attention": family_attention, "launch": family_launch,
+               "forward": family_forward}
+    weights = {"gemm": 0.3, "attention": 0.4, "launch": 0.05, "forward": 0.25}
+    results = {}
+    for i, family in enumerate(families):
+        left = budget.left() - 3.0  # keep time to write the summary
+        share = left * weights[family] / sum(weights[f] for f in families[i:])
+        log(budget, f"{family}: {share:.0f} s of {left:.0f} s left")
+        try:
+            rows = runners[family](share, args.smoke, dev) if left > 2 else \
+                [{"variant": "*", "status": "skipped", "reason": "lab budget spent"}]
+        except Exception as exc:
+            traceback.print_exc()
+            rows = [{"variant": "*", "status": "failed", "reason": f"{type(exc).__name__}: {exc}"[:300]}]
+        for row in rows:
+            row.setdefault("device", dev["device"])
+        results[family] = rows
+        write_csv(os.path.join(args.out, f"{family}.csv"), rows)
+        log(budget, f"{family}: {sum(r.get('status') == 'ok' for r in rows)} timed, "
+                    f"{sum(r.get('status') != 'ok' for r in rows)} other rows")
+    text = summary(results, dev, args, budget)
+    with open(os.path.join(args.out, "SUMMARY.md"), "w") as fh:
+        fh.write(text + "\n")
+    print(text)
+    bad = [r for rows in results.values() for r in rows if r.get("status") in ("failed", "wrong")]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
