@@ -5,7 +5,11 @@
 #   make bench          the pytest-benchmark suite, saved under this machine's name; its
 #                       tfm-vs-PyTorch table -> results/tables/benchmarks.csv (in the report)
 #   make bench-compare  compare with the saved baseline; fail on a slowdown > $(BENCH_FAIL)
-#   make gpu-check      CUDA correctness at real sizes + timings against PyTorch (needs a GPU)
+#   make gpu-check      the GPU run (studies/gpu.py): smoke, correctness, the studies on the GPU
+#                       -> $(GPU_OUT). On a machine with preinstalled packages and no network:
+#                         make gpu-check GPU_PYTHON=python3 GPU_OUT=/some/dir
+#                       (no virtual environment, nothing installed). GPU_ARGS adds options,
+#                       e.g. GPU_ARGS="--budget-s 300"; under NUMBA_ENABLE_CUDASIM=1, --smoke.
 
 PYTHON ?= python3
 VENV := .venv
@@ -16,7 +20,15 @@ STAMP := $(VENV)/.installed
 # of tfm's sources: Numba checks only the file of the function it compiled, so a kernel that
 # calls a changed helper in another module would otherwise run its stale cached code.
 SRC_HASH := $(shell cat $(sort $(wildcard tfm/*.py tfm/*/*.py tfm/*/*/*.py)) | sha1sum | cut -c1-12)
+# The GPU run with GPU_PYTHON set uses that interpreter as it is: no .venv, not even for the cache.
+GPU_PYTHON ?=
+GPU_OUT ?= results/gpu
+GPU_ARGS ?=
+ifeq ($(strip $(GPU_PYTHON)),)
 export NUMBA_CACHE_DIR ?= $(CURDIR)/.venv/numba-cache/$(SRC_HASH)
+else
+export NUMBA_CACHE_DIR ?= $(CURDIR)/.numba-cache/$(SRC_HASH)
+endif
 
 QUICK_OUT ?= $(CURDIR)/results-quick
 BENCH_NAME ?= $(shell uname -m)-$(shell nproc)cpu
@@ -59,8 +71,13 @@ studies: $(STAMP)
 studies-quick: $(STAMP)
 	$(PY) -m studies.run_all --quick --out $(QUICK_OUT)
 
+ifeq ($(strip $(GPU_PYTHON)),)
 gpu-check: $(STAMP)
-	$(PY) -m tfm.cuda_check --out results/gpu
+	$(PY) -m studies.gpu --out $(GPU_OUT) $(GPU_ARGS)
+else
+gpu-check:
+	$(GPU_PYTHON) -m studies.gpu --out $(GPU_OUT) $(GPU_ARGS)
+endif
 
 clean:
-	rm -rf $(VENV) .pytest_cache .benchmarks results-quick
+	rm -rf $(VENV) .numba-cache .pytest_cache .benchmarks results-quick

@@ -6,8 +6,10 @@ BLAS use, library versions, the git commit of this checkout and the date (UTC).
 against: single-precision GEMM throughput (NumPy ``float32`` matmul through its BLAS,
 multi-threaded, square size 2048; best of several) and main-memory bandwidth (a copy of an
 array far larger than the last-level cache; read + write bytes counted). On a usable CUDA
-device the same two are measured there (a device-to-device copy; a GEMM where PyTorch with
-CUDA is present), otherwise the ``device_*`` entries are NaN with the reason.
+device, the device is fingerprinted too (``device_info``: name, SMs, clocks, memory, driver,
+CUDA runtime, FP32 CUDA-core peak) and the same two roofs are measured there (a device-to-
+device copy; cuBLAS SGEMM through PyTorch or CuPy, TF32 off); otherwise the ``device_*``
+entries are NaN with the reason in ``device_reason``.
 """
 
 from __future__ import annotations
@@ -128,21 +130,127 @@ def measure_bandwidth_gbs(nbytes: int = 256 * 2 ** 20, repeats: int = 5) -> floa
     return 2.0 * src.nbytes / _best(lambda: np.copyto(dst, src), repeats) / 1e9
 
 
-def _device_ceilings(quick: bool) -> dict:
+# FP32 lanes (CUDA cores) per SM by compute capability (CUDA C++ Programming Guide, "Arithmetic
+# Instructions": 32-bit floating-point add, multiply, multiply-add results per clock per SM).
+FP32_LANES_PER_SM = {(6, 0): 64, (6, 1): 128, (6, 2): 128, (7, 0): 64, (7, 2): 64, (7, 5): 64,
+                     (8, 0): 64, (8, 6): 128, (8, 7): 128, (8, 9): 128, (9, 0): 128,
+                     (10, 0): 128, (12, 0): 128}
+
+_NO_DEVICE = {"device_name": "none", "device_cc": "", "device_sms": float("nan"),
+              "device_clock_mhz": float("nan"), "device_memory_bytes": float("nan"),
+              "device_driver": "", "device_cuda_runtime": "", "device_fp32_peak_gflops": float("nan"),
+              "device_peak_derivation": "", "device_sgemm_gflops": float("nan"), "device_sgemm_by": "",
+              "device_mem_bw_gbs": float("nan"), "v_cupy": "absent"}
+
+
+def _nvidia_smi(query: str) -> str:
+    """One ``nvidia-smi --query-gpu`` field of device 0 ('' where nvidia-smi is absent or fails)."""
+    try:
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader,nounits",
+                              "-i", "0"], capture_output=True, text=True, timeout=20)
+        return out.stdout.strip().splitlines()[0].strip() if out.returncode == 0 and out.stdout.strip() else ""
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return ""
+
+
+def _cupy_version() -> str:
+    try:
+        import cupy
+
+        return str(cupy.__version__)
+    except Exception:  # ImportError, or a CuPy without a usable CUDA runtime
+        return "absent"
+
+
+def device_info() -> dict:
+    """The CUDA device's fingerprint (name, SMs, clocks, memory, driver, runtime, FP32 peak),
+    or ``device_name="none"`` with the reason in ``device_reason``. Never compiles a kernel."""
     from ..backends import BackendUnavailable, get_backend
 
-    nan = float("nan")
     try:
         get_backend("cuda")
     except (BackendUnavailable, ImportError) as exc:  # ImportError: the cuda backend is absent
-        return {"device_name": "none", "device_sgemm_gflops": nan, "device_mem_bw_gbs": nan,
-                "device_reason": str(exc)}
+        return {**_NO_DEVICE, "device_reason": str(exc)}
+    from numba import config, cuda
+
+    if config.ENABLE_CUDASIM:
+        return {**_NO_DEVICE, "device_name": "cuda simulator",
+                "device_reason": "the CUDA simulator has no meaningful timing", "v_cupy": _cupy_version()}
+    dev = cuda.get_current_device()
+    cc = tuple(dev.compute_capability)
+    sms = int(dev.MULTIPROCESSOR_COUNT)
+    try:
+        clock_mhz = int(dev.CLOCK_RATE) / 1e3  # the maximum (boost) SM clock, kHz
+    except Exception:  # deprecated attribute in newer CUDA releases: ask nvidia-smi
+        smi = _nvidia_smi("clocks.max.sm")
+        clock_mhz = float(smi) if smi.replace(".", "", 1).isdigit() else float("nan")
+    lanes = FP32_LANES_PER_SM.get(cc)
+    peak = sms * lanes * 2 * clock_mhz / 1e3 if lanes and np.isfinite(clock_mhz) else float("nan")
+    try:
+        from numba.cuda.cudadrv.driver import driver
+
+        cuda_driver = ".".join(map(str, driver.get_version()))
+    except Exception:  # depends on the driver bindings
+        cuda_driver = "unknown"
+    try:
+        runtime = ".".join(map(str, cuda.runtime.get_version()))
+    except Exception:
+        runtime = "unknown"
+    smi_driver = _nvidia_smi("driver_version")
+    return {
+        "device_name": dev.name.decode() if isinstance(dev.name, bytes) else str(dev.name),
+        "device_cc": f"{cc[0]}.{cc[1]}",
+        "device_sms": sms,
+        "device_clock_mhz": clock_mhz,
+        "device_memory_bytes": float(cuda.current_context().get_memory_info()[1]),
+        "device_driver": f"{smi_driver} (CUDA {cuda_driver})" if smi_driver else f"CUDA {cuda_driver}",
+        "device_cuda_runtime": runtime,
+        "device_fp32_peak_gflops": peak,
+        "device_peak_derivation": (f"{sms} SMs x {lanes} FP32 lanes/SM x 2 FLOP/FMA x {clock_mhz / 1e3:.3f} GHz "
+                                   "(maximum boost clock)") if lanes else f"FP32 lanes per SM unknown for sm_{cc[0]}{cc[1]}",
+        "device_reason": "",
+        "v_cupy": _cupy_version(),
+    }
+
+
+def _device_sgemm(quick: bool) -> tuple[float, str]:
+    """cuBLAS float32 GEMM (TF32 off) at 4096^3 (2048^3 quick): (GFLOP/s, through what)."""
+    m = 2048 if quick else 4096
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = False
+            a, b = torch.randn(m, m, device="cuda"), torch.randn(m, m, device="cuda")
+
+            def mm():
+                a @ b
+                torch.cuda.synchronize()
+
+            return 2.0 * m ** 3 / _best(mm, 10) / 1e9, f"torch.matmul (cuBLAS, FP32, TF32 off), {m}^3"
+    except ImportError:
+        pass
+    try:
+        import cupy
+
+        a = cupy.random.standard_normal((m, m), dtype=cupy.float32)
+        b = cupy.random.standard_normal((m, m), dtype=cupy.float32)
+
+        def mm_cp():
+            a @ b
+            cupy.cuda.runtime.deviceSynchronize()
+
+        return 2.0 * m ** 3 / _best(mm_cp, 10) / 1e9, f"cupy.matmul (cuBLAS, FP32), {m}^3"
+    except ImportError:
+        return float("nan"), "neither PyTorch with CUDA nor CuPy is importable"
+
+
+def _device_ceilings(quick: bool) -> dict:
+    info = device_info()
+    if info["device_reason"]:
+        return info
     from numba import cuda
 
-    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
-        return {"device_name": "cuda simulator", "device_sgemm_gflops": nan, "device_mem_bw_gbs": nan,
-                "device_reason": "the CUDA simulator has no meaningful timing"}
-    dev = cuda.get_current_device()
     n = (64 if quick else 256) * 2 ** 20 // 4
     src = cuda.to_device(np.ones(n, dtype=np.float32))
     dst = cuda.device_array_like(src)
@@ -151,26 +259,9 @@ def _device_ceilings(quick: bool) -> dict:
         dst.copy_to_device(src)
         cuda.synchronize()
 
-    out = {"device_name": dev.name.decode() if isinstance(dev.name, bytes) else str(dev.name),
-           "device_mem_bw_gbs": 2.0 * src.nbytes / _best(copy, 5) / 1e9,
-           "device_sgemm_gflops": nan, "device_reason": "sgemm needs PyTorch with CUDA"}
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            m = 4096
-            a = torch.randn(m, m, device="cuda")
-            b = torch.randn(m, m, device="cuda")
-
-            def mm():
-                a @ b
-                torch.cuda.synchronize()
-
-            out["device_sgemm_gflops"] = 2.0 * m ** 3 / _best(mm, 10) / 1e9
-            out["device_reason"] = ""
-    except ImportError:
-        pass
-    return out
+    info["device_mem_bw_gbs"] = 2.0 * src.nbytes / _best(copy, 5) / 1e9
+    info["device_sgemm_gflops"], info["device_sgemm_by"] = _device_sgemm(quick)
+    return info
 
 
 _CEILINGS: dict[bool, dict] = {}

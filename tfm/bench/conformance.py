@@ -1,0 +1,231 @@
+"""Every backend method against the float64 reference, at ragged sizes: one row per launch.
+
+``check_backend(backend, size="ragged")`` calls each method of the backend interface
+(:mod:`tfm.backends.base`) once on random inputs and compares the result with the float64
+NumPy backend on the same inputs, by relative error ||out - ref|| / ||ref|| (exact equality
+for integer outputs and pure data movement). It is the GPU run's first section (``make
+gpu-check``): on a card, with checked launches (``TFM_CUDA_CHECK=1``) and the default tile
+sizes, every kernel is launched once at sizes that are not multiples of any tile before
+anything is timed, so a kernel that fails on the card fails here, named, in seconds.
+
+Sizes: ``"ragged"`` crosses several of the CUDA backend's default (H100/H200) tiles with a
+ragged edge (GEMM rows 591 over 128-row tiles, attention 197 queries over 64, 131 keys over
+32, d_k != d_v); ``"tiny"`` does the same for the simulator's toy tiles (Numba's simulator
+runs each thread as a Python thread).
+
+``attention_rows_reference`` is the float64 oracle for attention at sizes whose (Nq, Nk)
+score matrix would not fit on the host: it computes only the given query rows.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+SIZES = {
+    "tiny": dict(b=2, n=7, nk=5, d=12, h=3, dk=4, dv=6, d_ff=10, hidden=6, vocab=11, window=3),
+    "ragged": dict(b=3, n=197, nk=131, d=96, h=3, dk=32, dv=40, d_ff=200, hidden=72, vocab=1001, window=16),
+}
+# float32 against float64 at these sizes lands near 1e-6; 1e-4 leaves room for long sums
+# without letting a wrong index (errors of order 1) through.
+TOL = {np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-10}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One call: ``method(*args, **kwargs)`` with args built by ``build(rng, size)``.
+
+    Float ndarrays in args are cast to the tested dtype and uploaded; bool ndarrays are
+    uploaded as masks; integer ndarrays (token ids) stay on the host, as the interface says.
+    ``inplace``: the method writes into its first argument, which is the result.
+    """
+
+    name: str
+    method: str
+    build: Callable[[np.random.Generator, dict], tuple[tuple, dict]]
+    exact: bool = False
+    inplace: bool = False
+
+
+def _r(rng, *shape, scale=1.0):
+    return rng.standard_normal(shape) * scale
+
+
+def _recurrent(gates):
+    def build(rng, s):
+        b, n, d, hd = s["b"], s["n"], s["d"], s["hidden"]
+        w = 1.0 / math.sqrt(hd)
+        return (_r(rng, b, n, d), _r(rng, b, hd, scale=0.5), _r(rng, gates * hd, d, scale=w),
+                _r(rng, gates * hd, hd, scale=w), _r(rng, gates * hd, scale=0.1), _r(rng, gates * hd, scale=0.1)), {}
+    return build
+
+
+def _attention(causal, masked, impl):
+    def build(rng, s):
+        b, h, n, nk, dk, dv = s["b"], s["h"], s["n"], s["nk"], s["dk"], s["dv"]
+        mask = None
+        if masked:
+            mask = rng.random((b, 1, 1, nk)) > 0.3  # key padding
+            mask[-1, ..., :] = False  # a sequence with every key padded: rows of zeros
+        return (_r(rng, b, h, n, dk), _r(rng, b, h, nk, dk), _r(rng, b, h, nk, dv), mask, causal, impl), {}
+    return build
+
+
+def _lstm(rng, s):
+    x, h0, w_ih, w_hh, b_ih, b_hh = _recurrent(4)(rng, s)[0]
+    return (x, h0, _r(rng, *h0.shape, scale=0.5), w_ih, w_hh, b_ih, b_hh), {}
+
+
+CASES: tuple[Case, ...] = (
+    Case("linear", "linear", lambda rng, s: ((_r(rng, s["b"], s["n"], s["d"]), _r(rng, s["d_ff"], s["d"]),
+                                              _r(rng, s["d_ff"])), {})),
+    Case("linear_no_bias", "linear", lambda rng, s: ((_r(rng, s["b"], s["n"], s["d"]), _r(rng, s["d"] + 5, s["d"])), {})),
+    Case("add", "add", lambda rng, s: ((_r(rng, s["b"], s["n"], s["d"]), _r(rng, s["b"], s["n"], s["d"])), {})),
+    Case("relu", "activation", lambda rng, s: ((_r(rng, s["b"], s["n"], s["d"]), "relu"), {})),
+    Case("gelu", "activation", lambda rng, s: ((_r(rng, s["b"], s["n"], s["d"]), "gelu"), {})),
+    Case("feed_forward", "feed_forward",
+         lambda rng, s: ((_r(rng, s["b"], s["n"], s["d"]), _r(rng, s["d_ff"], s["d"], scale=s["d"] ** -0.5),
+                          _r(rng, s["d_ff"], scale=0.1), _r(rng, s["d"], s["d_ff"], scale=s["d_ff"] ** -0.5),
+                          _r(rng, s["d"], scale=0.1), "relu"), {})),
+    Case("layer_norm", "layer_norm", lambda rng, s: ((_r(rng, s["b"], s["n"], s["d"], scale=3.0) + 1.0,
+                                                      _r(rng, s["d"]), _r(rng, s["d"]), 1e-5), {})),
+    Case("layer_norm_residual", "layer_norm",
+         lambda rng, s: ((_r(rng, s["b"], s["n"], s["d"]), _r(rng, s["d"]), _r(rng, s["d"]), 1e-5),
+                         {"residual": _r(rng, s["b"], s["n"], s["d"])})),
+    Case("softmax", "softmax", lambda rng, s: ((_r(rng, s["b"], s["n"], s["vocab"], scale=4.0),), {})),
+    Case("log_softmax", "log_softmax", lambda rng, s: ((_r(rng, s["b"], s["n"], s["vocab"], scale=4.0),), {})),
+    Case("argmax", "argmax", lambda rng, s: ((_r(rng, s["b"], s["vocab"]),), {}), exact=True),
+    Case("embedding", "embedding", lambda rng, s: ((rng.integers(0, s["vocab"], (s["b"], s["n"])),
+                                                    _r(rng, s["vocab"], s["d"]), math.sqrt(s["d"])), {})),
+    Case("positional_encoding", "add_positional_encoding",
+         lambda rng, s: ((_r(rng, s["b"], s["n"], s["d"]), 3), {})),
+    Case("split_heads", "split_heads", lambda rng, s: ((_r(rng, s["b"], s["n"], 3 * s["d"]), s["h"], s["d"], s["d"]), {}),
+         exact=True),
+    Case("merge_heads", "merge_heads", lambda rng, s: ((_r(rng, s["b"], s["h"], s["n"], s["dv"]),), {}), exact=True),
+    Case("write_rows", "write_rows", lambda rng, s: ((_r(rng, s["b"], s["h"], s["n"] + 9, s["dk"]),
+                                                      _r(rng, s["b"], s["h"], s["n"], s["dk"]), 4), {}),
+         exact=True, inplace=True),
+    *(Case(f"attention_{impl}{'_causal' if causal else ''}{'_masked' if masked else ''}", "attention",
+           _attention(causal, masked, impl))
+      for impl in ("fused", "naive") for causal in (False, True) for masked in (False, True)),
+    *(Case(f"restricted_attention{'_causal' if causal else ''}", "restricted_attention",
+           (lambda c: lambda rng, s: ((_r(rng, s["b"], s["h"], s["n"], s["dk"]), _r(rng, s["b"], s["h"], s["n"], s["dk"]),
+                                       _r(rng, s["b"], s["h"], s["n"], s["dk"]), s["window"], c), {}))(causal))
+      for causal in (False, True)),
+    Case("rnn_tanh", "rnn_layer", _recurrent(1)),
+    Case("rnn_relu", "rnn_layer", lambda rng, s: (_recurrent(1)(rng, s)[0], {"nonlinearity": "relu"})),
+    Case("lstm", "lstm_layer", _lstm),
+    Case("gru", "gru_layer", _recurrent(3)),
+    Case("conv1d_same", "conv1d", lambda rng, s: ((_r(rng, s["b"], s["n"], s["d"]), _r(rng, s["hidden"], s["d"], 3, scale=0.2),
+                                                   _r(rng, s["hidden"]), 1, 1, 1), {})),
+    Case("conv1d_dilated_causal", "conv1d",
+         lambda rng, s: ((_r(rng, s["b"], s["n"], s["d"]), _r(rng, s["hidden"], s["d"], 3, scale=0.2),
+                          _r(rng, s["hidden"]), 4, 8, 0), {})),
+    Case("glu", "glu", lambda rng, s: ((_r(rng, s["b"], s["n"], 2 * s["d"]),), {})),
+)
+
+
+def rel_err(out, ref) -> float:
+    """||out - ref|| / ||ref|| in float64; inf when out has a NaN or inf (NaN never passes)."""
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    if out.shape != ref.shape:
+        raise ValueError(f"output shape {out.shape} != reference shape {ref.shape}")
+    if not np.all(np.isfinite(out)):
+        return math.inf
+    return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-300))
+
+
+def _to_backend(bk, value, dtype):
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind == "f":
+            return bk.asarray(value.astype(dtype), dtype)
+        if value.dtype == np.bool_:
+            return bk.asarray(value)
+    return value
+
+
+def _outputs(bk, result) -> list[np.ndarray]:
+    items = result if isinstance(result, tuple) else (result,)
+    return [np.asarray(bk.to_numpy(r)) for r in items]
+
+
+def run_case(case: Case, bk, ref_bk, rng, size: dict, dtype) -> dict:
+    """One case on ``bk`` and on the reference; a row (raises nothing but KeyboardInterrupt)."""
+    dtype = np.dtype(dtype)
+    row = {"op": case.name, "method": case.method, "backend": bk.name, "dtype": dtype.name,
+           "rel_err": math.nan, "tol": 0.0 if case.exact else TOL[dtype], "passed": False,
+           "seconds": math.nan, "status": "ok", "reason": ""}
+    try:
+        args, kwargs = case.build(rng, size)
+        row["shape"] = " ".join("x".join(map(str, a.shape)) for a in args if isinstance(a, np.ndarray))
+        ref_args = [ref_bk.asarray(a) if isinstance(a, np.ndarray) and a.dtype.kind == "f" else a for a in args]
+        ref = getattr(ref_bk, case.method)(*ref_args, **kwargs)
+        ref_out = _outputs(ref_bk, ref_args[0] if case.inplace else ref)
+        dev_args = [_to_backend(bk, a, dtype) for a in args]
+        dev_kwargs = {k: _to_backend(bk, v, dtype) for k, v in kwargs.items()}
+        t0 = time.perf_counter()
+        res = getattr(bk, case.method)(*dev_args, **dev_kwargs)
+        bk.synchronize()
+        row["seconds"] = time.perf_counter() - t0  # the first call: compilation included
+        out = _outputs(bk, dev_args[0] if case.inplace else res)
+        if len(out) != len(ref_out):
+            raise ValueError(f"{len(out)} outputs, the reference has {len(ref_out)}")
+        if case.exact:
+            same = all(o.shape == r.shape and np.array_equal(o.astype(np.float64), r.astype(dtype).astype(np.float64))
+                       for o, r in zip(out, ref_out))
+            row["rel_err"], row["passed"] = (0.0 if same else math.inf), same
+        else:
+            row["rel_err"] = max(rel_err(o, r) for o, r in zip(out, ref_out))
+            row["passed"] = row["rel_err"] <= row["tol"]
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a failing kernel is a row with its reason
+        row["status"], row["reason"] = "error", f"{type(exc).__name__}: {exc}"[:400]
+    return row
+
+
+def check_backend(bk, size: str = "ragged", dtypes=(np.float32,), seed: int = 0,
+                  progress: Callable[[dict], None] | None = None) -> list[dict]:
+    """Every case of :data:`CASES` on ``bk`` against the float64 numpy backend: a list of rows."""
+    from ..backends import get_backend
+
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; choose one of {', '.join(SIZES)}")
+    ref_bk = get_backend("numpy")
+    rows = []
+    for dtype in dtypes:
+        for i, case in enumerate(CASES):
+            rng = np.random.default_rng([seed, i])
+            row = run_case(case, bk, ref_bk, rng, SIZES[size], dtype)
+            row["size"] = size
+            rows.append(row)
+            if progress is not None:
+                progress(row)
+    return rows
+
+
+def attention_rows_reference(q, k, v, rows, keep=None, causal=False) -> np.ndarray:
+    """Float64 attention outputs of query ``rows`` only; ``keep`` (B, Nk): True = may attend.
+
+    For n where the full (B, H, n, n) float64 score matrix would not fit: memory O(len(rows) * Nk).
+    Rows with no visible key are zeros, as in every tfm backend.
+    """
+    rows = np.asarray(rows)
+    qs = np.asarray(q)[:, :, rows].astype(np.float64)  # (B, H, r, Dk)
+    s = qs @ np.swapaxes(np.asarray(k, np.float64), -1, -2) / math.sqrt(qs.shape[-1])  # (B, H, r, Nk)
+    allowed = np.ones(s.shape, bool)
+    if causal:
+        allowed &= np.arange(s.shape[-1])[None, None, None, :] <= rows[None, None, :, None]
+    if keep is not None:
+        allowed &= np.asarray(keep)[:, None, None, :]
+    s = np.where(allowed, s, -np.inf)
+    m = s.max(-1, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    p = np.where(allowed, np.exp(s - m), 0.0)
+    den = p.sum(-1, keepdims=True)
+    p = np.divide(p, den, out=np.zeros_like(p), where=den > 0)
+    return p @ np.asarray(v, np.float64)  # (B, H, r, Dv)
