@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import platform
 import time
 from pathlib import Path
@@ -34,9 +33,9 @@ def rel_err(out, ref) -> float:
 def check(label: str, err: float, tol: float, rows: list) -> None:
     """Record one correctness result; fail loudly (after recording) when it misses ``tol``."""
     rows.append({"check": label, "rel_err": err, "tol": tol, "ok": err < tol})
-    print(f"  check {label:<58} {err:9.2e}  (tol {tol:.0e})")
+    print(f"  check {label:<58} {err:9.2e}  (tol {tol:.1e})")
     if not err < tol:
-        raise AssertionError(f"{label}: relative error {err:.3e} is not below {tol:.0e}")
+        raise AssertionError(f"{label}: relative error {err:.3e} is not below {tol:.1e}")
 
 
 def interleave(fns: dict[str, Callable[[], object]], *, budget_s: float, min_rounds: int = 5,
@@ -121,18 +120,17 @@ def _cpuinfo() -> dict:
             "llvm_cpu": llvm.get_host_cpu_name(), "machine": platform.machine()}
 
 
-def machine(sgemm: bool = True) -> dict:
-    """tfm's machine fingerprint, the CPU's vector extensions, and (``sgemm``) the float32
-    GEMM ceilings with one and with two BLAS threads, measured now."""
+def machine() -> dict:
+    """tfm's machine fingerprint, the CPU's vector extensions, and the float32 GEMM ceilings
+    with one BLAS thread and with all, measured now."""
     from threadpoolctl import threadpool_limits
 
     from tfm.bench.machine import fingerprint, measure_sgemm_gflops
 
     info = {**fingerprint(), **_cpuinfo()}
-    if sgemm:
-        with threadpool_limits(1, user_api="blas"):
-            info["sgemm_gflops_1_thread"] = round(measure_sgemm_gflops(), 1)
-        info["sgemm_gflops_all_threads"] = round(measure_sgemm_gflops(), 1)
+    with threadpool_limits(1, user_api="blas"):
+        info["sgemm_gflops_1_thread"] = round(measure_sgemm_gflops(), 1)
+    info["sgemm_gflops_all_threads"] = round(measure_sgemm_gflops(), 1)
     return info
 
 
@@ -154,11 +152,16 @@ def parse_out(argv, doc: str):
     return Path(args.out), args.quick
 
 
-def numba_threads() -> int:
-    import numba
-
-    return numba.get_num_threads()
-
-
-def load() -> float:
-    return round(os.getloadavg()[0], 2)
+def run_family(family: str, parts, run_checks, out: Path, quick: bool) -> None:
+    """A lab module's run: its checks (``run_checks(rng)``), then each timing part
+    (``part(rng, quick, checks)``, which checks its timed outputs too); writes
+    out/<family>.csv and out/<family>_check.csv."""
+    rng = np.random.default_rng(0)
+    print(f"{family}: checks against float64")
+    checks = run_checks(rng)
+    rows: list[dict] = []
+    for part in parts:
+        print(f"{family}: {part.__name__}")
+        rows += part(rng, quick, checks)
+    write_csv(out / f"{family}_check.csv", checks)
+    write_csv(out / f"{family}.csv", rows)
