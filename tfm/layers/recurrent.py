@@ -51,14 +51,12 @@ class _Recurrent(Module):
         w = super()._device_params(bk)
         if not self.bias:  # the kernels always add biases: give them zeros, uploaded once
             w["zero_bias"] = bk.asarray(np.zeros(self.n_gates * self.hidden_size, self.dtype))
+        names = ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if self.bias else [])
+        zero = () if self.bias else (w["zero_bias"], w["zero_bias"])
+        # Each layer's kernel arguments, looked up once per upload instead of once per call
+        # (greedy decoding runs the stack once per token).
+        self._layer_weights = [tuple(w[f"{n}_l{i}"] for n in names) + zero for i in range(self.num_layers)]
         return w
-
-    def _layer_weights(self, layer: int) -> tuple:
-        w = self.weights
-        if self.bias:
-            return (w[f"weight_ih_l{layer}"], w[f"weight_hh_l{layer}"],
-                    w[f"bias_ih_l{layer}"], w[f"bias_hh_l{layer}"])
-        return w[f"weight_ih_l{layer}"], w[f"weight_hh_l{layer}"], w["zero_bias"], w["zero_bias"]
 
     # --------------------------------------------------------------- backend arrays
     def forward(self, x, states=None):
@@ -69,7 +67,7 @@ class _Recurrent(Module):
             states = [(zero, zero) if self.has_cell else zero] * self.num_layers
         final = []
         for layer, state in enumerate(states):
-            x, state = self._layer(x, state, self._layer_weights(layer))  # (B, N, H)
+            x, state = self._layer(x, state, self._layer_weights[layer])  # (B, N, H)
             final.append(state)
         return x, final
 
