@@ -41,44 +41,24 @@ from .config import ConvS2SConfig, LSTMSeq2SeqConfig, TransformerConfig
 from .errors import BackendUnavailable, InsufficientMemoryError
 from .functional import attention
 from .interop import from_torch
-from .layers import (GRU, LSTM, RNN, Conv1d, ConvS2SBlock, ConvStack, Decoder, DecoderLayer, Embedding,
-                     Encoder, EncoderLayer, FeedForward, LayerNorm, Linear, Module, MultiHeadAttention,
-                     ResidualNorm, TransformerEmbedding, restricted_attention)
+from . import layers
+from .layers import *  # noqa: F401,F403  (every public layer: tfm.layers.__all__)
 from .models import ConvS2S, EncoderDecoder, LSTMSeq2Seq, Transformer
 
 __version__ = "0.1.0"
 
-__all__ = [
+__all__ = sorted([
     "BACKENDS",
     "BackendUnavailable",
-    "Conv1d",
     "ConvS2S",
-    "ConvS2SBlock",
     "ConvS2SConfig",
-    "ConvStack",
-    "Decoder",
-    "DecoderLayer",
-    "Embedding",
-    "Encoder",
     "EncoderDecoder",
-    "EncoderLayer",
-    "FeedForward",
-    "GRU",
     "InsufficientMemoryError",
-    "LSTM",
     "LSTMSeq2Seq",
     "LSTMSeq2SeqConfig",
-    "LayerNorm",
-    "Linear",
-    "Module",
-    "MultiHeadAttention",
-    "RNN",
-    "ResidualNorm",
     "Transformer",
     "TransformerConfig",
-    "TransformerEmbedding",
     "attention",
     "from_torch",
     "get_backend",
-    "restricted_attention",
-]
+] + layers.__all__)

@@ -17,19 +17,22 @@ call that checks host inputs and returns host arrays. Sequences are batch-first
     conv.py         Conv1d, ConvStack (contiguous or dilated), ConvS2SBlock
     restricted.py   restricted_attention (attention to the r nearest keys)
     module.py       Module (the shared plumbing) and the initialisers
+
+A new layer type is a class in its family's module, listed in that module's ``__all__``
+(which ``tfm.layers`` and ``tfm`` export), and its tests; a new family module is also
+imported here.
 """
 
-from .attention import KVCache, MultiHeadAttention
-from .conv import Conv1d, ConvS2SBlock, ConvStack, conv_padding
-from .embedding import Embedding, TransformerEmbedding
-from .linear import FeedForward, Linear
-from .module import Module
-from .norm import LayerNorm, ResidualNorm
-from .recurrent import GRU, LSTM, RNN
-from .restricted import restricted_attention
-from .transformer import Decoder, DecoderLayer, Encoder, EncoderLayer
+from . import attention, conv, embedding, linear, module, norm, recurrent, restricted, transformer
+from .attention import *  # noqa: F401,F403  (each family module names its public layers in __all__)
+from .conv import *  # noqa: F401,F403
+from .embedding import *  # noqa: F401,F403
+from .linear import *  # noqa: F401,F403
+from .module import *  # noqa: F401,F403
+from .norm import *  # noqa: F401,F403
+from .recurrent import *  # noqa: F401,F403
+from .restricted import *  # noqa: F401,F403
+from .transformer import *  # noqa: F401,F403
 
-__all__ = ["Conv1d", "ConvS2SBlock", "ConvStack", "Decoder", "DecoderLayer", "Embedding", "Encoder",
-           "EncoderLayer", "FeedForward", "GRU", "KVCache", "LSTM", "LayerNorm", "Linear", "Module",
-           "MultiHeadAttention", "RNN", "ResidualNorm", "TransformerEmbedding", "conv_padding",
-           "restricted_attention"]
+__all__ = sorted(name for family in (attention, conv, embedding, linear, module, norm, recurrent, restricted,
+                                     transformer) for name in family.__all__)

@@ -17,6 +17,8 @@ from .._checks import (check_bool, check_features, check_impl, check_int, check_
                        check_same_batch)
 from .module import Module, xavier_uniform, zeros
 
+__all__ = ["KVCache", "MultiHeadAttention"]
+
 
 def key_mask(backend, pad):
     """(B, Nk) host bool, True = padding (PyTorch's key_padding_mask) -> (B, 1, 1, Nk) backend

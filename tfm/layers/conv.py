@@ -16,6 +16,8 @@ import math
 from .._checks import check_bool, check_features, check_int
 from .module import Module, uniform, upload
 
+__all__ = ["Conv1d", "ConvS2SBlock", "ConvStack", "conv_padding"]
+
 PADDINGS = ("causal", "same", "valid")
 S = math.sqrt(0.5)  # ConvS2S's residual scale
 

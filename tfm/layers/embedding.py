@@ -12,6 +12,8 @@ import math
 from .._checks import check_int, check_token_ids
 from .module import Module, xavier_uniform
 
+__all__ = ["Embedding", "TransformerEmbedding"]
+
 
 class Embedding(Module):
     """``weight[ids] * scale``: torch.nn.Embedding's lookup; parameter ``weight`` (num, dim)."""

@@ -10,6 +10,8 @@ from .._checks import check_bool, check_features, check_int
 from ..config import ACTIVATIONS
 from .module import Module, xavier_uniform, zeros
 
+__all__ = ["FeedForward", "Linear"]
+
 
 class Linear(Module):
     """y = x W^T + b over the last axis; parameters ``weight`` (out, in) and ``bias`` (out,)."""

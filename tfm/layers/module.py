@@ -59,6 +59,8 @@ import numpy as np
 from .._checks import check_dtype
 from ..backends import Backend, get_backend
 
+__all__ = ["Module"]
+
 Init = Callable[[np.random.Generator, tuple], np.ndarray]
 
 # Bumped when the file layout changes; load() refuses files it does not understand.

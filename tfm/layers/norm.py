@@ -14,6 +14,8 @@ from .._checks import check_features, check_int
 from ..config import NORM_POSITIONS
 from .module import Module, ones, zeros
 
+__all__ = ["LayerNorm", "ResidualNorm"]
+
 
 class LayerNorm(Module):
     """gamma * (x - mean) / sqrt(var + eps) + beta over the last axis; parameters ``weight``

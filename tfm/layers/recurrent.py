@@ -19,6 +19,8 @@ import numpy as np
 from .._checks import check_bool, check_features, check_float, check_int
 from .module import Module, uniform
 
+__all__ = ["GRU", "LSTM", "RNN"]
+
 NONLINEARITIES = ("tanh", "relu")
 
 

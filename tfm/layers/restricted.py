@@ -7,6 +7,8 @@ import numpy as np
 from .._checks import check_attention_inputs, check_bool, check_int, is_device_array
 from ..backends import get_backend
 
+__all__ = ["restricted_attention"]
+
 
 def restricted_attention(q, k, v, window: int, *, causal: bool = False, backend="cpu"):
     """Self-attention restricted to a neighbourhood of r = ``window`` keys (paper, section 4).

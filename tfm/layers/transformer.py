@@ -21,6 +21,8 @@ from .linear import FeedForward
 from .module import Module
 from .norm import LayerNorm, ResidualNorm
 
+__all__ = ["Decoder", "DecoderLayer", "Encoder", "EncoderLayer"]
+
 
 class _Layer(HasAttention, Module):
     """The arguments every Transformer layer and stack shares, their checks and the
