@@ -36,7 +36,23 @@ def test_cpu_backend_name_and_repr():
     assert bk.name == "cpu" and "cpu" in repr(bk)
 
 
+def test_backend_unavailable_is_one_class():
+    """It lives in tfm.errors and stays importable from tfm.backends and tfm."""
+    from tfm import errors
+    from tfm.backends import BackendUnavailable
+
+    assert tfm.BackendUnavailable is BackendUnavailable is errors.BackendUnavailable
+    assert issubclass(BackendUnavailable, RuntimeError)
+
+
+def test_registry_names_every_backend():
+    assert tfm.BACKENDS == ("numpy", "cpu", "cuda")
+    assert {get_backend(name).name for name in ("numpy", "cpu")} == {"numpy", "cpu"}
+
+
 def test_public_api_names():
     for name in ("attention", "TransformerConfig", "from_torch", "get_backend", "BackendUnavailable",
-                 "InsufficientMemoryError"):
+                 "InsufficientMemoryError", "MultiHeadAttention", "FeedForward", "ResidualNorm", "EncoderLayer",
+                 "DecoderLayer", "Encoder", "Decoder", "Module"):
         assert hasattr(tfm, name), name
+    assert set(tfm.layers.__all__) <= set(tfm.__all__)

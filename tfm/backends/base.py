@@ -1,8 +1,8 @@
 """The backend interface: the only way models touch arrays.
 
-Models (``tfm.models``) never import Numba or NumPy kernels directly; they call these
-methods on a backend object, so one model definition runs on the float64 NumPy
-reference, the Numba CPU kernels and the Numba CUDA kernels alike.
+Layers and models (``tfm.layers``, ``tfm.models``) never import Numba or NumPy kernels
+directly; they call these methods on a backend object, so one layer definition runs on
+the float64 NumPy reference, the Numba CPU kernels and the Numba CUDA kernels alike.
 
 Conventions shared by every backend
 -----------------------------------
@@ -19,7 +19,7 @@ Conventions shared by every backend
 * Boolean masks use True = "may attend" (PyTorch SDPA's convention) and are
   broadcastable to ``(B, H, Nq, Nk)``.
 * Inputs reaching a backend method are already validated by the public API
-  (``tfm.attention``, the model classes); backends may assume correct shapes.
+  (``tfm.attention``, the layer and model classes); backends may assume correct shapes.
 """
 
 from __future__ import annotations
