@@ -23,10 +23,10 @@ Submodules are built with ``backend=None``: structure only, their root fills the
 Every module computes in ``forward`` on backend arrays, without checks, so that models
 compose modules at no cost beyond the backend calls. Its public ``__call__`` checks host
 inputs and returns host arrays (in the backend's precision: float64 on the numpy
-reference backend). The backward pass (issue 13) goes beside ``forward`` as
-``backward``: each ``forward`` is a straight line of backend calls whose intermediates
-are named, so that it can keep what ``backward`` needs, and a gradient dict uses the
-names of ``params``.
+reference backend). A backward pass belongs beside ``forward``: each ``forward`` is a
+straight line of backend calls with named intermediates (what a backward keeps), and
+gradients are keyed by the names of ``params`` (a submodule's own ``params`` are the
+same arrays under its local names).
 
 Writing a layer::
 
