@@ -83,6 +83,15 @@ def test_backend_moves_the_whole_tree(rng):
     assert all(isinstance(w, np.ndarray) and w.dtype == np.float32 for m in layer.modules() for w in m.weights.values())
 
 
+def test_impl_reaches_every_attention():
+    model = tfm.Transformer(tfm.TransformerConfig.tiny(), backend=None, impl="naive")
+    attentions = [m for m in model.modules() if isinstance(m, MultiHeadAttention)]
+    assert len(attentions) == 6 and {m.impl for m in attentions} == {"naive"}
+    model.decoder.impl = "fused"
+    assert model.impl == "naive" and {m.impl for m in model.encoder.modules() if m in attentions} == {"naive"}
+    assert {m.impl for m in model.decoder.modules() if m in attentions} == {"fused"}
+
+
 def test_seeded_initialisation(rng):
     a, b, c = (EncoderLayer(8, 2, 12, seed=s, backend="numpy") for s in (5, 5, 6))
     for name, p in a.params.items():
