@@ -110,12 +110,17 @@ def test_stack_cpu_matches_numpy_backend(rng, dtype, dilated, causal):
     assert rel_err(got, stack(x)) < TOL[dtype]
 
 
+@pytest.mark.parametrize("input_scale", [1.0, 0.3])
 @pytest.mark.parametrize("causal", [False, True])
-def test_convs2s_block_matches_reference(rng, causal):
-    blk = layers.ConvS2SBlock(5, 3, causal=causal, seed=4, dtype="float64")
+def test_convs2s_block_matches_reference(rng, causal, input_scale):
+    """The same block whatever scale its backend arrays carry (folded into the weights)."""
+    blk = layers.ConvS2SBlock(5, 3, causal=causal, seed=4, dtype="float64", input_scale=input_scale)
+    blk.load_state_dict({k: rng.uniform(-0.5, 0.5, v.shape) for k, v in blk.params.items()})
     x = randn(rng, 2, 13, 5, dtype=np.float64)
     pl, pr = layers.conv_padding("causal" if causal else "same", 3, 1)
     want = math.sqrt(0.5) * (x + ref.glu(ref.conv1d(x, blk.params["weight"], blk.params["bias"], 1, pl, pr)))
+    assert rel_err(blk(x), want) < TOL[np.float64]
+    blk.backend = "numpy"
     assert rel_err(blk(x), want) < TOL[np.float64]
 
 
