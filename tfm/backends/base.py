@@ -151,5 +151,138 @@ class Backend(ABC):
         """Gated linear unit over the last axis: a * sigmoid(b) for x = [a, b]."""
         raise NotImplementedError(f"{self.name}: glu is not implemented")
 
+    # ------------------------------------------------------------------ training
+    # The backward of each op sits beside its forward in every backend module. Forwards that
+    # must keep something for their backward have a ``*_train`` twin returning it. Gradients
+    # are backend arrays in the dtype of the forward's inputs; a backend without an op
+    # raises NotImplementedError naming it (the studies record such cases as unavailable).
+
+    def _missing(self, op: str):
+        raise NotImplementedError(f"{self.name}: {op} is not implemented")
+
+    def zeros(self, shape, dtype):
+        """A backend array of zeros (optimizer state, zero cotangents)."""
+        return self.asarray(np.zeros(tuple(shape), dtype=np.dtype(dtype)))
+
+    def axpy(self, dst, src, alpha: float = 1.0) -> None:
+        """In place ``dst += alpha * src`` (same shapes): accumulates gradients."""
+        self._missing("axpy")
+
+    def linear_backward(self, x, weight, dy, bias: bool = True):
+        """Gradients of ``y = x @ weight.T + b``: x (..., in), weight (out, in), dy (..., out)
+        -> (dx (..., in), dweight (out, in), dbias (out,) or None when ``bias`` is False)."""
+        self._missing("linear_backward")
+
+    def activation_backward(self, x, dy, kind: str):
+        """dx of ``activation(x, kind)`` given dy; x is the activation's input."""
+        self._missing("activation_backward")
+
+    def layer_norm_train(self, x, gamma, beta, eps: float, residual=None):
+        """``layer_norm`` that also returns its statistics: (y, mean, rstd), mean and rstd of
+        shape x.shape[:-1] (rstd = 1 / sqrt(var + eps)), of ``x + residual``."""
+        self._missing("layer_norm_train")
+
+    def layer_norm_backward(self, dy, x, gamma, mean, rstd, residual=None):
+        """-> (dx, dgamma, dbeta); dx is the gradient of ``x + residual`` (so also of residual)."""
+        self._missing("layer_norm_backward")
+
+    def softmax_backward(self, y, dy):
+        """dx of ``y = softmax(x)``: y * (dy - sum(dy * y)) over the last axis."""
+        self._missing("softmax_backward")
+
+    def log_softmax_backward(self, y, dy):
+        """dx of ``y = log_softmax(x)``: dy - exp(y) * sum(dy) over the last axis."""
+        self._missing("log_softmax_backward")
+
+    def cross_entropy(self, logits, targets: np.ndarray, weights: np.ndarray, label_smoothing: float = 0.0):
+        """Token cross-entropy with PyTorch's label smoothing, and its gradient, in one pass.
+
+        logits (T, V) backend array; targets (T,) host int64 in [0, V); weights (T,) host
+        float64 (0 drops a target, e.g. padding). Per target t, with lse = logsumexp(z_t):
+        ``loss_t = (1 - eps) * (lse - z_t[y_t]) + eps * (lse - mean_v z_t[v])``.
+        Returns (losses (T,) host float64, unweighted; dlogits (T, V) backend array, the
+        gradient of ``sum_t weights[t] * loss_t``).
+        """
+        self._missing("cross_entropy")
+
+    def embedding_backward(self, ids: np.ndarray, dy, vocab_size: int, scale: float = 1.0):
+        """dtable (vocab_size, D) of ``embedding(ids, table, scale)``: a scatter-add of scale * dy."""
+        self._missing("embedding_backward")
+
+    def merge_heads_into(self, x, out, start: int) -> None:
+        """In place: columns ``[start, start + H*Dh)`` of out (B, N, C) = ``merge_heads(x)``
+        (the backward of ``split_heads(out_fwd, H, start, H*Dh)``, one slice of a fused dQKV)."""
+        self._missing("merge_heads_into")
+
+    def attention_train(self, q, k, v, mask=None, causal: bool = False, impl: str = "fused"):
+        """``attention`` that also returns lse (B, H, Nq): the log-sum-exp of each query's
+        scaled scores over its visible keys (-inf where it sees none), all its backward needs
+        besides q, k, v and the output (the fused backward recomputes the scores from it)."""
+        self._missing("attention_train")
+
+    def attention_backward(self, q, k, v, out, lse, dout, mask=None, causal: bool = False,
+                           impl: str = "fused"):
+        """-> (dq, dk, dv) of ``attention``; "fused" never materialises (Nq, Nk) (FlashAttention-2,
+        Dao 2023, Algorithm 2), "naive" does."""
+        self._missing("attention_backward")
+
+    def restricted_attention_train(self, q, k, v, window: int, causal: bool = False):
+        """``restricted_attention`` that also returns lse (B, H, N), as ``attention_train``."""
+        self._missing("restricted_attention_train")
+
+    def restricted_attention_backward(self, q, k, v, out, lse, dout, window: int, causal: bool = False):
+        """-> (dq, dk, dv) of ``restricted_attention``, at O(window * N * D) cost."""
+        self._missing("restricted_attention_backward")
+
+    def rnn_layer_train(self, x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity: str = "tanh"):
+        """``rnn_layer`` that also returns ``saved`` (opaque: what backpropagation through time
+        needs) -> (out, h_n, saved)."""
+        self._missing("rnn_layer_train")
+
+    def rnn_layer_backward(self, saved, dout, dh_n):
+        """Backpropagation through time: dout (B, N, H), dh_n (B, H) (either may be None =
+        zero) -> (dx, dh0, dw_ih, dw_hh, db_ih, db_hh); weight gradients as one product over
+        all steps."""
+        self._missing("rnn_layer_backward")
+
+    def lstm_layer_train(self, x, h0, c0, w_ih, w_hh, b_ih, b_hh):
+        """-> (out, h_n, c_n, saved), as ``rnn_layer_train``."""
+        self._missing("lstm_layer_train")
+
+    def lstm_layer_backward(self, saved, dout, dh_n, dc_n):
+        """-> (dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh); None cotangents are zeros."""
+        self._missing("lstm_layer_backward")
+
+    def gru_layer_train(self, x, h0, w_ih, w_hh, b_ih, b_hh):
+        """-> (out, h_n, saved), as ``rnn_layer_train``."""
+        self._missing("gru_layer_train")
+
+    def gru_layer_backward(self, saved, dout, dh_n):
+        """-> (dx, dh0, dw_ih, dw_hh, db_ih, db_hh); None cotangents are zeros."""
+        self._missing("gru_layer_backward")
+
+    def conv1d_backward(self, x, weight, dy, dilation: int = 1, pad_left: int = 0, pad_right: int = 0,
+                        bias: bool = True):
+        """-> (dx (B, N, C_in), dweight (C_out, C_in, k), dbias (C_out,) or None) of ``conv1d``."""
+        self._missing("conv1d_backward")
+
+    def glu_backward(self, x, dy):
+        """dx of ``glu(x)`` given dy."""
+        self._missing("glu_backward")
+
+    def dropout(self, x, p: float, seed: int, offset: int = 0):
+        """Inverted dropout: ``x * keep / (1 - p)``; element i (flat, C order) is kept when
+        ``tfm.reference.dropout_uniform(seed, offset + i) >= p``, a counter-based stream that
+        every backend computes identically (the same seed drops the same elements anywhere).
+        Its backward is ``dropout(dy, p, seed, offset)``: the same mask."""
+        self._missing("dropout")
+
+    def adam_step(self, param, grad, m, v, step: int, lr: float, beta1: float, beta2: float,
+                  eps: float, weight_decay: float = 0.0) -> None:
+        """One ``torch.optim.Adam`` update, in place on param, m and v (step counts from 1):
+        g = grad + weight_decay * param; m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2;
+        param -= (lr / (1 - b1^step)) * m / (sqrt(v) / sqrt(1 - b2^step) + eps)."""
+        self._missing("adam_step")
+
     def __repr__(self) -> str:
         return f"<tfm backend {self.name!r}>"
