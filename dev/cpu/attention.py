@@ -31,7 +31,7 @@ from tfm.backends.cpu.fastmath import maxnum
 from tfm.backends.cpu.norm import exp2_shift_sum, exp_shift_sum, row_max
 from tfm.reference import scaled_dot_product_attention as reference
 
-from .common import check, compare, interleave, parse_out, print_rows, rel_err, run_family
+from .common import check, compare, interleave, main, print_rows, rel_err
 from .fastmath import _exp_one_loop, _max_scalar
 
 # Versions of the fused kernel, oldest first: (tile_q, tile_k, causal diagonal rows per chunk
@@ -297,11 +297,5 @@ def versus_sdpa(rng, quick, checks) -> list[dict]:
 
 PARTS = (versus_sdpa, versions, tiles, gemm_ceiling)
 
-
-def main(argv=None) -> int:
-    run_family("attention", PARTS, run_checks, *parse_out(argv, __doc__))
-    return 0
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main("attention", PARTS, run_checks, __doc__))

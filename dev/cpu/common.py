@@ -84,7 +84,7 @@ def compare(family: str, case: str, times: dict[str, np.ndarray], baseline: str,
 def print_rows(rows: list[dict]) -> None:
     for r in rows:
         flops = f"  {r['gflops']:6.1f} GFLOP/s" if "gflops" in r else ""
-        print(f"  {r['case']:<34} {r['variant']:<22} {r['median_ms']:9.3f} ms  "
+        print(f"  {r['case']:<44} {r['variant']:<28} {r['median_ms']:9.3f} ms  "
               f"{r['ratio']:.3f} ({r['ratio_lo']:.3f}-{r['ratio_hi']:.3f}) x {r['baseline']}"
               f"  [{r['rounds']} rounds]{flops}")
 
@@ -150,6 +150,12 @@ def parse_out(argv, doc: str):
                    help="fewer rounds and sizes: checks that everything runs, ratios are rough")
     args = p.parse_args(argv)
     return Path(args.out), args.quick
+
+
+def main(family: str, parts, run_checks, doc: str, argv=None) -> int:
+    """``python -m dev.cpu.<family>``: that module's checks and timings alone."""
+    run_family(family, parts, run_checks, *parse_out(argv, doc))
+    return 0
 
 
 def run_family(family: str, parts, run_checks, out: Path, quick: bool) -> None:

@@ -10,13 +10,12 @@ with the others of its group. Writes DIR/fastmath.csv and DIR/fastmath_check.csv
 
 from __future__ import annotations
 
-
 import numpy as np
 from numba import njit
 
 from tfm.backends.cpu import fastmath, norm
 
-from .common import check, compare, interleave, parse_out, print_rows, run_family
+from .common import check, compare, interleave, main, print_rows
 
 # name -> what it is; the verdicts quoted in the library come from this module's CSV.
 VARIANTS = {
@@ -218,11 +217,5 @@ def timings(rng, quick: bool, checks: list) -> list[dict]:
 
 PARTS = (timings,)
 
-
-def main(argv=None) -> int:
-    run_family("fastmath", PARTS, run_checks, *parse_out(argv, __doc__))
-    return 0
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main("fastmath", PARTS, run_checks, __doc__))

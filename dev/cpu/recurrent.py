@@ -21,7 +21,7 @@ from tfm.backends.cpu._blas import gemm
 from tfm.backends.cpu._threads import single_threaded_blas
 from tfm.reference import baselines as ref
 
-from .common import check, compare, interleave, parse_out, print_rows, rel_err, run_family
+from .common import check, compare, interleave, main, print_rows, rel_err
 
 # Step-product variants, versions 1..N: acc = h @ W_hh^T[:, block], one unit block at a time
 # (as the kernels do), (8, 512) x (512, 2048) per step, one thread.
@@ -52,17 +52,22 @@ def _step_4k2r(h, w_hhT, acc, col0, width):
     batch, hidden = h.shape
     acc[:, :width] = 0.0
     for k in range(0, hidden - 3, 4):
-        w = w_hhT[k:k + 4, col0:col0 + width]  # 4 rows of W, each read once per 2 batch rows
+        # 4 rows of W, each read once per 2 batch rows (row slices: contiguous, so vectorised)
+        w0 = w_hhT[k, col0:col0 + width]
+        w1 = w_hhT[k + 1, col0:col0 + width]
+        w2 = w_hhT[k + 2, col0:col0 + width]
+        w3 = w_hhT[k + 3, col0:col0 + width]
         for b in range(0, batch - 1, 2):
-            x0, x1, x2, x3 = h[b, k], h[b, k + 1], h[b, k + 2], h[b, k + 3]
-            y0, y1, y2, y3 = h[b + 1, k], h[b + 1, k + 1], h[b + 1, k + 2], h[b + 1, k + 3]
+            hk = h[b:b + 2, k:k + 4]
+            x0, x1, x2, x3 = hk[0, 0], hk[0, 1], hk[0, 2], hk[0, 3]
+            y0, y1, y2, y3 = hk[1, 0], hk[1, 1], hk[1, 2], hk[1, 3]
             top, bottom = acc[b], acc[b + 1]
             for j in range(width):
-                top[j] = top[j] + x0 * w[0, j] + x1 * w[1, j] + x2 * w[2, j] + x3 * w[3, j]
-                bottom[j] = bottom[j] + y0 * w[0, j] + y1 * w[1, j] + y2 * w[2, j] + y3 * w[3, j]
+                top[j] = top[j] + x0 * w0[j] + x1 * w1[j] + x2 * w2[j] + x3 * w3[j]
+                bottom[j] = bottom[j] + y0 * w0[j] + y1 * w1[j] + y2 * w2[j] + y3 * w3[j]
         if batch % 2:  # the odd row (not timed: the timed batch is even)
             for i in range(4):
-                acc[batch - 1, :width] += h[batch - 1, k + i] * w[i]
+                acc[batch - 1, :width] += h[batch - 1, k + i] * w_hhT[k + i, col0:col0 + width]
     for k in range(hidden - hidden % 4, hidden):
         for b in range(batch):
             acc[b, :width] += h[b, k] * w_hhT[k, col0:col0 + width]
@@ -286,11 +291,5 @@ def permutation(rng, quick, checks) -> list[dict]:
 
 PARTS = (step_product, schedules, block_size, permutation)
 
-
-def main(argv=None) -> int:
-    run_family("recurrent", PARTS, run_checks, *parse_out(argv, __doc__))
-    return 0
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main("recurrent", PARTS, run_checks, __doc__))
