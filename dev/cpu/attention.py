@@ -17,8 +17,12 @@ structure; v6's settings are the library's, and v6 against the library's own ker
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import sys
 
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -26,7 +30,7 @@ from tfm.backends.cpu import attention as att
 from tfm.backends.cpu._blas import N as _N
 from tfm.backends.cpu._blas import T as _T
 from tfm.backends.cpu._blas import gemm
-from tfm.backends.cpu._threads import single_threaded_blas
+from tfm.backends.cpu._threads import _blas_libraries, single_threaded_blas
 from tfm.backends.cpu.fastmath import maxnum
 from tfm.backends.cpu.norm import exp2_shift_sum, exp_shift_sum, row_max
 from tfm.reference import scaled_dot_product_attention as reference
@@ -148,12 +152,13 @@ def _version(name, q, k, v, causal, out, softmax=True):
 
 
 def _library(q, k, v, causal, out, impl="fused", tiles=(att.TILE_Q, att.TILE_K)):
-    """The library's kernel itself, into a preallocated output (as the lab versions)."""
+    """The library's kernel itself, into a preallocated output (as the lab versions); its
+    gemms single-threaded unless ``blas=True`` (the thread count is then the caller's)."""
     keep = np.broadcast_to(att._NO_MASK, q.shape[:3] + (k.shape[2],))
     args = (q, k, v, keep, False, causal, out, q.shape[3], k.shape[3], v.shape[3], v.shape[3])
 
-    def run():
-        with single_threaded_blas():
+    def run(blas=False):
+        with contextlib.nullcontext() if blas else single_threaded_blas():
             if impl == "naive":
                 att._naive_kernel(*args)
             else:
@@ -189,7 +194,8 @@ def run_checks(rng) -> list[dict]:
 def _check_timed(label, outs: dict, q, k, v, causal, checks) -> None:
     """The timed outputs against the reference on head 0's first (and, without the causal
     mask, last) 256 query rows."""
-    parts = [slice(0, 256)] + ([] if causal else [slice(q.shape[2] - 256, q.shape[2])])
+    nq = q.shape[2]
+    parts = [slice(0, min(nq, 256))] + ([] if causal or nq <= 256 else [slice(nq - 256, nq)])
     for part in parts:
         want = reference(q[:, :1, part], k[:, :1], v[:, :1], causal=causal)
         for name, out in outs.items():
@@ -252,6 +258,71 @@ def gemm_ceiling(rng, quick, checks) -> list[dict]:
     return rows
 
 
+@contextlib.contextmanager
+def _stderr_to_devnull():
+    """OpenBLAS warns on stderr at every call it makes inside an OpenMP region ("Detect
+    OpenMP Loop"): thousands of lines for the oversubscribed variant."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _threads(kernel, numba_threads, blas_threads):
+    """``kernel`` (a ``_library`` run) on the given Numba and BLAS thread counts. BLAS is set
+    through the libraries' own setters (``_threads``), not a threadpoolctl limiter, whose
+    library scan costs ~1 ms, more than a small call itself."""
+    def run():
+        previous = numba.get_num_threads()
+        saved = [lib.get_num_threads() for lib in _blas_libraries()]
+        numba.set_num_threads(numba_threads)
+        for lib in _blas_libraries():
+            lib.set_num_threads(blas_threads)
+        try:
+            return kernel(blas=blas_threads > 1)
+        finally:
+            numba.set_num_threads(previous)
+            for lib, n in zip(_blas_libraries(), saved):
+                lib.set_num_threads(n)
+
+    return run
+
+
+def threads(rng, quick, checks) -> list[dict]:
+    """Who runs the gemms (``_threads``): Numba's threads each calling one-thread BLAS, one
+    Numba thread calling multi-threaded BLAS, or both (oversubscribed); and a decoding-step
+    call (one query, 100 keys) on one thread (what ``SMALL_FLOPS`` picks) against two."""
+    most = numba.get_num_threads()
+    rows = []
+    n = 1024
+    q, k, v = _qkv(rng, n, n)
+    outs = {name: np.empty((B, H, n, D), np.float32)
+            for name in (f"{most} Numba x 1 BLAS (library)", f"1 Numba x {most} BLAS",
+                         f"{most} Numba x {most} BLAS")}
+    counts = ((most, 1), (1, most), (most, most))
+    fns = {name: _threads(_library(q, k, v, False, out), *c) for (name, out), c in zip(outs.items(), counts)}
+    with _stderr_to_devnull():
+        times = interleave(fns, budget_s=1.0 if quick else 4.0, min_rounds=3 if quick else 7)
+    _check_timed(f"n={n}", outs, q, k, v, False, checks)
+    got = compare("attention", f"threads, n={n}", times, f"{most} Numba x 1 BLAS (library)")
+    print_rows(got)
+    rows += got
+    q, k, v = _qkv(rng, 1, 100)
+    outs = {"1 thread (library)": np.empty((B, H, 1, D), np.float32),
+            f"{most} threads": np.empty((B, H, 1, D), np.float32)}
+    fns = {name: _threads(_library(q, k, v, False, out), t, 1) for (name, out), t in zip(outs.items(), (1, most))}
+    times = interleave(fns, budget_s=0.3 if quick else 2.0, min_rounds=20, max_rounds=5000)
+    _check_timed("Nq=1 Nk=100", outs, q, k, v, False, checks)
+    got = compare("attention", "threads, one query x 100 keys", times, "1 thread (library)")
+    print_rows(got)
+    return rows + got
+
+
 def versus_sdpa(rng, quick, checks) -> list[dict]:
     """tfm.attention (fused) against torch's SDPA, alternating, same threads; the quoted
     figure is the median of the per-round ratios tfm / SDPA with its bootstrap interval."""
@@ -261,8 +332,6 @@ def versus_sdpa(rng, quick, checks) -> list[dict]:
     except ImportError as exc:
         print(f"  (no PyTorch: {exc})")
         return []
-    import numba
-
     threads = torch.get_num_threads()
     torch.set_num_threads(numba.get_num_threads())
     rows = []
@@ -295,7 +364,7 @@ def versus_sdpa(rng, quick, checks) -> list[dict]:
     return rows
 
 
-PARTS = (versus_sdpa, versions, tiles, gemm_ceiling)
+PARTS = (versus_sdpa, versions, tiles, gemm_ceiling, threads)
 
 if __name__ == "__main__":
     raise SystemExit(main("attention", PARTS, run_checks, __doc__))
