@@ -89,3 +89,51 @@ class NumpyBackend(Backend):
 
     def glu(self, x):
         return ref_base.glu(x)
+
+    # training: each backward beside its forward in tfm/reference (transformer.py, training.py)
+    def zeros(self, shape, dtype):
+        return np.zeros(tuple(shape), dtype=np.float64)
+
+    def axpy(self, dst, src, alpha=1.0):
+        dst += alpha * np.asarray(src, dtype=np.float64)
+
+    def linear_backward(self, x, weight, dy, bias=True):
+        return ref.linear_backward(x, weight, dy, bias)
+
+    def activation_backward(self, x, dy, kind):
+        return ref.transformer.ACTIVATION_BACKWARDS[kind](x, dy)
+
+    def layer_norm_train(self, x, gamma, beta, eps, residual=None):
+        return ref.layer_norm_train(x, gamma, beta, eps, residual)
+
+    def layer_norm_backward(self, dy, x, gamma, mean, rstd, residual=None):
+        return ref.layer_norm_backward(dy, x, gamma, mean, rstd, residual)
+
+    def softmax_backward(self, y, dy):
+        return ref.softmax_backward(y, dy)
+
+    def log_softmax_backward(self, y, dy):
+        return ref.log_softmax_backward(y, dy)
+
+    def cross_entropy(self, logits, targets, weights, label_smoothing=0.0):
+        losses = ref.cross_entropy(logits, targets, label_smoothing)
+        return losses, ref.cross_entropy_backward(logits, targets, weights, label_smoothing)
+
+    def embedding_backward(self, ids, dy, vocab_size, scale=1.0):
+        return ref.embed_backward(ids, dy, vocab_size, scale)
+
+    def merge_heads_into(self, x, out, start):
+        ref.merge_heads_into(x, out, start)
+
+    def attention_train(self, q, k, v, mask=None, causal=False, impl="fused"):
+        return ref.scaled_dot_product_attention_train(q, k, v, mask=mask, causal=causal)
+
+    def attention_backward(self, q, k, v, out, lse, dout, mask=None, causal=False, impl="fused"):
+        return ref.scaled_dot_product_attention_backward(q, k, v, out, lse, dout, mask=mask, causal=causal)
+
+    def dropout(self, x, p, seed, offset=0):
+        return ref.dropout(x, p, seed, offset)
+
+    def adam_step(self, param, grad, m, v, step, lr, beta1, beta2, eps, weight_decay=0.0):
+        param[...], m[...], v[...] = ref.adam_step(param, grad, m, v, step, lr, beta1, beta2, eps,
+                                                   weight_decay)
