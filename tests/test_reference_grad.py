@@ -19,6 +19,7 @@ import pytest
 from conftest import rel_err, requires_torch
 
 from tfm import reference as ref
+from tfm.reference import baselines as rb
 from tfm.backends import get_backend
 from tfm.reference.gradcheck import gradient_errors
 
@@ -250,6 +251,57 @@ def test_attention_backward_bad_input(rng):
         ref.scaled_dot_product_attention_backward(q, k, v, out, lse[..., :4], out)
 
 
+# ---------------------------------------------------------------------------- Table 1's other layers
+CONV_CASES = [  # (N, k, dilation, pad_left, pad_right)
+    (1, 1, 1, 0, 0),
+    (1, 3, 2, 4, 0),  # causal: pad_left = dilation * (k - 1)
+    (37, 3, 1, 1, 1),  # same
+    (37, 2, 3, 2, 1),  # explicit, uneven
+    (97, 3, 4, 0, 0),
+]
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=str)
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv1d_backward(rng, case, bias):
+    n, k, dilation, pad_left, pad_right = case
+    x, w, b = r(rng, 2, n, 3), r(rng, 5, 3, k), r(rng, 5)
+    y = rb.conv1d(x, w, b, dilation, pad_left, pad_right)
+    dy = r(rng, *y.shape)
+    dx, dw, db = rb.conv1d_backward(x, w, dy, dilation, pad_left, pad_right, bias=bias)
+    assert (db is None) == (not bias)
+
+    def f(x, w, b):
+        return rb.conv1d(x, w, b, dilation, pad_left, pad_right)
+
+    grads = {0: dx, 1: dw} | ({2: db} if bias else {})
+    assert_fd(f, (x, w, b), dy, grads, max_entries=150)
+    with pytest.raises(ValueError, match="dy must have shape"):
+        rb.conv1d_backward(x, w, dy[:, 1:], dilation, pad_left, pad_right)
+
+
+@pytest.mark.parametrize("n", [1, 37])
+def test_glu_backward(rng, n):
+    x = r(rng, 2, n, 10) * 2
+    dy = r(rng, 2, n, 5)
+    assert_fd(rb.glu, (x,), dy, {0: rb.glu_backward(x, dy)})
+
+
+@pytest.mark.parametrize("n, window, causal", [(1, 3, False), (37, 1, True), (37, 4, False),
+                                               (97, 5, False), (97, 6, True)])
+def test_restricted_attention_backward(rng, n, window, causal):
+    q, k, v = r(rng, 1, 3, n, 3), r(rng, 1, 3, n, 3), r(rng, 1, 3, n, 2)
+    out, lse = rb.restricted_attention_train(q, k, v, window, causal)
+    assert rel_err(out, rb.restricted_attention(q, k, v, window, causal)) < 1e-14
+    dout = r(rng, *out.shape)
+    grads = rb.restricted_attention_backward(q, k, v, out, lse, dout, window, causal)
+
+    def f(q, k, v):
+        return rb.restricted_attention(q, k, v, window, causal)
+
+    assert_fd(f, (q, k, v), dout, dict(enumerate(grads)), max_entries=150)
+
+
 # ---------------------------------------------------------------------------- dropout
 def splitmix64_uniform(seed: int, counter: int) -> float:
     """The documented stream, with Python integers (an independent statement of it)."""
@@ -358,6 +410,16 @@ def test_numpy_backend_training_ops(rng):
     bk.axpy(acc, np.ones((3, 4)), -0.5)
     assert np.array_equal(acc, before - 0.5)
     assert np.array_equal(bk.dropout(x, 0.2, 5, 11), ref.dropout(x, 0.2, 5, 11))
+    xc, wc = r(rng, 2, 9, 3), r(rng, 4, 3, 2)
+    dyc = r(rng, 2, 9 + 3 - 2, 4)
+    for got, want in zip(bk.conv1d_backward(xc, wc, dyc, 2, 2, 1), rb.conv1d_backward(xc, wc, dyc, 2, 2, 1)):
+        assert np.array_equal(got, want)
+    assert np.array_equal(bk.glu_backward(xc[..., :2], xc[..., :1]), rb.glu_backward(xc[..., :2], xc[..., :1]))
+    out, lse = bk.restricted_attention_train(q, q, k[..., :5, :], 3, True)
+    assert np.array_equal(out, rb.restricted_attention_train(q, q, k[..., :5, :], 3, True)[0])
+    grads = bk.restricted_attention_backward(q, q, k[..., :5, :], out, lse, out, 3, True)
+    want = rb.restricted_attention_backward(q, q, k[..., :5, :], out, lse, out, 3, True)
+    assert all(np.array_equal(a, b) for a, b in zip(grads, want))
     param, grad, m, v2 = r(rng, 6), r(rng, 6), r(rng, 6) * 0.1, r(rng, 6) ** 2
     want = ref.adam_step(param, grad, m, v2, 3, 1e-3, 0.9, 0.98, 1e-9, 0.01)
     bk.adam_step(param, grad, m, v2, 3, 1e-3, 0.9, 0.98, 1e-9, 0.01)
@@ -488,3 +550,24 @@ def test_torch_adam(rng, weight_decay):
             state[i] = (m, v)
             assert rel_err(params[i], tparams[i].detach().numpy()) < TORCH_TOL
             assert rel_err(v, opt.state[tparams[i]]["exp_avg_sq"].numpy()) < TORCH_TOL
+
+
+@pytest.mark.torch
+@requires_torch
+@pytest.mark.parametrize("case", CONV_CASES, ids=str)
+def test_torch_conv1d_and_glu(rng, case):
+    torch = _torch()
+    F = torch.nn.functional
+    n, k, dilation, pad_left, pad_right = case
+    x, w, b = r(rng, 2, n, 3), r(rng, 6, 3, k), r(rng, 6)
+    tx, tw, tb = t64(x), t64(w), t64(b)
+    ty = F.conv1d(F.pad(tx.transpose(1, 2), (pad_left, pad_right)), tw, tb, dilation=dilation).transpose(1, 2)
+    y = rb.conv1d(x, w, b, dilation, pad_left, pad_right)
+    assert rel_err(y, ty.detach().numpy()) < TORCH_TOL
+    dy = r(rng, *y.shape)
+    got = rb.conv1d_backward(x, w, dy, dilation, pad_left, pad_right)
+    for g, want in zip(got, grads_of(ty, dy, tx, tw, tb)):
+        assert rel_err(g, want) < TORCH_TOL
+    dglu = r(rng, *y.shape[:-1], 3)
+    ty = t64(y)
+    assert rel_err(rb.glu_backward(y, dglu), grads_of(F.glu(ty, dim=-1), dglu, ty)[0]) < TORCH_TOL

@@ -137,3 +137,15 @@ class NumpyBackend(Backend):
     def adam_step(self, param, grad, m, v, step, lr, beta1, beta2, eps, weight_decay=0.0):
         param[...], m[...], v[...] = ref.adam_step(param, grad, m, v, step, lr, beta1, beta2, eps,
                                                    weight_decay)
+
+    def restricted_attention_train(self, q, k, v, window, causal=False):
+        return ref_base.restricted_attention_train(q, k, v, window, causal)
+
+    def restricted_attention_backward(self, q, k, v, out, lse, dout, window, causal=False):
+        return ref_base.restricted_attention_backward(q, k, v, out, lse, dout, window, causal)
+
+    def conv1d_backward(self, x, weight, dy, dilation=1, pad_left=0, pad_right=0, bias=True):
+        return ref_base.conv1d_backward(x, weight, dy, dilation, pad_left, pad_right, bias)
+
+    def glu_backward(self, x, dy):
+        return ref_base.glu_backward(x, dy)

@@ -8,7 +8,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from .transformer import _f64, scaled_dot_product_attention
+from .transformer import (
+    _check_shape,
+    _f64,
+    scaled_dot_product_attention,
+    scaled_dot_product_attention_backward,
+    scaled_dot_product_attention_train,
+)
 
 
 def _sigmoid(x):
@@ -84,11 +90,45 @@ def conv1d(x, weight, bias=None, dilation: int = 1, pad_left: int = 0, pad_right
     return y
 
 
+def conv1d_backward(x, weight, dy, dilation: int = 1, pad_left: int = 0, pad_right: int = 0,
+                    bias: bool = True):
+    """Gradients of ``conv1d``: each tap j is a linear layer applied to a shifted window of x_pad,
+
+    dx_pad[t + j*dilation] += dy[t] w[:, :, j],   dw[:, :, j] = sum over (b, t) of dy[t]^T x_pad[t + j*dilation],
+    db = sum over (b, t) of dy;  dx is dx_pad without its padding.
+    x (B, N, C_in), weight (C_out, C_in, k), dy (B, N_out, C_out) -> (dx, dw, db or None).
+    """
+    x, w, dy = _f64(x), _f64(weight), _f64(dy)
+    b, n, c_in = x.shape
+    c_out, _, k = w.shape
+    n_out = n + pad_left + pad_right - dilation * (k - 1)
+    _check_shape("dy", dy, (b, n_out, c_out))
+    xp = np.pad(x, ((0, 0), (pad_left, pad_right), (0, 0)))  # (B, N_pad, C_in)
+    dxp = np.zeros_like(xp)  # (B, N_pad, C_in)
+    dw = np.empty_like(w)  # (C_out, C_in, k)
+    dy_rows = dy.reshape(-1, c_out)  # (B*N_out, C_out)
+    for j in range(k):
+        window = slice(j * dilation, j * dilation + n_out)
+        dxp[:, window] += dy @ w[:, :, j]  # (B, N_out, C_in)
+        dw[:, :, j] = dy_rows.T @ xp[:, window].reshape(-1, c_in)  # (C_out, C_in)
+    db = dy_rows.sum(axis=0) if bias else None  # (C_out,)
+    return dxp[:, pad_left:pad_left + n], dw, db
+
+
 def glu(x):
     """GLU(a, b) = a * sigmoid(b) over the last axis split in halves (Dauphin et al.)."""
     x = _f64(x)
     half = x.shape[-1] // 2
     return x[..., :half] * _sigmoid(x[..., half:])
+
+
+def glu_backward(x, dy):
+    """d[a * s(b)]: da = dy * s(b), db = dy * a * s(b) * (1 - s(b)); -> dx = [da, db]."""
+    x, dy = _f64(x), _f64(dy)
+    half = x.shape[-1] // 2
+    _check_shape("dy", dy, x.shape[:-1] + (half,))
+    a, gate = x[..., :half], _sigmoid(x[..., half:])  # (..., C), (..., C)
+    return np.concatenate([dy * gate, dy * a * gate * (1.0 - gate)], axis=-1)  # (..., 2C)
 
 
 def restricted_window(n_q: int, n_k: int, window: int, causal: bool) -> np.ndarray:
@@ -108,3 +148,16 @@ def restricted_attention(q, k, v, window: int, causal: bool = False):
     """
     mask = restricted_window(q.shape[-2], k.shape[-2], window, causal)
     return scaled_dot_product_attention(q, k, v, mask=mask)
+
+
+def restricted_attention_train(q, k, v, window: int, causal: bool = False):
+    """``restricted_attention`` that also returns lse (..., N), as scaled_dot_product_attention_train."""
+    mask = restricted_window(q.shape[-2], k.shape[-2], window, causal)  # (Nq, Nk)
+    return scaled_dot_product_attention_train(q, k, v, mask=mask)
+
+
+def restricted_attention_backward(q, k, v, out, lse, dout, window: int, causal: bool = False):
+    """(dq, dk, dv) of ``restricted_attention``: attention's backward under the band mask (the
+    keys outside a query's neighbourhood have P = 0 and get nothing from it)."""
+    mask = restricted_window(q.shape[-2], k.shape[-2], window, causal)  # (Nq, Nk)
+    return scaled_dot_product_attention_backward(q, k, v, out, lse, dout, mask=mask)
