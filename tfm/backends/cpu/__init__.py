@@ -9,6 +9,9 @@ One module per kernel family; the CUDA backend uses the same module names:
     restricted.py  restricted (windowed) self-attention
     recurrent.py   Elman RNN, LSTM, GRU layers
     conv.py        1-D convolution (dilated, padded), GLU
+    training.py    gradient accumulation (axpy), the Adam step
+
+Each backward kernel sits in its forward's module, after it.
 
 Kernel modules are imported on first use so that ``import tfm`` compiles nothing.
 """
@@ -104,3 +107,37 @@ class CpuBackend(Backend):
 
     def glu(self, x):
         return _k("conv").glu(x)
+
+    # training (backward kernels beside their forwards; training.py: axpy, Adam)
+    def axpy(self, dst, src, alpha=1.0):
+        _k("training").axpy(dst, src, alpha)
+
+    def linear_backward(self, x, weight, dy, bias=True):
+        return _k("linear").linear_backward(x, weight, dy, bias)
+
+    def activation_backward(self, x, dy, kind):
+        return _k("linear").activation_backward(x, dy, kind)
+
+    def layer_norm_train(self, x, gamma, beta, eps, residual=None):
+        return _k("norm").layer_norm_train(x, gamma, beta, eps, residual)
+
+    def layer_norm_backward(self, dy, x, gamma, mean, rstd, residual=None):
+        return _k("norm").layer_norm_backward(dy, x, gamma, mean, rstd, residual)
+
+    def softmax_backward(self, y, dy):
+        return _k("norm").softmax_backward(y, dy)
+
+    def log_softmax_backward(self, y, dy):
+        return _k("norm").log_softmax_backward(y, dy)
+
+    def cross_entropy(self, logits, targets, weights, label_smoothing=0.0):
+        return _k("norm").cross_entropy(logits, targets, weights, label_smoothing)
+
+    def embedding_backward(self, ids, dy, vocab_size, scale=1.0):
+        return _k("embedding").embedding_backward(ids, dy, vocab_size, scale)
+
+    def merge_heads_into(self, x, out, start):
+        _k("attention").merge_heads_into(x, out, start)
+
+    def adam_step(self, param, grad, m, v, step, lr, beta1, beta2, eps, weight_decay=0.0):
+        _k("training").adam_step(param, grad, m, v, step, lr, beta1, beta2, eps, weight_decay)

@@ -301,3 +301,14 @@ def merge_heads(x):
     """(B, H, N, Dh) -> contiguous (B, N, H*Dh)."""
     b, h, n, d = x.shape
     return np.ascontiguousarray(x.transpose(0, 2, 1, 3)).reshape(b, n, h * d)
+
+
+def merge_heads_into(x, out, start):
+    """In place: out[:, :, start:start + H*Dh] = merge_heads(x) for x (B, H, N, Dh) (the backward
+    of ``split_heads(out_fwd, H, start, H*Dh)``: one slice of a fused dQKV)."""
+    b, h, n, d = x.shape
+    # Splitting the sliced last axis into (H, Dh) is always a view; the check guards that.
+    cols = out[:, :, start:start + h * d].reshape(b, n, h, d)
+    if not np.may_share_memory(cols, out):
+        raise ValueError("merge_heads_into: out's column slice is not a view")
+    np.copyto(cols, np.asarray(x).transpose(0, 2, 1, 3))

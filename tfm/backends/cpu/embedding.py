@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -74,3 +75,42 @@ def add_positional_encoding(x, offset=0):
     _, n, d = x.shape
     pe = positional_table(offset + n, d, x.dtype)[offset:]
     return x + pe
+
+
+# ---------------------------------------------------------------------------- backward
+@njit(cache=True)
+def _scatter_rows(ids, dy, scale, out, v0, v1):
+    """out[v0:v1] = sum over tokens t with ids[t] in [v0, v1) of scale * dy[t], in token order."""
+    s = out.dtype.type(scale)
+    out[v0:v1] = 0
+    for t in range(ids.shape[0]):
+        i = ids[t]
+        if v0 <= i < v1:
+            o = out[i]
+            g = dy[t]
+            for j in range(out.shape[1]):
+                o[j] += g[j] * s
+
+
+@njit(cache=True, parallel=True)
+def _scatter_parallel(ids, dy, scale, out, parts):
+    """Each thread owns a range of the vocabulary (zeroes it, adds the tokens that fall in it):
+    no two threads write one row, and every row sums its tokens in the same order."""
+    v = out.shape[0]
+    for p in prange(parts):
+        _scatter_rows(ids, dy, scale, out, p * v // parts, (p + 1) * v // parts)
+
+
+def embedding_backward(ids, dy, vocab_size, scale=1.0):
+    """dtable (vocab_size, D) of table[ids] * scale: the scatter-add of scale * dy (B, N, D)."""
+    ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
+    dy = np.ascontiguousarray(dy)
+    d = dy.shape[-1]
+    dy2 = dy.reshape(-1, d)
+    out = np.empty((int(vocab_size), d), dy.dtype)
+    # The zeroing of the table (vocab x D) is most of the work: parallel once it is large.
+    if out.size + dy2.size < SMALL_ELEMENTS:
+        _scatter_rows(ids, dy2, float(scale), out, 0, out.shape[0])
+    else:
+        _scatter_parallel(ids, dy2, float(scale), out, numba.get_num_threads())
+    return out

@@ -214,3 +214,133 @@ def feed_forward(x, w1, b1, w2, b2, activation):
     act = _act_code(activation)
     hidden = _dense(x, w1, b1, act)  # (..., d_ff)
     return _dense(hidden, w2, b2, _IDENTITY)
+
+
+# ---------------------------------------------------------------------------- backward
+# y = x W^T + b, x (M, K), W (N, K), dy (M, N):  dx = dy W (M, K), dW = dy^T x (N, K),
+# db = column sums of dy (N,). Two products of the forward's size (2x its FLOPs), each split
+# into ``parts`` single-threaded gemm blocks; one prange runs the dx blocks and the dW blocks
+# together (2 * parts items of equal FLOPs, so each thread gets the same work).
+
+
+@njit(cache=True)
+def _dx_block(dy, w, dx, r0, r1, c0, c1):
+    """dx[r0:r1, c0:c1] = dy[r0:r1] @ w[:, c0:c1]: one single-threaded gemm."""
+    n, k = w.shape
+    one = np.ones(1, dy.dtype)
+    zero = np.zeros(1, dy.dtype)
+    # row-major dx block (r, c) is column-major (c, r) = W[:, c0:c1]^T (c, N) @ dy_block^T (N, r)
+    gemm(_N, _N, c1 - c0, r1 - r0, n, one, w[0, c0:], k, dy[r0], n, zero, dx[r0, c0:], k)
+
+
+@njit(cache=True)
+def _dw_block(x, dy, dw, db, has_bias, n0, n1):
+    """dw[n0:n1] = dy[:, n0:n1]^T @ x (one gemm over all M rows); db[n0:n1] = their column sums."""
+    m, k = x.shape
+    n = dy.shape[1]
+    one = np.ones(1, dy.dtype)
+    zero = np.zeros(1, dy.dtype)
+    # column-major dW^T block (K, c) = X^T (K, M) @ dy[:, n0:n1] (M, c)
+    gemm(_N, _T, k, n1 - n0, m, one, x, k, dy[0, n0:], n, zero, dw[n0], k)
+    if has_bias:
+        acc = np.zeros(n1 - n0, np.float64)  # float64: M terms per column
+        for i in range(m):
+            row = dy[i]
+            for j in range(n0, n1):
+                acc[j - n0] += row[j]
+        for j in range(n0, n1):
+            db[j] = acc[j - n0]
+
+
+@njit(cache=True, parallel=True)
+def _linear_backward_parallel(x, w, dy, dx, dw, db, has_bias, parts, dx_by_rows):
+    """Items 0..parts-1: dx in row blocks (or 16-aligned column blocks when M is small);
+    items parts..2*parts-1: dW (and db) in blocks of its rows."""
+    m, k = x.shape
+    n = w.shape[0]
+    units = (k + _COL_ALIGN - 1) // _COL_ALIGN
+    for p in prange(2 * parts):
+        if p < parts:
+            if dx_by_rows:
+                r0, r1, c0, c1 = p * m // parts, (p + 1) * m // parts, 0, k
+            else:
+                r0, r1 = 0, m
+                c0 = min(k, p * units // parts * _COL_ALIGN)
+                c1 = min(k, (p + 1) * units // parts * _COL_ALIGN)
+            if r1 > r0 and c1 > c0:
+                _dx_block(dy, w, dx, r0, r1, c0, c1)
+        else:
+            q = p - parts
+            n0, n1 = q * n // parts, (q + 1) * n // parts
+            if n1 > n0:
+                _dw_block(x, dy, dw, db, has_bias, n0, n1)
+
+
+def linear_backward(x, weight, dy, bias=True):
+    """Gradients of y = x @ weight.T + b: (dx (..., in), dweight (out, in), dbias (out,) or None)."""
+    x = _float_array(x, "x")
+    dt = x.dtype
+    k = x.shape[-1]
+    x2 = np.ascontiguousarray(x.reshape(-1, k), dtype=dt)
+    w = np.ascontiguousarray(weight, dtype=dt)
+    n = w.shape[0]
+    dy2 = np.ascontiguousarray(np.asarray(dy).reshape(-1, n), dtype=dt)
+    m = x2.shape[0]
+    dx = np.empty((m, k), dt)
+    dw = np.empty((n, k), dt)
+    db = np.empty(n, dt) if bias else np.empty(0, dt)
+    if m == 0 or k == 0 or n == 0:  # an empty sum somewhere: BLAS needs dimensions >= 1
+        dx[:] = 0
+        dw[:] = 0
+        if bias:
+            db[:] = dy2.sum(axis=0, dtype=np.float64)
+    else:
+        parts = numba.get_num_threads()
+        with single_threaded_blas():
+            if parts == 1 or 4 * m * n * k < SMALL_FLOPS:
+                _dx_block(dy2, w, dx, 0, m, 0, k)
+                _dw_block(x2, dy2, dw, db, bias, 0, n)
+            else:
+                _linear_backward_parallel(x2, w, dy2, dx, dw, db, bias, parts,
+                                          m >= parts * MIN_BLOCK_ROWS)
+    return dx.reshape(x.shape), dw, (db if bias else None)
+
+
+@njit(cache=True)
+def _activation_backward_range(x, dy, dx, i0, i1, act):
+    """dx[i0:i1] of act at x (flat views): relu: dy where x > 0; gelu (exact):
+    dy * (Phi(x) + x phi(x)), Phi the normal CDF, phi its density."""
+    zero = x.dtype.type(0.0)
+    if act == _RELU:
+        for i in range(i0, i1):
+            dx[i] = dy[i] if x[i] > zero else zero
+    else:
+        half = x.dtype.type(0.5)
+        inv_sqrt2 = x.dtype.type(1.0 / math.sqrt(2.0))
+        inv_sqrt2pi = x.dtype.type(1.0 / math.sqrt(2.0 * math.pi))
+        for i in range(i0, i1):
+            v = x[i]
+            cdf = half * (1 + math.erf(v * inv_sqrt2))
+            pdf = inv_sqrt2pi * math.exp(-half * v * v)
+            dx[i] = dy[i] * (cdf + v * pdf)
+
+
+@njit(cache=True, parallel=True)
+def _activation_backward_parallel(x, dy, dx, act, chunk):
+    size = x.shape[0]
+    for c in prange((size + chunk - 1) // chunk):
+        _activation_backward_range(x, dy, dx, c * chunk, min(size, (c + 1) * chunk), act)
+
+
+def activation_backward(x, dy, kind):
+    """dx of activation(x, kind) given dy (x: the activation's input)."""
+    act = _act_code(kind)
+    x = _float_array(x, "x")
+    xf = np.ascontiguousarray(x).reshape(-1)
+    dyf = np.ascontiguousarray(dy, dtype=x.dtype).reshape(-1)
+    dx = np.empty_like(xf)
+    if xf.size < SMALL_ELEMENTS:
+        _activation_backward_range(xf, dyf, dx, 0, xf.size, act)
+    else:
+        _activation_backward_parallel(xf, dyf, dx, act, 1 << 14)
+    return dx.reshape(x.shape)

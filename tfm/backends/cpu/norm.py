@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 
+import numba
 import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
@@ -185,8 +186,10 @@ def _mean_var(y):
 
 # ---------------------------------------------------------------------------- kernels
 @njit(cache=True)
-def _layer_norm_rows(x, residual, has_residual, gamma, beta, eps, out, r0, r1):
-    """Rows r0:r1 of out = LayerNorm(x + residual), on the calling thread."""
+def _layer_norm_stats_rows(x, residual, has_residual, gamma, beta, eps, out, r0, r1, mean_out,
+                           rstd_out, save):
+    """Rows r0:r1 of out = LayerNorm(x + residual), on the calling thread; with ``save``, each
+    row's mean and 1 / sqrt(var + eps) also go to mean_out, rstd_out (for the backward)."""
     d = x.shape[1]
     for i in range(r0, r1):
         y = out[i]
@@ -197,14 +200,34 @@ def _layer_norm_rows(x, residual, has_residual, gamma, beta, eps, out, r0, r1):
             y[:] = x[i]
         mean, var = _mean_var(y)
         inv = 1.0 / math.sqrt(var + eps)
+        if save:
+            mean_out[i] = mean
+            rstd_out[i] = inv
         for j in range(d):
             y[j] = (y[j] - mean) * inv * gamma[j] + beta[j]
 
 
+@njit(cache=True)
+def _layer_norm_rows(x, residual, has_residual, gamma, beta, eps, out, r0, r1):
+    """Rows r0:r1 of out = LayerNorm(x + residual), on the calling thread."""
+    none = np.empty(0, out.dtype)
+    _layer_norm_stats_rows(x, residual, has_residual, gamma, beta, eps, out, r0, r1, none, none,
+                           False)
+
+
 @njit(cache=True, parallel=True)
 def _layer_norm_kernel(x, residual, has_residual, gamma, beta, eps, out):
+    none = np.empty(0, out.dtype)
     for i in prange(x.shape[0]):
-        _layer_norm_rows(x, residual, has_residual, gamma, beta, eps, out, i, i + 1)
+        _layer_norm_stats_rows(x, residual, has_residual, gamma, beta, eps, out, i, i + 1, none,
+                               none, False)
+
+
+@njit(cache=True, parallel=True)
+def _layer_norm_stats_kernel(x, residual, has_residual, gamma, beta, eps, out, mean_out, rstd_out):
+    for i in prange(x.shape[0]):
+        _layer_norm_stats_rows(x, residual, has_residual, gamma, beta, eps, out, i, i + 1,
+                               mean_out, rstd_out, True)
 
 
 @njit(cache=True)
@@ -275,3 +298,195 @@ def log_softmax(x):
 def argmax(x):
     """Index of the largest element over the last axis, as a host int64 array."""
     return np.argmax(np.asarray(x), axis=-1).astype(np.int64)
+
+
+# ---------------------------------------------------------------------------- backward
+# Row kernels again: each row's reductions in float64, vectorised (``_REDUCE``); parameter
+# gradients (LayerNorm's dgamma, dbeta) summed over rows in one float64 partial per thread
+# block, added up at the end, so the result does not depend on the thread count's timing.
+
+
+def layer_norm_train(x, gamma, beta, eps, residual=None):
+    """(LayerNorm(x + residual), mean, rstd): mean and 1 / sqrt(var + eps) of each row of
+    x + residual, shape x.shape[:-1], x's dtype."""
+    x, x2 = _rows(x)
+    out = np.empty_like(x)
+    mean = np.empty(x2.shape[0], x.dtype)
+    rstd = np.empty(x2.shape[0], x.dtype)
+    r2 = x2 if residual is None else _rows(residual)[1]
+    args = (x2, r2, residual is not None, gamma, beta, float(eps), out.reshape(x2.shape))
+    if x.size < SMALL_ELEMENTS:
+        _layer_norm_stats_rows(*args, 0, x2.shape[0], mean, rstd, True)
+    else:
+        _layer_norm_stats_kernel(*args, mean, rstd)
+    return out, mean.reshape(x.shape[:-1]), rstd.reshape(x.shape[:-1])
+
+
+@njit(cache=True, fastmath=_REDUCE)
+def _layer_norm_backward_rows(dy, x, residual, has_residual, gamma, mean, rstd, dx, dgamma, dbeta,
+                              r0, r1):
+    """Rows r0:r1: dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) with g = dy * gamma and
+    xhat = (x + residual - mean) * rstd; dgamma += dy * xhat, dbeta += dy (float64 rows)."""
+    d = x.shape[1]
+    for i in range(r0, r1):
+        mu = mean[i]
+        rs = rstd[i]
+        g_sum = 0.0
+        gx_sum = 0.0
+        for j in range(d):
+            z = x[i, j] + residual[i, j] if has_residual else x[i, j]
+            xhat = (z - mu) * rs
+            g = dy[i, j] * gamma[j]
+            g_sum += g
+            gx_sum += g * xhat
+        a = g_sum / d
+        b = gx_sum / d
+        for j in range(d):
+            z = x[i, j] + residual[i, j] if has_residual else x[i, j]
+            xhat = (z - mu) * rs
+            g = dy[i, j] * gamma[j]
+            dx[i, j] = rs * (g - a - xhat * b)
+            dgamma[j] += dy[i, j] * xhat
+            dbeta[j] += dy[i, j]
+
+
+@njit(cache=True, parallel=True)
+def _layer_norm_backward_kernel(dy, x, residual, has_residual, gamma, mean, rstd, dx, dgamma,
+                                dbeta, parts):
+    rows = x.shape[0]
+    for p in prange(parts):
+        _layer_norm_backward_rows(dy, x, residual, has_residual, gamma, mean, rstd, dx, dgamma[p],
+                                  dbeta[p], p * rows // parts, (p + 1) * rows // parts)
+
+
+def layer_norm_backward(dy, x, gamma, mean, rstd, residual=None):
+    """(dx, dgamma, dbeta) of LayerNorm(x + residual); dx is also the residual's gradient."""
+    x, x2 = _rows(x)
+    d = x2.shape[1]
+    dy2 = _rows(np.asarray(dy, x.dtype))[1]
+    r2 = x2 if residual is None else _rows(np.asarray(residual, x.dtype))[1]
+    mean = np.ascontiguousarray(mean, x.dtype).reshape(-1)
+    rstd = np.ascontiguousarray(rstd, x.dtype).reshape(-1)
+    gamma = np.ascontiguousarray(gamma, x.dtype)
+    dx = np.empty_like(x2)
+    parts = 1 if x.size < SMALL_ELEMENTS else numba.get_num_threads()
+    dgamma = np.zeros((parts, d))
+    dbeta = np.zeros((parts, d))
+    args = (dy2, x2, r2, residual is not None, gamma, mean, rstd, dx)
+    if parts == 1:
+        _layer_norm_backward_rows(*args, dgamma[0], dbeta[0], 0, x2.shape[0])
+    else:
+        _layer_norm_backward_kernel(*args, dgamma, dbeta, parts)
+    return (dx.reshape(x.shape), dgamma.sum(axis=0).astype(x.dtype),
+            dbeta.sum(axis=0).astype(x.dtype))
+
+
+@njit(cache=True, fastmath=_REDUCE)
+def _softmax_backward_rows(y, dy, dx, log, r0, r1):
+    """softmax: dx = y * (dy - sum(dy * y)); log-softmax: dx = dy - exp(y) * sum(dy)."""
+    n = y.shape[1]
+    zero = y.dtype.type(0.0)
+    for i in range(r0, r1):
+        s = 0.0
+        if log:
+            for j in range(n):
+                s += dy[i, j]
+            sd = y.dtype.type(s)
+            for j in range(n):
+                dx[i, j] = dy[i, j] - _exp(min(y[i, j], zero)) * sd  # y <= 0: a log-probability
+        else:
+            for j in range(n):
+                s += dy[i, j] * y[i, j]
+            sd = y.dtype.type(s)
+            for j in range(n):
+                dx[i, j] = y[i, j] * (dy[i, j] - sd)
+
+
+def _exp(x):
+    """exp(x) for x <= 0 inside kernels: the vectorised polynomial for float32, libm for float64."""
+    return np.exp(x)
+
+
+@overload(_exp)
+def _exp_impl(x):
+    if x == types.float32:
+        return lambda x: exp_le0(x)
+    return lambda x: math.exp(x)
+
+
+@njit(cache=True, parallel=True)
+def _softmax_backward_kernel(y, dy, dx, log):
+    for i in prange(y.shape[0]):
+        _softmax_backward_rows(y, dy, dx, log, i, i + 1)
+
+
+def _softmax_backward(y, dy, log):
+    y, y2 = _rows(y)
+    dy2 = _rows(np.asarray(dy, y.dtype))[1]
+    dx = np.empty_like(y2)
+    if y.size < SMALL_ELEMENTS:
+        _softmax_backward_rows(y2, dy2, dx, log, 0, y2.shape[0])
+    else:
+        _softmax_backward_kernel(y2, dy2, dx, log)
+    return dx.reshape(y.shape)
+
+
+def softmax_backward(y, dy):
+    """dx of y = softmax(x): y * (dy - sum(dy * y)) over the last axis."""
+    return _softmax_backward(y, dy, False)
+
+
+def log_softmax_backward(y, dy):
+    """dx of y = log_softmax(x): dy - exp(y) * sum(dy) over the last axis."""
+    return _softmax_backward(y, dy, True)
+
+
+@njit(cache=True)
+def _cross_entropy_rows(z, targets, weights, eps, losses, dz, r0, r1):
+    """Rows r0:r1: loss_t = (1 - eps)(lse - z[y]) + eps (lse - mean(z)) and its gradient times
+    weights[t]: w (softmax(z) - (1 - eps) onehot(y) - eps / V). The exp of the row goes
+    straight into dz, which is then scaled in place: the logits are read three times (max,
+    exp, sum) while the row sits in cache, and dz is written once and rescaled there."""
+    v = z.shape[1]
+    for t in range(r0, r1):
+        row = z[t]
+        out = dz[t]
+        m = row_max(row, v)
+        total = exp_shift_to_sum(row, out, v, m)
+        lse = m + math.log(total)
+        y = targets[t]
+        losses[t] = (1.0 - eps) * (lse - row[y]) + eps * (lse - _sum_f64(row, v) / v)
+        w = weights[t]
+        _scale_shift(out, v, w / total, -w * eps / v)
+        out[y] -= out.dtype.type(w * (1.0 - eps))
+
+
+@njit(cache=True, fastmath=_REDUCE)
+def _scale_shift(row, n, a, b):
+    """row[:n] = row[:n] * a + b (a vectorised loop of its own)."""
+    ad = row.dtype.type(a)
+    bd = row.dtype.type(b)
+    for j in range(n):
+        row[j] = row[j] * ad + bd
+
+
+@njit(cache=True, parallel=True)
+def _cross_entropy_kernel(z, targets, weights, eps, losses, dz):
+    for t in prange(z.shape[0]):
+        _cross_entropy_rows(z, targets, weights, eps, losses, dz, t, t + 1)
+
+
+def cross_entropy(logits, targets, weights, label_smoothing=0.0):
+    """(losses (T,) float64, unweighted; dlogits (T, V), the gradient of sum_t weights[t] * loss_t)
+    with PyTorch's label smoothing; one fused pass per row of the logits."""
+    z = np.ascontiguousarray(logits)
+    targets = np.ascontiguousarray(targets, np.int64).reshape(-1)
+    weights = np.ascontiguousarray(weights, np.float64).reshape(-1)
+    losses = np.empty(z.shape[0], np.float64)
+    dz = np.empty_like(z)
+    args = (z, targets, weights, float(label_smoothing), losses, dz)
+    if z.size < SMALL_ELEMENTS:
+        _cross_entropy_rows(*args, 0, z.shape[0])
+    else:
+        _cross_entropy_kernel(*args)
+    return losses, dz

@@ -1,0 +1,339 @@
+"""The CPU backend's training kernels (backward passes, cross-entropy, Adam, axpy) against
+float64 formulas and PyTorch autograd, at awkward sizes, float32 and float64.
+
+The float64 formulas here are the textbook ones, written out per op (``_ref_*``); each is
+itself checked against PyTorch autograd in float64 where PyTorch has the op, so a test
+passing means the CPU kernel, the formula and autograd agree. Outputs are NaN-poisoned where
+a kernel writes into a given array.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from conftest import TOL, randn, rel_err, requires_torch
+
+from tfm.backends import get_backend
+from tfm.backends.cpu import embedding as emb
+from tfm.backends.cpu import linear as lin
+from tfm.backends.cpu import norm
+from tfm.backends.cpu import training
+
+try:
+    import torch
+except ImportError:  # pragma: no cover
+    torch = None
+
+DTYPES = [np.float32, np.float64]
+SHAPES = [(1, 1, 1), (2, 37, 24), (3, 97, 65), (1, 1025, 8)]  # (B, N, D)
+cpu = get_backend("cpu")
+
+
+def _t(a, grad=False):
+    """float64 torch tensor of ``a``."""
+    return torch.tensor(np.asarray(a, np.float64), requires_grad=grad)
+
+
+def _f64(*arrays):
+    return [np.asarray(a, np.float64) for a in arrays]
+
+
+# ---------------------------------------------------------------------------- float64 formulas
+def _ref_linear_backward(x, w, dy):
+    x, w, dy = _f64(x, w, dy)
+    x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+    return (dy2 @ w).reshape(x.shape), dy2.T @ x2, dy2.sum(axis=0)
+
+
+def _ref_activation_backward(x, dy, kind):
+    x, dy = _f64(x, dy)
+    if kind == "relu":
+        return dy * (x > 0)
+    cdf = 0.5 * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
+    return dy * (cdf + x * np.exp(-0.5 * x * x) / math.sqrt(2 * math.pi))
+
+
+def _ref_layer_norm_backward(dy, x, gamma, eps, residual):
+    dy, x, gamma = _f64(dy, x, gamma)
+    z = x if residual is None else x + np.asarray(residual, np.float64)
+    mean = z.mean(-1, keepdims=True)
+    rstd = 1 / np.sqrt(((z - mean) ** 2).mean(-1, keepdims=True) + eps)
+    xhat = (z - mean) * rstd
+    g = dy * gamma
+    dz = rstd * (g - g.mean(-1, keepdims=True) - xhat * (g * xhat).mean(-1, keepdims=True))
+    axes = tuple(range(x.ndim - 1))
+    return dz, (dy * xhat).sum(axis=axes), dy.sum(axis=axes)
+
+
+def _ref_cross_entropy(z, targets, weights, eps):
+    z = np.asarray(z, np.float64)
+    m = z.max(-1, keepdims=True)
+    lse = (m + np.log(np.exp(z - m).sum(-1, keepdims=True)))[:, 0]
+    rows = np.arange(z.shape[0])
+    losses = (1 - eps) * (lse - z[rows, targets]) + eps * (lse - z.mean(-1))
+    p = np.exp(z - lse[:, None])
+    onehot = np.zeros_like(z)
+    onehot[rows, targets] = 1
+    grad = weights[:, None] * (p - (1 - eps) * onehot - eps / z.shape[1])
+    return losses, grad
+
+
+# ---------------------------------------------------------------------------- linear, activation
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_backward(rng, dtype, shape, bias):
+    x = randn(rng, *shape, dtype=dtype)
+    w = randn(rng, 29, shape[-1], dtype=dtype)
+    dy = randn(rng, *shape[:-1], 29, dtype=dtype)
+    dx, dw, db = cpu.linear_backward(x, w, dy, bias)
+    want = _ref_linear_backward(x, w, dy)
+    assert dx.dtype == dw.dtype == dtype and dx.shape == x.shape and dw.shape == w.shape
+    assert rel_err(dx, want[0]) < TOL[dtype] and rel_err(dw, want[1]) < TOL[dtype]
+    if bias:
+        assert db.dtype == dtype and rel_err(db, want[2]) < TOL[dtype]
+    else:
+        assert db is None
+
+
+@pytest.mark.parametrize("m", [3, 300])  # few rows: dx in column blocks; many: row blocks
+def test_linear_backward_parallel_blocks(rng, m, monkeypatch):
+    """Both parallel splits (forced below the size threshold)."""
+    monkeypatch.setattr(lin, "SMALL_FLOPS", 0)
+    x, w, dy = randn(rng, m, 131), randn(rng, 67, 131), randn(rng, m, 67)
+    dx, dw, db = lin.linear_backward(x, w, dy, True)
+    want = _ref_linear_backward(x, w, dy)
+    for got, ref in zip((dx, dw, db), want):
+        assert rel_err(got, ref) < TOL[np.float32]
+
+
+def test_linear_backward_empty(rng):
+    x, w, dy = np.zeros((0, 5), np.float32), randn(rng, 3, 5), np.zeros((0, 3), np.float32)
+    dx, dw, db = lin.linear_backward(x, w, dy, True)
+    assert dx.shape == (0, 5) and not dw.any() and not db.any()
+
+
+@requires_torch
+def test_linear_backward_formula_is_autograd(rng):
+    x, w, b, dy = randn(rng, 2, 5, 7), randn(rng, 3, 7), randn(rng, 3), randn(rng, 2, 5, 3)
+    tx, tw, tb = _t(x, True), _t(w, True), _t(b, True)
+    torch.nn.functional.linear(tx, tw, tb).backward(_t(dy))
+    for got, t in zip(_ref_linear_backward(x, w, dy), (tx, tw, tb)):
+        assert rel_err(got, t.grad.numpy()) < 1e-12
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["relu", "gelu"])
+@pytest.mark.parametrize("shape", [(1,), (37,), (3, 97, 65), (1100, 1000)])
+def test_activation_backward(rng, dtype, kind, shape):
+    x = randn(rng, *shape, dtype=dtype) * 3
+    dy = randn(rng, *shape, dtype=dtype)
+    dx = cpu.activation_backward(x, dy, kind)
+    assert dx.dtype == dtype and dx.shape == x.shape
+    assert rel_err(dx, _ref_activation_backward(x, dy, kind)) < TOL[dtype]
+
+
+@requires_torch
+@pytest.mark.parametrize("kind", ["relu", "gelu"])
+def test_activation_backward_formula_is_autograd(rng, kind):
+    x, dy = randn(rng, 97) * 3, randn(rng, 97)
+    tx = _t(x, True)
+    getattr(torch.nn.functional, kind)(tx).backward(_t(dy))
+    assert rel_err(_ref_activation_backward(x, dy, kind), tx.grad.numpy()) < 1e-12
+
+
+# ---------------------------------------------------------------------------- layer norm
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES + [(4, 300, 1000)])
+@pytest.mark.parametrize("residual", [False, True])
+def test_layer_norm_train_and_backward(rng, dtype, shape, residual):
+    x = randn(rng, *shape, dtype=dtype)
+    r = randn(rng, *shape, dtype=dtype) if residual else None
+    gamma, beta = randn(rng, shape[-1], dtype=dtype), randn(rng, shape[-1], dtype=dtype)
+    dy = randn(rng, *shape, dtype=dtype)
+    y, mean, rstd = cpu.layer_norm_train(x, gamma, beta, 1e-5, r)
+    assert mean.shape == rstd.shape == shape[:-1]
+    np.testing.assert_array_equal(y, cpu.layer_norm(x, gamma, beta, 1e-5, r))  # same forward
+    z = np.asarray(x, np.float64) + (0 if r is None else r)
+    assert rel_err(mean, z.mean(-1)) < TOL[dtype]
+    assert rel_err(rstd, 1 / np.sqrt(z.var(-1) + 1e-5)) < TOL[dtype]
+    dx, dgamma, dbeta = cpu.layer_norm_backward(dy, x, gamma, mean, rstd, r)
+    want = _ref_layer_norm_backward(dy, x, gamma, 1e-5, r)
+    assert dx.dtype == dgamma.dtype == dbeta.dtype == dtype
+    # dx subtracts two row means from g: float32 loses a few more bits than elsewhere
+    tol = 1e-4 if dtype == np.float32 else TOL[dtype]
+    for got, ref in zip((dx, dgamma, dbeta), want):
+        assert rel_err(got, ref) < tol
+
+
+@requires_torch
+def test_layer_norm_backward_formula_is_autograd(rng):
+    x, r, dy = randn(rng, 3, 5, 7), randn(rng, 3, 5, 7), randn(rng, 3, 5, 7)
+    g, b = randn(rng, 7), randn(rng, 7)
+    tx, tr, tg, tb = _t(x, True), _t(r, True), _t(g, True), _t(b, True)
+    torch.nn.functional.layer_norm(tx + tr, (7,), tg, tb, 1e-5).backward(_t(dy))
+    dz, dg, db = _ref_layer_norm_backward(dy, x, g, 1e-5, r)
+    assert rel_err(dz, tx.grad.numpy()) < 1e-12 and rel_err(dz, tr.grad.numpy()) < 1e-12
+    assert rel_err(dg, tg.grad.numpy()) < 1e-12 and rel_err(db, tb.grad.numpy()) < 1e-12
+
+
+# ---------------------------------------------------------------------------- softmax, log-softmax
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1,), (37,), (3, 97, 65), (1100, 1000)])
+@pytest.mark.parametrize("log", [False, True])
+def test_softmax_backward(rng, dtype, shape, log):
+    x = randn(rng, *shape, dtype=dtype) * 2
+    dy = randn(rng, *shape, dtype=dtype)
+    y = cpu.log_softmax(x) if log else cpu.softmax(x)
+    dx = (cpu.log_softmax_backward if log else cpu.softmax_backward)(y, dy)
+    y64, dy64 = _f64(y, dy)
+    if log:
+        want = dy64 - np.exp(y64) * dy64.sum(-1, keepdims=True)
+    else:
+        want = y64 * (dy64 - (dy64 * y64).sum(-1, keepdims=True))
+    assert dx.dtype == dtype and rel_err(dx, want) < TOL[dtype]
+
+
+@requires_torch
+@pytest.mark.parametrize("log", [False, True])
+def test_softmax_backward_against_autograd(rng, log):
+    x, dy = randn(rng, 5, 37, dtype=np.float64), randn(rng, 5, 37, dtype=np.float64)
+    tx = _t(x, True)
+    (torch.log_softmax if log else torch.softmax)(tx, -1).backward(_t(dy))
+    y = cpu.log_softmax(x) if log else cpu.softmax(x)
+    dx = (cpu.log_softmax_backward if log else cpu.softmax_backward)(y, dy)
+    assert rel_err(dx, tx.grad.numpy()) < 1e-12
+
+
+# ---------------------------------------------------------------------------- cross-entropy
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tv", [(1, 1), (37, 5), (97, 1025), (300, 4000)])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_cross_entropy(rng, dtype, tv, smoothing):
+    t, v = tv
+    z = randn(rng, t, v, dtype=dtype) * 3
+    targets = rng.integers(0, v, t)
+    weights = rng.random(t)
+    weights[::3] = 0  # dropped targets (padding): loss still reported, no gradient
+    losses, dz = cpu.cross_entropy(z, targets, weights, smoothing)
+    want_l, want_g = _ref_cross_entropy(z, targets, weights, smoothing)
+    assert losses.dtype == np.float64 and losses.shape == (t,)
+    assert dz.dtype == dtype and dz.shape == z.shape
+    assert rel_err(losses, want_l) < TOL[dtype] and rel_err(dz, want_g) < TOL[dtype]
+    assert not dz[::3].any()
+
+
+@requires_torch
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_cross_entropy_against_autograd(rng, smoothing):
+    z = randn(rng, 37, 11, dtype=np.float64) * 3
+    targets = rng.integers(0, 11, 37)
+    weights = rng.random(37)
+    tz = _t(z, True)
+    per = torch.nn.functional.cross_entropy(tz, torch.from_numpy(targets), reduction="none",
+                                            label_smoothing=smoothing)
+    (per * _t(weights)).sum().backward()
+    losses, dz = cpu.cross_entropy(z, targets, weights, smoothing)
+    assert rel_err(losses, per.detach().numpy()) < 1e-12
+    assert rel_err(dz, tz.grad.numpy()) < 1e-12
+
+
+# ---------------------------------------------------------------------------- embedding
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bnv", [(1, 1, 1), (2, 37, 5), (3, 97, 1000), (8, 300, 3000)])
+def test_embedding_backward(rng, dtype, bnv):
+    b, n, v = bnv
+    d = 24
+    ids = rng.integers(0, v, (b, n))
+    ids[0, :] = ids[0, 0]  # a repeated token: its row sums all of them
+    dy = randn(rng, b, n, d, dtype=dtype)
+    got = cpu.embedding_backward(ids, dy, v, scale=math.sqrt(d))
+    want = np.zeros((v, d))
+    np.add.at(want, ids.reshape(-1), math.sqrt(d) * dy.reshape(-1, d).astype(np.float64))
+    assert got.dtype == dtype and got.shape == (v, d)
+    assert rel_err(got, want) < TOL[dtype]
+
+
+def test_embedding_backward_threads_agree(rng):
+    """The vocabulary split gives the same bits as one thread (each row sums in token order)."""
+    ids = rng.integers(0, 50, (4, 300))
+    dy = randn(rng, 4, 300, 16)
+    one = np.empty((50, 16), np.float32)
+    emb._scatter_rows(ids.reshape(-1), dy.reshape(-1, 16), 2.0, one, 0, 50)
+    many = np.full((50, 16), np.nan, np.float32)
+    emb._scatter_parallel(ids.reshape(-1), dy.reshape(-1, 16), 2.0, many, 2)
+    np.testing.assert_array_equal(one, many)
+
+
+# ---------------------------------------------------------------------------- heads
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_merge_heads_into(rng, dtype):
+    out = np.full((2, 37, 3 * 15), np.nan, dtype)
+    for i in range(3):
+        x = randn(rng, 2, 5, 37, 3, dtype=dtype)
+        cpu.merge_heads_into(x, out, 15 * i)
+        np.testing.assert_array_equal(out[:, :, 15 * i:15 * (i + 1)], cpu.merge_heads(x))
+    assert not np.isnan(out).any()
+
+
+# ---------------------------------------------------------------------------- axpy, Adam
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("size", [1, 37, 1025, (1 << 20) + 3])
+def test_axpy(rng, dtype, size):
+    dst, src = randn(rng, size, dtype=dtype), randn(rng, size, dtype=dtype)
+    want = dst.astype(np.float64) - 0.5 * src
+    cpu.axpy(dst, src, -0.5)
+    assert rel_err(dst, want) < TOL[dtype]
+
+
+def test_axpy_refuses_a_copy():
+    dst = np.zeros((4, 4), np.float32)[:, ::2]
+    with pytest.raises(ValueError, match="contiguous"):
+        training.axpy(dst, np.ones((4, 2), np.float32))
+
+
+def _ref_adam(p, g, m, v, step, lr, b1, b2, eps, wd):
+    p, g, m, v = _f64(p, g, m, v)
+    g = g + wd * p
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    p = p - lr / (1 - b1 ** step) * m / (np.sqrt(v) / math.sqrt(1 - b2 ** step) + eps)
+    return p, m, v
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("size", [1, 37, (1 << 20) + 3])
+@pytest.mark.parametrize("wd", [0.0, 0.01])
+def test_adam_step(rng, dtype, size, wd):
+    p, g = randn(rng, size, dtype=dtype), randn(rng, size, dtype=dtype)
+    m, v = randn(rng, size, dtype=dtype) * 0.1, np.abs(randn(rng, size, dtype=dtype)) * 0.01
+    want = _ref_adam(p, g, m, v, 3, 1e-3, 0.9, 0.98, 1e-9, wd)
+    cpu.adam_step(p, g, m, v, 3, 1e-3, 0.9, 0.98, 1e-9, wd)
+    for got, ref in zip((p, m, v), want):
+        assert rel_err(got, ref) < TOL[dtype]
+
+
+@requires_torch
+@pytest.mark.parametrize("wd", [0.0, 0.01])
+def test_adam_matches_torch(rng, wd):
+    """Ten float32 steps beside torch.optim.Adam on the same gradients."""
+    p0 = randn(rng, 1000)
+    tp = torch.nn.Parameter(torch.from_numpy(p0.copy()))
+    opt = torch.optim.Adam([tp], lr=1e-2, betas=(0.9, 0.98), eps=1e-9, weight_decay=wd)
+    p, m, v = p0.copy(), np.zeros_like(p0), np.zeros_like(p0)
+    for step in range(1, 11):
+        g = randn(rng, 1000)
+        tp.grad = torch.from_numpy(g.copy())
+        opt.step()
+        cpu.adam_step(p, g, m, v, step, 1e-2, 0.9, 0.98, 1e-9, wd)
+    assert rel_err(p, tp.detach().numpy()) < 1e-6
+
+
+def test_adam_bad_input(rng):
+    p = randn(rng, 4)
+    with pytest.raises(ValueError, match="lr"):
+        cpu.adam_step(p, p, np.zeros(4, np.float32), np.zeros(4, np.float32), 1, 0.0, 0.9, 0.98, 1e-9)
+    with pytest.raises(ValueError, match="same shape"):
+        cpu.adam_step(p, p, np.zeros(3, np.float32), np.zeros(4, np.float32), 1, 1e-3, 0.9, 0.98, 1e-9)

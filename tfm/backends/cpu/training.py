@@ -1,0 +1,102 @@
+"""Elementwise training kernels on the CPU: gradient accumulation (axpy) and the Adam step.
+
+Each is one pass over flat arrays, in place, ``prange`` over chunks of ``CHUNK`` elements
+once the array reaches ``_threads.SMALL_ELEMENTS`` (below that the calling thread does it:
+waking the second thread of a busy machine costs more than the work, see ``_threads``).
+They are memory-bound: axpy reads two arrays and writes one, Adam reads four and writes three.
+
+Adam follows ``torch.optim.Adam``'s single-tensor path (the CPU default) operation by
+operation, in the parameter's dtype: m = lerp(m, g, 1 - beta1) (m + w (g - m) for w < 0.5,
+as PyTorch's lerp), v = v * beta2 + (1 - beta2) g g, param += -step_size * m / (sqrt(v) /
+sqrt(1 - beta2^t) + eps) with step_size = lr / (1 - beta1^t), so that a float32 training run
+follows PyTorch's step for step (the scalars are formed in float64, as Python does there).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from ._threads import SMALL_ELEMENTS
+
+CHUNK = 1 << 14  # elements per parallel work item (64 KiB of float32)
+
+
+def _flat(a, name):
+    """The C-contiguous array itself, flattened as a view (in-place kernels must write into it)."""
+    if not isinstance(a, np.ndarray) or not a.flags.c_contiguous:
+        raise ValueError(f"{name} must be a C-contiguous NumPy array (updated in place)")
+    return a.reshape(-1)
+
+
+@njit(cache=True)
+def _axpy_range(dst, src, alpha, i0, i1):
+    a = dst.dtype.type(alpha)
+    for i in range(i0, i1):
+        dst[i] += a * src[i]
+
+
+@njit(cache=True, parallel=True)
+def _axpy_parallel(dst, src, alpha):
+    size = dst.shape[0]
+    for c in prange((size + CHUNK - 1) // CHUNK):
+        _axpy_range(dst, src, alpha, c * CHUNK, min(size, (c + 1) * CHUNK))
+
+
+def axpy(dst, src, alpha=1.0):
+    """In place dst += alpha * src (same shapes)."""
+    d = _flat(dst, "dst")
+    s = np.ascontiguousarray(src, dtype=d.dtype).reshape(-1)
+    if s.shape != d.shape:
+        raise ValueError(f"axpy: src {np.shape(src)} does not match dst {dst.shape}")
+    if d.size < SMALL_ELEMENTS:
+        _axpy_range(d, s, float(alpha), 0, d.size)
+    else:
+        _axpy_parallel(d, s, float(alpha))
+
+
+@njit(cache=True)
+def _adam_range(p, g, m, v, scalars, weight_decay, i0, i1):
+    """Elements i0:i1 of one Adam update; ``scalars`` = (1 - beta1, beta2, 1 - beta2,
+    sqrt(1 - beta2^t), eps, -lr / (1 - beta1^t), weight_decay) in the parameter's dtype."""
+    w1, b2, w2, bc2, eps, neg_step, wd = scalars
+    for i in range(i0, i1):
+        gi = g[i]
+        if weight_decay:
+            gi = gi + wd * p[i]
+        mi = m[i] + w1 * (gi - m[i])  # PyTorch's lerp for weights < 0.5
+        vi = v[i] * b2
+        vi = vi + w2 * gi * gi
+        m[i] = mi
+        v[i] = vi
+        p[i] = p[i] + neg_step * (mi / (math.sqrt(vi) / bc2 + eps))
+
+
+@njit(cache=True, parallel=True)
+def _adam_parallel(p, g, m, v, scalars, weight_decay):
+    size = p.shape[0]
+    for c in prange((size + CHUNK - 1) // CHUNK):
+        _adam_range(p, g, m, v, scalars, weight_decay, c * CHUNK, min(size, (c + 1) * CHUNK))
+
+
+def adam_step(param, grad, m, v, step, lr, beta1, beta2, eps, weight_decay=0.0):
+    """One torch.optim.Adam update (step counts from 1), in place on param, m and v."""
+    p = _flat(param, "param")
+    mf, vf = _flat(m, "m"), _flat(v, "v")
+    g = np.ascontiguousarray(grad, dtype=p.dtype).reshape(-1)
+    if not (g.shape == mf.shape == vf.shape == p.shape):
+        raise ValueError("adam_step: param, grad, m and v must have the same shape")
+    if not (mf.dtype == vf.dtype == p.dtype):
+        raise TypeError("adam_step: m and v must have the parameter's dtype")
+    if weight_decay < 0 or lr <= 0:
+        raise ValueError(f"adam_step: lr must be > 0 and weight_decay >= 0 (got {lr}, {weight_decay})")
+    step = int(step)
+    scalars = np.array([1.0 - beta1, beta2, 1.0 - beta2, math.sqrt(1.0 - beta2 ** step), eps,
+                        -lr / (1.0 - beta1 ** step), weight_decay], dtype=p.dtype)
+    args = (p, g, mf, vf, scalars, bool(weight_decay))
+    if p.size < SMALL_ELEMENTS:
+        _adam_range(*args, 0, p.size)
+    else:
+        _adam_parallel(*args)
