@@ -302,6 +302,60 @@ def test_restricted_attention_backward(rng, n, window, causal):
     assert_fd(f, (q, k, v), dout, dict(enumerate(grads)), max_entries=150)
 
 
+# ---------------------------------------------------------------------------- recurrent layers
+RECURRENT = {  # kind: (gates, has a cell state)
+    "rnn_tanh": (1, False), "rnn_relu": (1, False), "lstm": (4, True), "gru": (3, False),
+}
+
+
+def recurrent_inputs(rng, kind, b, n, i, hid):
+    gates, cell = RECURRENT[kind]
+    x, h0, c0 = r(rng, b, n, i), r(rng, b, hid) * 0.5, r(rng, b, hid) * 0.5
+    weights = (r(rng, gates * hid, i) * 0.5, r(rng, gates * hid, hid) * 0.5,
+               r(rng, gates * hid) * 0.3, r(rng, gates * hid) * 0.3)
+    return (x, h0, c0) + weights if cell else (x, h0) + weights
+
+
+def recurrent_forward(kind):
+    """(forward over the float inputs, train twin, backward) of one kind, as the backend calls them."""
+    if kind.startswith("rnn"):
+        act = kind[4:]
+        return (lambda *a: rb.rnn_layer(*a, nonlinearity=act),
+                lambda *a: rb.rnn_layer_train(*a, nonlinearity=act), rb.rnn_layer_backward)
+    return {"lstm": (rb.lstm_layer, rb.lstm_layer_train, rb.lstm_layer_backward),
+            "gru": (rb.gru_layer, rb.gru_layer_train, rb.gru_layer_backward)}[kind]
+
+
+@pytest.mark.parametrize("kind", list(RECURRENT))
+@pytest.mark.parametrize("n", [1, 37, 97])
+def test_recurrent_backward(rng, kind, n):
+    forward, train, backward = recurrent_forward(kind)
+    args = recurrent_inputs(rng, kind, 2, n, 4, 3)
+    *outs, saved = train(*args)
+    for got, want in zip(outs, forward(*args)):
+        assert rel_err(got, want) < 1e-14
+    cotangents = tuple(r(rng, *o.shape) for o in outs)  # dout, dh_n (, dc_n)
+    grads = backward(saved, *cotangents)
+    assert len(grads) == len(args)  # one gradient per float input, in the forward's order
+    assert_fd(forward, args, cotangents, dict(enumerate(grads)), max_entries=40 if n == 97 else 120)
+
+
+@pytest.mark.parametrize("kind", list(RECURRENT))
+def test_recurrent_backward_none_cotangents(rng, kind):
+    """None is a zero cotangent: only dout, or only the final state(s)."""
+    forward, train, backward = recurrent_forward(kind)
+    args = recurrent_inputs(rng, kind, 3, 5, 2, 4)
+    *outs, saved = train(*args)
+    for keep in range(len(outs)):
+        cotangents = tuple(r(rng, *o.shape) if j == keep else None for j, o in enumerate(outs))
+        grads = backward(saved, *cotangents)
+        assert_fd(forward, args, cotangents, dict(enumerate(grads)), max_entries=30)
+    with pytest.raises(ValueError, match="dout must have shape"):
+        backward(saved, outs[0][:, 1:], *([None] * (len(outs) - 1)))
+    with pytest.raises(ValueError, match="dh_n must have shape"):
+        backward(saved, None, outs[1][:2], *([None] * (len(outs) - 2)))
+
+
 # ---------------------------------------------------------------------------- dropout
 def splitmix64_uniform(seed: int, counter: int) -> float:
     """The documented stream, with Python integers (an independent statement of it)."""
@@ -420,6 +474,15 @@ def test_numpy_backend_training_ops(rng):
     grads = bk.restricted_attention_backward(q, q, k[..., :5, :], out, lse, out, 3, True)
     want = rb.restricted_attention_backward(q, q, k[..., :5, :], out, lse, out, 3, True)
     assert all(np.array_equal(a, b) for a, b in zip(grads, want))
+    for kind, method in (("rnn_relu", "rnn_layer"), ("lstm", "lstm_layer"), ("gru", "gru_layer")):
+        args = recurrent_inputs(rng, kind, 2, 4, 3, 5)
+        kw = {"nonlinearity": "relu"} if kind == "rnn_relu" else {}
+        *outs, saved = getattr(bk, method + "_train")(*args, **kw)
+        *want, want_saved = recurrent_forward(kind)[1](*args)
+        assert all(np.array_equal(a, b) for a, b in zip(outs, want))
+        grads = getattr(bk, method + "_backward")(saved, *outs)
+        want = recurrent_forward(kind)[2](want_saved, *outs)
+        assert all(np.array_equal(a, b) for a, b in zip(grads, want))
     param, grad, m, v2 = r(rng, 6), r(rng, 6), r(rng, 6) * 0.1, r(rng, 6) ** 2
     want = ref.adam_step(param, grad, m, v2, 3, 1e-3, 0.9, 0.98, 1e-9, 0.01)
     bk.adam_step(param, grad, m, v2, 3, 1e-3, 0.9, 0.98, 1e-9, 0.01)
@@ -571,3 +634,36 @@ def test_torch_conv1d_and_glu(rng, case):
     dglu = r(rng, *y.shape[:-1], 3)
     ty = t64(y)
     assert rel_err(rb.glu_backward(y, dglu), grads_of(F.glu(ty, dim=-1), dglu, ty)[0]) < TORCH_TOL
+
+
+@pytest.mark.torch
+@requires_torch
+@pytest.mark.parametrize("kind", list(RECURRENT))
+@pytest.mark.parametrize("n", [1, 37])
+def test_torch_recurrent(rng, kind, n):
+    torch = _torch()
+    b, i, hid = 2, 4, 5
+    args = recurrent_inputs(rng, kind, b, n, i, hid)
+    cell = RECURRENT[kind][1]
+    if kind.startswith("rnn"):
+        net = torch.nn.RNN(i, hid, batch_first=True, nonlinearity=kind[4:])
+    else:
+        net = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[kind](i, hid, batch_first=True)
+    net = net.double()
+    names = ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")
+    with torch.no_grad():
+        for name, w in zip(names, args[-4:]):
+            getattr(net, name).copy_(torch.from_numpy(w))
+    tx, th0 = t64(args[0]), t64(args[1][None])
+    state = (th0, t64(args[2][None])) if cell else th0
+    tout, tstate = net(tx, state)
+    tstates = tstate if cell else (tstate,)
+    *outs, saved = recurrent_forward(kind)[1](*args)
+    assert rel_err(outs[0], tout.detach().numpy()) < TORCH_TOL
+    cotangents = tuple(r(rng, *o.shape) for o in outs)
+    inputs = (tx, th0) + ((state[1],) if cell else ()) + tuple(getattr(net, nm) for nm in names)
+    want = torch.autograd.grad((tout,) + tuple(tstates), inputs,
+                               tuple(torch.from_numpy(c if j == 0 else c[None]) for j, c in enumerate(cotangents)))
+    got = recurrent_forward(kind)[2](saved, *cotangents)
+    for g, w in zip(got, want):
+        assert rel_err(g, w.numpy().reshape(g.shape)) < TORCH_TOL

@@ -149,3 +149,21 @@ class NumpyBackend(Backend):
 
     def glu_backward(self, x, dy):
         return ref_base.glu_backward(x, dy)
+
+    def rnn_layer_train(self, x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity="tanh"):
+        return ref_base.rnn_layer_train(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity)
+
+    def rnn_layer_backward(self, saved, dout, dh_n):
+        return ref_base.rnn_layer_backward(saved, dout, dh_n)
+
+    def lstm_layer_train(self, x, h0, c0, w_ih, w_hh, b_ih, b_hh):
+        return ref_base.lstm_layer_train(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
+
+    def lstm_layer_backward(self, saved, dout, dh_n, dc_n):
+        return ref_base.lstm_layer_backward(saved, dout, dh_n, dc_n)
+
+    def gru_layer_train(self, x, h0, w_ih, w_hh, b_ih, b_hh):
+        return ref_base.gru_layer_train(x, h0, w_ih, w_hh, b_ih, b_hh)
+
+    def gru_layer_backward(self, saved, dout, dh_n):
+        return ref_base.gru_layer_backward(saved, dout, dh_n)
