@@ -1,10 +1,6 @@
-"""The CPU backend's training kernels (backward passes, cross-entropy, Adam, axpy) against
-float64 formulas and PyTorch autograd, at awkward sizes, float32 and float64.
-
-The float64 formulas here are the textbook ones, written out per op (``_ref_*``); each is
-itself checked against PyTorch autograd in float64 where PyTorch has the op, so a test
-passing means the CPU kernel, the formula and autograd agree. Outputs are NaN-poisoned where
-a kernel writes into a given array.
+"""The CPU backend's training kernels (backward passes, cross-entropy, Adam, axpy, dropout)
+against the float64 reference (``tfm.reference``, explicit backward formulas) and PyTorch
+autograd, at awkward sizes, in float32 and float64.
 """
 
 from __future__ import annotations
@@ -15,10 +11,10 @@ import numpy as np
 import pytest
 from conftest import TOL, randn, rel_err, requires_torch
 
+from tfm import reference as ref
 from tfm.backends import get_backend
 from tfm.backends.cpu import embedding as emb
 from tfm.backends.cpu import linear as lin
-from tfm.backends.cpu import norm
 from tfm.backends.cpu import training
 
 try:
@@ -36,48 +32,8 @@ def _t(a, grad=False):
     return torch.tensor(np.asarray(a, np.float64), requires_grad=grad)
 
 
-def _f64(*arrays):
-    return [np.asarray(a, np.float64) for a in arrays]
-
-
-# ---------------------------------------------------------------------------- float64 formulas
-def _ref_linear_backward(x, w, dy):
-    x, w, dy = _f64(x, w, dy)
-    x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
-    return (dy2 @ w).reshape(x.shape), dy2.T @ x2, dy2.sum(axis=0)
-
-
 def _ref_activation_backward(x, dy, kind):
-    x, dy = _f64(x, dy)
-    if kind == "relu":
-        return dy * (x > 0)
-    cdf = 0.5 * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
-    return dy * (cdf + x * np.exp(-0.5 * x * x) / math.sqrt(2 * math.pi))
-
-
-def _ref_layer_norm_backward(dy, x, gamma, eps, residual):
-    dy, x, gamma = _f64(dy, x, gamma)
-    z = x if residual is None else x + np.asarray(residual, np.float64)
-    mean = z.mean(-1, keepdims=True)
-    rstd = 1 / np.sqrt(((z - mean) ** 2).mean(-1, keepdims=True) + eps)
-    xhat = (z - mean) * rstd
-    g = dy * gamma
-    dz = rstd * (g - g.mean(-1, keepdims=True) - xhat * (g * xhat).mean(-1, keepdims=True))
-    axes = tuple(range(x.ndim - 1))
-    return dz, (dy * xhat).sum(axis=axes), dy.sum(axis=axes)
-
-
-def _ref_cross_entropy(z, targets, weights, eps):
-    z = np.asarray(z, np.float64)
-    m = z.max(-1, keepdims=True)
-    lse = (m + np.log(np.exp(z - m).sum(-1, keepdims=True)))[:, 0]
-    rows = np.arange(z.shape[0])
-    losses = (1 - eps) * (lse - z[rows, targets]) + eps * (lse - z.mean(-1))
-    p = np.exp(z - lse[:, None])
-    onehot = np.zeros_like(z)
-    onehot[rows, targets] = 1
-    grad = weights[:, None] * (p - (1 - eps) * onehot - eps / z.shape[1])
-    return losses, grad
+    return ref.relu_backward(x, dy) if kind == "relu" else ref.gelu_backward(x, dy)
 
 
 # ---------------------------------------------------------------------------- linear, activation
@@ -89,7 +45,7 @@ def test_linear_backward(rng, dtype, shape, bias):
     w = randn(rng, 29, shape[-1], dtype=dtype)
     dy = randn(rng, *shape[:-1], 29, dtype=dtype)
     dx, dw, db = cpu.linear_backward(x, w, dy, bias)
-    want = _ref_linear_backward(x, w, dy)
+    want = ref.linear_backward(x, w, dy)
     assert dx.dtype == dw.dtype == dtype and dx.shape == x.shape and dw.shape == w.shape
     assert rel_err(dx, want[0]) < TOL[dtype] and rel_err(dw, want[1]) < TOL[dtype]
     if bias:
@@ -104,9 +60,9 @@ def test_linear_backward_parallel_blocks(rng, m, monkeypatch):
     monkeypatch.setattr(lin, "SMALL_FLOPS", 0)
     x, w, dy = randn(rng, m, 131), randn(rng, 67, 131), randn(rng, m, 67)
     dx, dw, db = lin.linear_backward(x, w, dy, True)
-    want = _ref_linear_backward(x, w, dy)
-    for got, ref in zip((dx, dw, db), want):
-        assert rel_err(got, ref) < TOL[np.float32]
+    want = ref.linear_backward(x, w, dy)
+    for got, expected in zip((dx, dw, db), want):
+        assert rel_err(got, expected) < TOL[np.float32]
 
 
 def test_linear_backward_empty(rng):
@@ -116,11 +72,11 @@ def test_linear_backward_empty(rng):
 
 
 @requires_torch
-def test_linear_backward_formula_is_autograd(rng):
-    x, w, b, dy = randn(rng, 2, 5, 7), randn(rng, 3, 7), randn(rng, 3), randn(rng, 2, 5, 3)
+def test_linear_backward_against_autograd(rng):
+    x, w, b, dy = (randn(rng, *s, dtype=np.float64) for s in ((2, 5, 7), (3, 7), (3,), (2, 5, 3)))
     tx, tw, tb = _t(x, True), _t(w, True), _t(b, True)
     torch.nn.functional.linear(tx, tw, tb).backward(_t(dy))
-    for got, t in zip(_ref_linear_backward(x, w, dy), (tx, tw, tb)):
+    for got, t in zip(cpu.linear_backward(x, w, dy, True), (tx, tw, tb)):
         assert rel_err(got, t.grad.numpy()) < 1e-12
 
 
@@ -137,11 +93,12 @@ def test_activation_backward(rng, dtype, kind, shape):
 
 @requires_torch
 @pytest.mark.parametrize("kind", ["relu", "gelu"])
-def test_activation_backward_formula_is_autograd(rng, kind):
-    x, dy = randn(rng, 97) * 3, randn(rng, 97)
+def test_activation_backward_against_autograd(rng, kind):
+    x, dy = randn(rng, 97, dtype=np.float64) * 3, randn(rng, 97, dtype=np.float64)
+    x[0] = 0.0  # relu'(0) = 0, as PyTorch
     tx = _t(x, True)
     getattr(torch.nn.functional, kind)(tx).backward(_t(dy))
-    assert rel_err(_ref_activation_backward(x, dy, kind), tx.grad.numpy()) < 1e-12
+    assert rel_err(cpu.activation_backward(x, dy, kind), tx.grad.numpy()) < 1e-12
 
 
 # ---------------------------------------------------------------------------- layer norm
@@ -156,25 +113,25 @@ def test_layer_norm_train_and_backward(rng, dtype, shape, residual):
     y, mean, rstd = cpu.layer_norm_train(x, gamma, beta, 1e-5, r)
     assert mean.shape == rstd.shape == shape[:-1]
     np.testing.assert_array_equal(y, cpu.layer_norm(x, gamma, beta, 1e-5, r))  # same forward
-    z = np.asarray(x, np.float64) + (0 if r is None else r)
-    assert rel_err(mean, z.mean(-1)) < TOL[dtype]
-    assert rel_err(rstd, 1 / np.sqrt(z.var(-1) + 1e-5)) < TOL[dtype]
+    _, want_mean, want_rstd = ref.layer_norm_train(x, gamma, beta, 1e-5, r)
+    assert rel_err(mean, want_mean) < TOL[dtype] and rel_err(rstd, want_rstd) < TOL[dtype]
     dx, dgamma, dbeta = cpu.layer_norm_backward(dy, x, gamma, mean, rstd, r)
-    want = _ref_layer_norm_backward(dy, x, gamma, 1e-5, r)
+    want = ref.layer_norm_backward(dy, x, gamma, want_mean, want_rstd, r)
     assert dx.dtype == dgamma.dtype == dbeta.dtype == dtype
-    # dx subtracts two row means from g: float32 loses a few more bits than elsewhere
+    # dx subtracts two row means from dy * gamma: float32 keeps fewer of its bits
     tol = 1e-4 if dtype == np.float32 else TOL[dtype]
-    for got, ref in zip((dx, dgamma, dbeta), want):
-        assert rel_err(got, ref) < tol
+    for got, want_ in zip((dx, dgamma, dbeta), want):
+        assert rel_err(got, want_) < tol
 
 
 @requires_torch
-def test_layer_norm_backward_formula_is_autograd(rng):
-    x, r, dy = randn(rng, 3, 5, 7), randn(rng, 3, 5, 7), randn(rng, 3, 5, 7)
-    g, b = randn(rng, 7), randn(rng, 7)
+def test_layer_norm_backward_against_autograd(rng):
+    x, r, dy = (randn(rng, 3, 5, 7, dtype=np.float64) for _ in range(3))
+    g, b = randn(rng, 7, dtype=np.float64), randn(rng, 7, dtype=np.float64)
     tx, tr, tg, tb = _t(x, True), _t(r, True), _t(g, True), _t(b, True)
     torch.nn.functional.layer_norm(tx + tr, (7,), tg, tb, 1e-5).backward(_t(dy))
-    dz, dg, db = _ref_layer_norm_backward(dy, x, g, 1e-5, r)
+    _, mean, rstd = cpu.layer_norm_train(x, g, b, 1e-5, r)
+    dz, dg, db = cpu.layer_norm_backward(dy, x, g, mean, rstd, r)
     assert rel_err(dz, tx.grad.numpy()) < 1e-12 and rel_err(dz, tr.grad.numpy()) < 1e-12
     assert rel_err(dg, tg.grad.numpy()) < 1e-12 and rel_err(db, tb.grad.numpy()) < 1e-12
 
@@ -188,11 +145,7 @@ def test_softmax_backward(rng, dtype, shape, log):
     dy = randn(rng, *shape, dtype=dtype)
     y = cpu.log_softmax(x) if log else cpu.softmax(x)
     dx = (cpu.log_softmax_backward if log else cpu.softmax_backward)(y, dy)
-    y64, dy64 = _f64(y, dy)
-    if log:
-        want = dy64 - np.exp(y64) * dy64.sum(-1, keepdims=True)
-    else:
-        want = y64 * (dy64 - (dy64 * y64).sum(-1, keepdims=True))
+    want = (ref.log_softmax_backward if log else ref.softmax_backward)(y, dy)
     assert dx.dtype == dtype and rel_err(dx, want) < TOL[dtype]
 
 
@@ -218,7 +171,8 @@ def test_cross_entropy(rng, dtype, tv, smoothing):
     weights = rng.random(t)
     weights[::3] = 0  # dropped targets (padding): loss still reported, no gradient
     losses, dz = cpu.cross_entropy(z, targets, weights, smoothing)
-    want_l, want_g = _ref_cross_entropy(z, targets, weights, smoothing)
+    want_l = ref.cross_entropy(z, targets, smoothing)
+    want_g = ref.cross_entropy_backward(z, targets, weights, smoothing)
     assert losses.dtype == np.float64 and losses.shape == (t,)
     assert dz.dtype == dtype and dz.shape == z.shape
     assert rel_err(losses, want_l) < TOL[dtype] and rel_err(dz, want_g) < TOL[dtype]
@@ -250,8 +204,7 @@ def test_embedding_backward(rng, dtype, bnv):
     ids[0, :] = ids[0, 0]  # a repeated token: its row sums all of them
     dy = randn(rng, b, n, d, dtype=dtype)
     got = cpu.embedding_backward(ids, dy, v, scale=math.sqrt(d))
-    want = np.zeros((v, d))
-    np.add.at(want, ids.reshape(-1), math.sqrt(d) * dy.reshape(-1, d).astype(np.float64))
+    want = ref.embed_backward(ids, dy, v, math.sqrt(d))
     assert got.dtype == dtype and got.shape == (v, d)
     assert rel_err(got, want) < TOL[dtype]
 
@@ -294,25 +247,16 @@ def test_axpy_refuses_a_copy():
         training.axpy(dst, np.ones((4, 2), np.float32))
 
 
-def _ref_adam(p, g, m, v, step, lr, b1, b2, eps, wd):
-    p, g, m, v = _f64(p, g, m, v)
-    g = g + wd * p
-    m = b1 * m + (1 - b1) * g
-    v = b2 * v + (1 - b2) * g * g
-    p = p - lr / (1 - b1 ** step) * m / (np.sqrt(v) / math.sqrt(1 - b2 ** step) + eps)
-    return p, m, v
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("size", [1, 37, (1 << 20) + 3])
 @pytest.mark.parametrize("wd", [0.0, 0.01])
 def test_adam_step(rng, dtype, size, wd):
     p, g = randn(rng, size, dtype=dtype), randn(rng, size, dtype=dtype)
     m, v = randn(rng, size, dtype=dtype) * 0.1, np.abs(randn(rng, size, dtype=dtype)) * 0.01
-    want = _ref_adam(p, g, m, v, 3, 1e-3, 0.9, 0.98, 1e-9, wd)
+    want = ref.adam_step(p, g, m, v, 3, 1e-3, 0.9, 0.98, 1e-9, wd)
     cpu.adam_step(p, g, m, v, 3, 1e-3, 0.9, 0.98, 1e-9, wd)
-    for got, ref in zip((p, m, v), want):
-        assert rel_err(got, ref) < TOL[dtype]
+    for got, expected in zip((p, m, v), want):
+        assert rel_err(got, expected) < TOL[dtype]
 
 
 @requires_torch
@@ -334,6 +278,48 @@ def test_adam_matches_torch(rng, wd):
 def test_adam_bad_input(rng):
     p = randn(rng, 4)
     with pytest.raises(ValueError, match="lr"):
-        cpu.adam_step(p, p, np.zeros(4, np.float32), np.zeros(4, np.float32), 1, 0.0, 0.9, 0.98, 1e-9)
+        cpu.adam_step(p, p, np.zeros(4, np.float32), np.zeros(4, np.float32), 1, -1e-3, 0.9, 0.98, 1e-9)
     with pytest.raises(ValueError, match="same shape"):
         cpu.adam_step(p, p, np.zeros(3, np.float32), np.zeros(4, np.float32), 1, 1e-3, 0.9, 0.98, 1e-9)
+
+
+# ---------------------------------------------------------------------------- dropout
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1,), (37,), (3, 97, 65), (1100, 1000)])
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.5, 1.0])
+def test_dropout_equals_the_reference(rng, dtype, shape, p):
+    """The same elements dropped as the reference's counter-based stream, bit for bit; the kept
+    ones are x / (1 - p) rounded once."""
+    x = randn(rng, *shape, dtype=dtype)
+    seed, offset = int(rng.integers(0, 2**63)) * 2 + 1, int(rng.integers(0, 10**6))
+    got = cpu.dropout(x, p, seed, offset)
+    want = ref.dropout(x, p, seed, offset)
+    assert got.dtype == dtype and got.shape == x.shape
+    keep = ref.dropout_keep(x.shape, p, seed, offset)
+    np.testing.assert_array_equal(got != 0, keep & (x != 0))
+    np.testing.assert_array_equal(got, want.astype(dtype))
+
+
+def test_dropout_threshold_edge():
+    """u = r / 2^24 against a p just above it whose float32 rounds down onto u: a float32
+    comparison u >= p would keep the element, the integer threshold (the reference) drops it."""
+    for counter in range(8):
+        r = int(ref.dropout_uniform(7, np.array([counter]))[0] * 2**24)  # (an array: wraps quietly)
+        if r == 0:
+            continue
+        p = (r + 1e-3) / 2**24
+        assert np.float32(p) == np.float32(r / 2**24)  # the trap is set
+        got = cpu.dropout(np.ones(counter + 1, np.float32), p, 7)
+        assert got[counter] == 0 and not ref.dropout_keep((counter + 1,), p, 7)[counter]
+
+
+def test_dropout_stream_is_positional(rng):
+    """Element i uses counter offset + i: a slice of a call equals a call with the shifted offset."""
+    x = randn(rng, 4, 1000)
+    whole = cpu.dropout(x, 0.3, 11)
+    np.testing.assert_array_equal(whole[2:], cpu.dropout(x[2:], 0.3, 11, offset=2000))
+
+
+def test_dropout_bad_p():
+    with pytest.raises(ValueError, match="probability"):
+        cpu.dropout(np.ones(3, np.float32), 1.5, 0)

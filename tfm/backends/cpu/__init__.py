@@ -9,7 +9,7 @@ One module per kernel family; the CUDA backend uses the same module names:
     restricted.py  restricted (windowed) self-attention
     recurrent.py   Elman RNN, LSTM, GRU layers
     conv.py        1-D convolution (dilated, padded), GLU
-    training.py    gradient accumulation (axpy), the Adam step
+    training.py    gradient accumulation (axpy), the Adam step, dropout
 
 Each backward kernel sits in its forward's module, after it.
 
@@ -141,3 +141,6 @@ class CpuBackend(Backend):
 
     def adam_step(self, param, grad, m, v, step, lr, beta1, beta2, eps, weight_decay=0.0):
         _k("training").adam_step(param, grad, m, v, step, lr, beta1, beta2, eps, weight_decay)
+
+    def dropout(self, x, p, seed, offset=0):
+        return _k("training").dropout(x, p, seed, offset)

@@ -1,9 +1,16 @@
-"""Elementwise training kernels on the CPU: gradient accumulation (axpy) and the Adam step.
+"""Elementwise training kernels on the CPU: gradient accumulation (axpy), the Adam step, dropout.
 
 Each is one pass over flat arrays, in place, ``prange`` over chunks of ``CHUNK`` elements
 once the array reaches ``_threads.SMALL_ELEMENTS`` (below that the calling thread does it:
 waking the second thread of a busy machine costs more than the work, see ``_threads``).
 They are memory-bound: axpy reads two arrays and writes one, Adam reads four and writes three.
+
+Dropout draws its mask from the counter-based stream of ``tfm.reference.dropout_uniform``
+(SplitMix64's finaliser of key + (counter + 1) * G on uint64, top 24 bits), computed per
+element inside the kernel: no mask array is stored, the backward recomputes it from (seed,
+offset), and every element's keep bit equals the reference's (the comparison is on the
+integer r >= ceil(p 2^24), ``reference.dropout_threshold``). Kept elements are x / (1 - p)
+formed in float64 and rounded once: the reference's value, rounded to the array's dtype.
 
 Adam follows ``torch.optim.Adam``'s single-tensor path (the CPU default) operation by
 operation, in the parameter's dtype: m = lerp(m, g, 1 - beta1) (m + w (g - m) for w < 0.5,
@@ -90,8 +97,8 @@ def adam_step(param, grad, m, v, step, lr, beta1, beta2, eps, weight_decay=0.0):
         raise ValueError("adam_step: param, grad, m and v must have the same shape")
     if not (mf.dtype == vf.dtype == p.dtype):
         raise TypeError("adam_step: m and v must have the parameter's dtype")
-    if weight_decay < 0 or lr <= 0:
-        raise ValueError(f"adam_step: lr must be > 0 and weight_decay >= 0 (got {lr}, {weight_decay})")
+    if not (lr >= 0 and weight_decay >= 0):
+        raise ValueError(f"adam_step: lr must be >= 0 and weight_decay >= 0 (got {lr}, {weight_decay})")
     step = int(step)
     scalars = np.array([1.0 - beta1, beta2, 1.0 - beta2, math.sqrt(1.0 - beta2 ** step), eps,
                         -lr / (1.0 - beta1 ** step), weight_decay], dtype=p.dtype)
@@ -100,3 +107,61 @@ def adam_step(param, grad, m, v, step, lr, beta1, beta2, eps, weight_decay=0.0):
         _adam_range(*args, 0, p.size)
     else:
         _adam_parallel(*args)
+
+
+_GAMMA = np.uint64(0x9E3779B97F4A7C15)  # SplitMix64's increment
+_MIX_1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX_2 = np.uint64(0x94D049BB133111EB)
+_S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
+_TOP = np.uint64(64 - 24)  # the top 24 bits: reference.UNIFORM_BITS
+_ONE = np.uint64(1)
+
+
+@njit(cache=True)
+def _dropout_range(x, out, key, offset, threshold, keep_scale, i0, i1):
+    """out[i] = x[i] / keep_scale if mix(key + (offset + i + 1) G) >> 40 >= threshold else 0.
+
+    Every constant is uint64: a uint64 mixed with a signed integer would turn into float64.
+    """
+    zero = out.dtype.type(0.0)
+    for i in range(i0, i1):
+        z = key + (offset + np.uint64(i) + _ONE) * _GAMMA
+        z = (z ^ (z >> _S30)) * _MIX_1
+        z = (z ^ (z >> _S27)) * _MIX_2
+        z = z ^ (z >> _S31)
+        if (z >> _TOP) >= threshold:
+            out[i] = np.float64(x[i]) / keep_scale
+        else:
+            out[i] = zero
+
+
+@njit(cache=True, parallel=True)
+def _dropout_parallel(x, out, key, offset, threshold, keep_scale):
+    size = x.shape[0]
+    for c in prange((size + CHUNK - 1) // CHUNK):
+        _dropout_range(x, out, key, offset, threshold, keep_scale, c * CHUNK,
+                       min(size, (c + 1) * CHUNK))
+
+
+def dropout(x, p, seed, offset=0):
+    """Inverted dropout x * keep / (1 - p) with the reference's counter-based mask: element i
+    (flat, C order) kept iff ``reference.dropout_uniform(seed, offset + i) >= p``. Its backward
+    is the same call on dy."""
+    from ...reference import training as ref
+
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout probability p must lie in [0, 1], got {p}")
+    if int(offset) < 0:
+        raise ValueError(f"dropout offset must be >= 0, got {offset}")
+    x = np.asarray(x)
+    if p == 1.0:  # everything dropped (PyTorch's convention), no division by zero
+        return np.zeros_like(x)
+    key = np.uint64(ref._mix64(ref._check_seed(seed)))
+    xf = np.ascontiguousarray(x).reshape(-1)
+    out = np.empty_like(xf)
+    args = (xf, out, key, np.uint64(offset), np.uint64(ref.dropout_threshold(p)), 1.0 - p)
+    if xf.size < SMALL_ELEMENTS:
+        _dropout_range(*args, 0, xf.size)
+    else:
+        _dropout_parallel(*args)
+    return out.reshape(x.shape)
