@@ -96,7 +96,7 @@ def softmax_backward(y, dy, axis: int = -1) -> np.ndarray:
     """dx of y = softmax(x), from y: dx = y * (dy - sum(dy * y)) along ``axis``."""
     y, dy = _f64(y), _f64(dy)
     _check_shape("dy", dy, y.shape)
-    return y * (dy - np.sum(dy * y, axis=axis, keepdims=True))
+    return y * (dy - np.sum(dy * y, axis=axis, keepdims=True))  # (..., d)
 
 
 def log_softmax(x, axis: int = -1) -> np.ndarray:
@@ -109,7 +109,7 @@ def log_softmax_backward(y, dy, axis: int = -1) -> np.ndarray:
     """dx of y = log_softmax(x), from y: dx = dy - exp(y) * sum(dy) along ``axis``."""
     y, dy = _f64(y), _f64(dy)
     _check_shape("dy", dy, y.shape)
-    return dy - np.exp(y) * np.sum(dy, axis=axis, keepdims=True)
+    return dy - np.exp(y) * np.sum(dy, axis=axis, keepdims=True)  # (..., d)
 
 
 def layer_norm(x, gamma, beta, eps: float = 1e-5, residual=None) -> np.ndarray:
@@ -127,7 +127,7 @@ def layer_norm_train(x, gamma, beta, eps: float = 1e-5, residual=None):
     mean = y.mean(axis=-1)  # (...)
     rstd = 1.0 / np.sqrt(y.var(axis=-1) + eps)  # (...)
     y_hat = (y - mean[..., None]) * rstd[..., None]  # (..., d)
-    return _f64(gamma) * y_hat + _f64(beta), mean, rstd
+    return _f64(gamma) * y_hat + _f64(beta), mean, rstd  # (..., d), (...), (...)
 
 
 def layer_norm_backward(dy, x, gamma, mean, rstd, residual=None):
@@ -135,7 +135,8 @@ def layer_norm_backward(dy, x, gamma, mean, rstd, residual=None):
 
     dbeta = sum over rows of dy,   dgamma = sum over rows of dy * y_hat,
     dy_hat = dy * gamma,
-    dy' = rstd * (dy_hat - mean(dy_hat) - y_hat * mean(dy_hat * y_hat))   (means over the last axis).
+    d(x + residual) = rstd * (dy_hat - mean(dy_hat) - y_hat * mean(dy_hat * y_hat))
+                      (means over the last axis).
 
     -> (dx, dgamma, dbeta); dx is the gradient of y, hence of x and of residual alike.
     """
@@ -211,7 +212,7 @@ def scaled_dot_product_attention_train(q, k, v, mask=None, causal: bool = False)
     q, k, v = _f64(q), _f64(k), _f64(v)
     scores = _masked_scores(q, k, mask, causal)  # (..., Nq, Nk)
     row_max = np.max(scores, axis=-1)  # (..., Nq), -inf for fully-masked rows
-    row_max = np.where(np.isfinite(row_max), row_max, 0.0)
+    row_max = np.where(np.isfinite(row_max), row_max, 0.0)  # (..., Nq)
     with np.errstate(divide="ignore"):  # log(0) = -inf for fully-masked rows
         lse = row_max + np.log(np.sum(np.exp(scores - row_max[..., None]), axis=-1))  # (..., Nq)
     weights = _weights_from_lse(scores, lse)  # (..., Nq, Nk)
