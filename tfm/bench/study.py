@@ -25,7 +25,10 @@ study's expected exponent p; a case predicted over ``max_call_s`` per call is sk
 so are the larger cases of that series.
 
 Rows with ``flops`` get ``gflops`` and ``frac_sgemm`` (of the measured sgemm ceiling);
-rows with ``bytes`` get ``gbs`` and ``frac_bw``; both computed from ``time_s``.
+rows with ``bytes`` get ``gbs`` and ``frac_bw``; both computed from ``time_s``. A run on the
+``cuda`` backend (``options["backend"]``) is compared with the device's ceilings measured
+in the same run (cuBLAS SGEMM, device copy bandwidth), and its rows also get ``frac_peak``,
+the fraction of the FP32 CUDA-core peak; ``ctx.memory`` then measures device memory.
 """
 
 from __future__ import annotations
@@ -46,8 +49,8 @@ import pandas as pd
 from ..backends import BackendUnavailable
 from ..errors import InsufficientMemoryError
 from .machine import fingerprint, measure_ceilings
-from .memory import MemoryPeak, peak_memory
-from .timing import Timing, time_call, time_pair
+from .memory import MemoryPeak, device_memory, peak_memory
+from .timing import Timing, time_call, time_once, time_pair
 
 DONE_STATUSES = ("ok", "oom", "over_budget")
 STATUSES = DONE_STATUSES + ("unavailable", "error")
@@ -76,6 +79,7 @@ class Study:
     budget_s: float = 0.4  # timing budget per case (repeats until reached)
     min_repeats: int = 3
     options: dict = field(default_factory=dict)  # run-wide settings handed to measure as ctx.options
+    single_call: bool = False  # time one call, compilation included: for runs whose times mean nothing
 
     def __post_init__(self):
         if not self.name.isidentifier():
@@ -98,13 +102,25 @@ class Context:
         return self.study.options
 
     def time(self, fn: Callable[[], object], sync: Callable[[], None] | None = None) -> Timing:
+        if self.study.single_call:
+            return time_once(fn, sync)
         return time_call(fn, budget_s=self.study.budget_s, min_repeats=self.study.min_repeats, sync=sync)
 
     def time_pair(self, fn_a, fn_b, sync_a=None, sync_b=None) -> tuple[Timing, Timing]:
+        if self.study.single_call:
+            return time_once(fn_a, sync_a), time_once(fn_b, sync_b)
         return time_pair(fn_a, fn_b, budget_s=2 * self.study.budget_s, min_repeats=self.study.min_repeats,
                          sync_a=sync_a, sync_b=sync_b)
 
-    def memory(self, fn: Callable[[], object]) -> MemoryPeak:
+    @property
+    def on_device(self) -> bool:
+        """True when the study measures the cuda backend (device ceilings, device memory)."""
+        return self.options.get("backend") == "cuda"
+
+    def memory(self, fn: Callable[[], object], sync: Callable[[], None] | None = None) -> MemoryPeak:
+        """Peak host memory of one call, or on the cuda backend the device memory it allocates."""
+        if self.on_device:
+            return device_memory(fn, sync or (lambda: None))
         return peak_memory(fn)
 
 
@@ -161,16 +177,25 @@ def _base_time(row: dict) -> float:
     return float(t) if t is not None and np.isfinite(t) else float(row["time_s"])
 
 
-def _derived(row: dict, ceilings: dict) -> None:
+def ceiling(ceilings: dict, key: str, on_device: bool) -> float:
+    """A ceiling of the run: ``key`` (sgemm_gflops, mem_bw_gbs, fp32_peak_gflops) of the host,
+    or of the device (``device_<key>``) for rows measured on it; NaN when not measured."""
+    v = ceilings.get(f"device_{key}" if on_device else key)
+    return float(v) if v is not None and np.isfinite(v) and v > 0 else float("nan")
+
+
+def _derived(row: dict, ceilings: dict, on_device: bool = False) -> None:
     t = row.get("time_s")
     if t is None or not (isinstance(t, float) and t > 0):
         return
     if row.get("flops") is not None and np.isfinite(row["flops"]):
         row["gflops"] = row["flops"] / t / 1e9
-        row["frac_sgemm"] = row["gflops"] / ceilings["sgemm_gflops"]
+        row["frac_sgemm"] = row["gflops"] / ceiling(ceilings, "sgemm_gflops", on_device)
+        if on_device:
+            row["frac_peak"] = row["gflops"] / ceiling(ceilings, "fp32_peak_gflops", on_device)
     if row.get("bytes") is not None and np.isfinite(row["bytes"]):
         row["gbs"] = row["bytes"] / t / 1e9
-        row["frac_bw"] = row["gbs"] / ceilings["mem_bw_gbs"]
+        row["frac_bw"] = row["gbs"] / ceiling(ceilings, "mem_bw_gbs", on_device)
 
 
 def run_study(study: Study, out: Path | str = "results", *, quick: bool = False, fresh: bool = False,
@@ -235,7 +260,7 @@ def run_study(study: Study, out: Path | str = "results", *, quick: bool = False,
                 if not machine_written:
                     write_machine(out, machine)
                     machine_written = True
-                _derived(row, ceilings)
+                _derived(row, ceilings, ctx.on_device)
                 if grow and np.isfinite(row.get("time_s", np.nan)):
                     last[key] = (float(case[grow]), _base_time(row))
             except KeyboardInterrupt:

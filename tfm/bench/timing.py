@@ -8,13 +8,16 @@ longer than the budget ends the loop after that call: large cases cost two calls
 queued GPU kernels are counted.
 
 ``time_pair`` times two callables interleaved A B A B ... in one process, the only fair
-way to compare on a shared, noisy machine; the ratio of medians is reported.
+way to compare on a shared, noisy machine. ``paired_ratio`` turns its rounds into the
+median of the per-round ratios A_i / B_i with a bootstrap 95% interval: both sides of a
+round saw the same machine load, so the per-round ratio cancels most of the drift that
+a ratio of two medians keeps.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 from typing import Callable
 
 import numpy as np
@@ -28,13 +31,14 @@ class Timing:
     q75_s: float
     repeats: int
     compile_s: float  # the first call: compilation (or cache load) plus one run
+    samples: tuple = field(default=(), repr=False, compare=False)  # every timed call, in order
 
     @property
     def iqr_s(self) -> float:
         return self.q75_s - self.q25_s
 
     def as_row(self, prefix: str = "") -> dict:
-        row = asdict(self)
+        row = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "samples"}
         row["iqr_s"] = self.iqr_s
         return {f"{prefix}{k}": v for k, v in row.items()}
 
@@ -42,7 +46,8 @@ class Timing:
     def from_samples(cls, samples, compile_s: float) -> "Timing":
         s = np.asarray(samples, dtype=np.float64)
         q25, med, q75 = np.percentile(s, [25, 50, 75])
-        return cls(float(med), float(s.min()), float(q25), float(q75), int(s.size), float(compile_s))
+        return cls(float(med), float(s.min()), float(q25), float(q75), int(s.size), float(compile_s),
+                   tuple(float(x) for x in s))
 
 
 def _check_counts(min_repeats: int, max_repeats: int, budget_s: float) -> None:
@@ -79,6 +84,15 @@ def time_call(fn: Callable[[], object], *, budget_s: float = 0.5, min_repeats: i
     return Timing.from_samples(samples, compile_s)
 
 
+def time_once(fn: Callable[[], object], sync: Callable[[], None] | None = None) -> Timing:
+    """One call, compilation included, as a Timing of one sample: for runs that check that a
+    measurement works, not how fast (e.g. under Numba's CUDA simulator)."""
+    if sync is not None:
+        sync()
+    t = _timed(fn, sync)
+    return Timing.from_samples([t], t)
+
+
 def time_pair(fn_a: Callable[[], object], fn_b: Callable[[], object], *, budget_s: float = 1.0,
               min_repeats: int = 3, max_repeats: int = 100,
               sync_a: Callable[[], None] | None = None,
@@ -97,3 +111,23 @@ def time_pair(fn_a: Callable[[], object], fn_b: Callable[[], object], *, budget_
         if spent >= budget_s and (len(a) >= min_repeats or 0 < budget_s <= a[-1] + b[-1]):
             break
     return Timing.from_samples(a, compile_a), Timing.from_samples(b, compile_b)
+
+
+def paired_ratio(a: Timing, b: Timing, *, resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """(median, 2.5%, 97.5%) of the per-round ratios a_i / b_i of a :func:`time_pair` run.
+
+    The interval is a percentile bootstrap of the median (``resamples`` draws of the rounds
+    with replacement, fixed seed: the same samples give the same interval). Fewer than
+    three rounds give NaN bounds.
+    """
+    ra, rb = np.asarray(a.samples, dtype=np.float64), np.asarray(b.samples, dtype=np.float64)
+    if ra.size == 0 or ra.size != rb.size:
+        raise ValueError(f"paired_ratio needs the rounds of one time_pair run, got {ra.size} and {rb.size} samples")
+    ratios = ra / rb
+    med = float(np.median(ratios))
+    if ratios.size < 3:
+        return med, float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    boot = np.median(ratios[rng.integers(0, ratios.size, size=(resamples, ratios.size))], axis=1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return med, float(lo), float(hi)
