@@ -30,6 +30,9 @@ class ModelConfig:
     tgt_vocab: int = 32000
     max_len: int = 1024
     dtype: str = "float32"
+    # Section 5.4's P_drop (the paper trains with 0.1); 0 keeps every result deterministic.
+    # Acts only in training mode, in the training computations (``loss``, ``train_step``, ...).
+    dropout: float = 0.0
 
     _positive: ClassVar[tuple[str, ...]] = ("d_model", "src_vocab", "tgt_vocab", "max_len")
     _non_negative: ClassVar[tuple[str, ...]] = ()
@@ -42,6 +45,9 @@ class ModelConfig:
                     raise ValueError(f"{name} must be {what} integer, got {value!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
+                or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be a probability in [0, 1), got {self.dropout!r}")
         self._check()
 
     def _check(self) -> None:

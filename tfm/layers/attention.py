@@ -130,7 +130,66 @@ class MultiHeadAttention(HasAttention, Module):
         heads = bk.attention(q, k, v, mask=mask, causal=causal, impl=self._impl)  # (B, h, Nq, d_v)
         return bk.linear(bk.merge_heads(heads), w["out_proj.weight"], w["out_proj.bias"])  # (B, Nq, d)
 
+    def forward_train(self, x, mask=None, causal: bool = False, memory=None):
+        """``forward`` (without a cache) keeping what the backward needs; cross-attention
+        takes the ``memory`` (B, Nk, d_model) itself and projects it here."""
+        bk, w, h, d = self.backend, self.weights, self.n_heads, self.d_model
+        if memory is None:
+            qkv = bk.linear(x, w["in_proj_weight"], w["in_proj_bias"])  # (B, Nq, 3d)
+            q, k, v = (bk.split_heads(qkv, h, start, d) for start in (0, d, 2 * d))  # (B, h, Nq, d_k)
+        else:
+            q = bk.split_heads(bk.linear(x, w["q_proj_weight"], w["q_proj_bias"]), h)  # (B, h, Nq, d_k)
+            kv = bk.linear(memory, w["kv_proj_weight"], w["kv_proj_bias"])  # (B, Nk, 2d)
+            k, v = bk.split_heads(kv, h, 0, d), bk.split_heads(kv, h, d, d)  # (B, h, Nk, d_k)
+        heads, lse = bk.attention_train(q, k, v, mask=mask, causal=causal, impl=self._impl)  # (B, h, Nq, d_v)
+        merged = bk.merge_heads(heads)  # (B, Nq, d)
+        out = bk.linear(merged, w["out_proj.weight"], w["out_proj.bias"])  # (B, Nq, d)
+        return out, (x, memory, q, k, v, heads, lse, merged, mask, causal, self._impl)
+
+    def backward(self, saved, dout):
+        """dout (B, Nq, d_model) -> ((dx,) or (dx, dmemory), gradients of the four parameters)."""
+        bk, w, h, d = self.backend, self.weights, self.n_heads, self.d_model
+        x, memory, q, k, v, heads, lse, merged, mask, causal, impl = saved
+        dmerged, dw_out, db_out = bk.linear_backward(merged, w["out_proj.weight"], dout)  # (B, Nq, d)
+        dheads = bk.split_heads(dmerged, h)  # (B, h, Nq, d_v): merge_heads' backward
+        dq, dk, dv = bk.attention_backward(q, k, v, heads, lse, dheads, mask=mask, causal=causal, impl=impl)
+        grads = {"out_proj.weight": dw_out, "out_proj.bias": db_out}
+        if memory is None:
+            dqkv = bk.empty((x.shape[0], x.shape[1], 3 * d), self.dtype)  # (B, Nq, 3d)
+            for g, start in ((dq, 0), (dk, d), (dv, 2 * d)):
+                bk.merge_heads_into(g, dqkv, start)
+            dx, grads["in_proj_weight"], grads["in_proj_bias"] = bk.linear_backward(
+                x, w["in_proj_weight"], dqkv)  # (B, Nq, d)
+            return (dx,), grads
+        dx, dw_q, db_q = bk.linear_backward(x, w["q_proj_weight"], bk.merge_heads(dq))  # (B, Nq, d)
+        dkv = bk.empty((memory.shape[0], memory.shape[1], 2 * d), self.dtype)  # (B, Nk, 2d)
+        bk.merge_heads_into(dk, dkv, 0)
+        bk.merge_heads_into(dv, dkv, d)
+        dmemory, dw_kv, db_kv = bk.linear_backward(memory, w["kv_proj_weight"], dkv)  # (B, Nk, d)
+        # W^Q and [W^K; W^V] are row blocks of in_proj_weight: their gradients fill its rows.
+        dw, db = bk.zeros((3 * d, d), self.dtype), bk.zeros((3 * d,), self.dtype)
+        bk.axpy(dw[:d], dw_q)
+        bk.axpy(dw[d:], dw_kv)
+        bk.axpy(db[:d], db_q)
+        bk.axpy(db[d:], db_kv)
+        grads["in_proj_weight"], grads["in_proj_bias"] = dw, db
+        return (dx, dmemory), grads
+
     # --------------------------------------------------------------- host arrays
+    def _inputs(self, x, memory, key_padding_mask, causal):
+        """Checked backend arguments of ``forward_train``: (x, mask, causal, memory)."""
+        x = check_features("x", x, 3, self.d_model, "d_model")
+        causal = check_bool("causal", causal)
+        bk = self.backend
+        if memory is None:
+            pad = check_padding_mask("key_padding_mask", key_padding_mask, *x.shape[:2])
+        else:
+            memory = check_features("memory", memory, 3, self.d_model, "d_model")
+            check_same_batch("x and memory", x, memory)
+            pad = check_padding_mask("key_padding_mask", key_padding_mask, *memory.shape[:2])
+            memory = bk.asarray(memory, self.dtype)
+        return bk.asarray(x, self.dtype), key_mask(bk, pad), causal, memory
+
     def __call__(self, x, memory=None, *, key_padding_mask=None, causal: bool = False):
         """Self-attention over x (B, N, d_model), or cross-attention from x to ``memory``
         (B, M, d_model); returns (B, N, d_model) as a host array.
@@ -139,16 +198,11 @@ class MultiHeadAttention(HasAttention, Module):
         the memory, that no query may attend to. ``causal``: query i sees keys j <= i.
         A query with no visible key gets a zero attention output.
         """
-        x = check_features("x", x, 3, self.d_model, "d_model")
-        causal = check_bool("causal", causal)
-        bk = self.backend
-        if memory is None:
-            pad = check_padding_mask("key_padding_mask", key_padding_mask, *x.shape[:2])
-            out = self.forward(bk.asarray(x, self.dtype), key_mask(bk, pad), causal)
-        else:
-            memory = check_features("memory", memory, 3, self.d_model, "d_model")
-            check_same_batch("x and memory", x, memory)
-            pad = check_padding_mask("key_padding_mask", key_padding_mask, *memory.shape[:2])
-            memory_kv = self.project_memory(bk.asarray(memory, self.dtype))
-            out = self.forward(bk.asarray(x, self.dtype), key_mask(bk, pad), causal, memory_kv=memory_kv)
-        return self._host(out)
+        x, mask, causal, memory = self._inputs(x, memory, key_padding_mask, causal)
+        memory_kv = None if memory is None else self.project_memory(memory)
+        return self._host(self.forward(x, mask, causal, memory_kv=memory_kv))
+
+    def _vjp(self, x, memory=None, *, key_padding_mask=None, causal: bool = False):
+        x, mask, causal, memory = self._inputs(x, memory, key_padding_mask, causal)
+        out, saved = self.forward_train(x, mask, causal, memory)
+        return self._pullback(out, saved, ("x",) if memory is None else ("x", "memory"))

@@ -36,10 +36,24 @@ class Linear(Module):
         w = self.weights
         return self.backend.linear(x, w["weight"], w.get("bias"))
 
+    def forward_train(self, x):
+        """``forward`` and what its backward needs (the input)."""
+        return self.forward(x), x
+
+    def backward(self, x, dy):
+        """dy (..., out_features) -> ((dx,), {"weight": dW, "bias": db}): dx = dy W, dW = dy^T x."""
+        dx, dw, db = self.backend.linear_backward(x, self.weights["weight"], dy, bias=self.bias)
+        return (dx,), ({"weight": dw, "bias": db} if self.bias else {"weight": dw})
+
+    def _input(self, x):
+        return self.backend.asarray(check_features("x", x, 3, self.in_features, "in_features"), self.dtype)
+
     def __call__(self, x):
         """x (B, N, in_features) -> (B, N, out_features), a host array."""
-        x = check_features("x", x, 3, self.in_features, "in_features")
-        return self._host(self.forward(self.backend.asarray(x, self.dtype)))
+        return self._host(self.forward(self._input(x)))
+
+    def _vjp(self, x):
+        return self._pullback(*self.forward_train(self._input(x)), ("x",))
 
 
 class FeedForward(Module):
@@ -74,7 +88,28 @@ class FeedForward(Module):
         return self.backend.feed_forward(x, w["linear1.weight"], w["linear1.bias"], w["linear2.weight"],
                                          w["linear2.bias"], self.activation)
 
+    def forward_train(self, x):
+        """``forward`` in three calls, keeping the hidden layer before and after the activation."""
+        bk, w = self.backend, self.weights
+        pre = bk.linear(x, w["linear1.weight"], w["linear1.bias"])  # (B, N, d_ff)
+        hidden = bk.activation(pre, self.activation)  # (B, N, d_ff)
+        return bk.linear(hidden, w["linear2.weight"], w["linear2.bias"]), (x, pre, hidden)
+
+    def backward(self, saved, dy):
+        """dy (B, N, d_model) -> ((dx,), gradients of the four parameters)."""
+        bk, w = self.backend, self.weights
+        x, pre, hidden = saved
+        dhidden, dw2, db2 = bk.linear_backward(hidden, w["linear2.weight"], dy)  # (B, N, d_ff)
+        dpre = bk.activation_backward(pre, dhidden, self.activation)  # (B, N, d_ff)
+        dx, dw1, db1 = bk.linear_backward(x, w["linear1.weight"], dpre)  # (B, N, d_model)
+        return (dx,), {"linear1.weight": dw1, "linear1.bias": db1, "linear2.weight": dw2, "linear2.bias": db2}
+
+    def _input(self, x):
+        return self.backend.asarray(check_features("x", x, 3, self.d_model, "d_model"), self.dtype)
+
     def __call__(self, x):
         """x (B, N, d_model) -> (B, N, d_model), a host array."""
-        x = check_features("x", x, 3, self.d_model, "d_model")
-        return self._host(self.forward(self.backend.asarray(x, self.dtype)))
+        return self._host(self.forward(self._input(x)))
+
+    def _vjp(self, x):
+        return self._pullback(*self.forward_train(self._input(x)), ("x",))

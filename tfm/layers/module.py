@@ -23,10 +23,36 @@ Submodules are built with ``backend=None``: structure only, their root fills the
 Every module computes in ``forward`` on backend arrays, without checks, so that models
 compose modules at no cost beyond the backend calls. Its public ``__call__`` checks host
 inputs and returns host arrays (in the backend's precision: float64 on the numpy
-reference backend). A backward pass belongs beside ``forward``: each ``forward`` is a
-straight line of backend calls with named intermediates (what a backward keeps), and
-gradients are keyed by the names of ``params`` (a submodule's own ``params`` are the
-same arrays under its local names).
+reference backend).
+
+Training. Beside ``forward`` each module has
+
+* ``forward_train(...) -> (out, saved)``: the same function on backend arrays, keeping in
+  ``saved`` what the backward needs (and applying dropout in training mode);
+* ``backward(saved, dout) -> (dinputs, grads)``: ``dinputs`` a tuple with the gradient of
+  each differentiable input, ``grads`` the gradient of every parameter of the module's tree
+  as backend arrays, keyed by *slot* relative to the module (below). A backward never
+  writes into ``saved`` or ``dout``, so it can run twice.
+
+A slot is a backend array an optimizer updates in place (``_slots``): by default a
+module's own parameters as uploaded, under their names. A module that derives arrays at
+upload picks its slots: views of a parameter need nothing (updating the parameter
+updates them); a parameter uploaded as blocks (``_LuongAttention``'s column blocks) is
+updated block by block, exactly, since Adam is elementwise (``_params_from_slots`` and
+``_slots_from_params`` join and split the blocks on the host for the public gradients);
+a parameter uploaded with a constant folded in keeps a slot of its own and rebuilds the
+folded array after each update (``_refresh``). ``tfm.vjp``, ``loss_and_grad`` and
+``tfm.optim.Adam`` turn slot gradients into parameter gradients with :meth:`param_grads`.
+
+After an optimizer step the backend arrays hold the newest weights; the host
+``params`` are read back from them when next asked for (``params``, ``save``, a move to
+another backend).
+
+Dropout (``train()`` / ``eval()``): in training mode, ``forward_train`` drops elements with
+the backend's counter-based ``dropout``; every module of a tree draws from one
+:class:`DropoutStream` (seed, offset) that advances by the size of each mask, so the
+same seed and the same calls drop the same elements on every backend. ``forward`` (the
+inference path) never drops.
 
 Writing a layer::
 
@@ -105,6 +131,36 @@ def upload(bk: Backend, arrays: dict[str, np.ndarray], dtype) -> dict:
     return {name: bk.asarray(np.ascontiguousarray(a), dtype) for name, a in arrays.items()}
 
 
+# ---------------------------------------------------------------------- dropout
+class DropoutStream:
+    """Where the next dropout mask starts in the backends' counter-based stream.
+
+    Element i of a mask drawn at ``offset`` uses the counter ``offset + i`` of ``seed``, and
+    each mask advances the offset by its size, so masks never share counters and a run
+    with the same seed and the same calls drops the same elements on every backend.
+    """
+
+    def __init__(self, seed: int = 0):
+        if not isinstance(seed, (int, np.integer)) or isinstance(seed, (bool, np.bool_)) or seed < 0:
+            raise ValueError(f"a dropout seed must be an integer >= 0, got {seed!r}")
+        self.seed, self.offset = int(seed), 0
+
+    def take(self, n: int) -> int:
+        """The offset of a mask of ``n`` elements (the counters after it come next)."""
+        start, self.offset = self.offset, self.offset + int(n)
+        return start
+
+    def __repr__(self) -> str:
+        return f"DropoutStream(seed={self.seed}, offset={self.offset})"
+
+
+def check_dropout(p) -> float:
+    """A dropout probability in [0, 1)."""
+    if isinstance(p, (bool, np.bool_)) or not isinstance(p, (int, float, np.floating)) or not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout must be a probability in [0, 1), got {p!r}")
+    return float(p)
+
+
 # ---------------------------------------------------------------------- the base class
 class Module:
     """Parameters, submodules, a backend and a dtype. See the module docstring.
@@ -124,6 +180,9 @@ class Module:
         self._params: dict[str, np.ndarray] = {}  # own host parameters, by local name
         self.weights: dict = {}
         self._backend: Backend | None = None
+        self.training = True  # as PyTorch's modules; only dropout reads it
+        self._stream = DropoutStream()  # the tree's root shares its own with every module
+        self._stale = False  # the backend slots hold newer weights than ``_params``
 
     # --------------------------------------------------------------- declaring
     def param(self, name: str, shape: tuple, init: Init) -> None:
@@ -142,6 +201,7 @@ class Module:
         """End of a constructor: draw the tree's parameters from ``seed`` and upload them to
         ``backend``; with ``backend=None`` only the structure exists (a parent or ``load``
         fills it)."""
+        self._share_stream(self._stream)  # one dropout stream per tree: the outermost _build's
         if backend is None:
             return
         if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
@@ -150,6 +210,7 @@ class Module:
         rng = np.random.default_rng(int(seed))
         for name, module, local, (shape, init) in self._walk():
             module._params[local] = self._init_rule(name, shape, init)(rng, shape).astype(self.dtype)
+        self._share_stream(DropoutStream(int(seed)))
         self.backend = bk
 
     # --------------------------------------------------------------- subclass hooks
@@ -161,6 +222,24 @@ class Module:
         """This module's backend arrays (default: its own parameters, uploaded). Override to
         derive arrays too, e.g. views of a fused weight or weights with constants folded in."""
         return upload(bk, self._params, self.dtype)
+
+    def _slots(self) -> dict:
+        """This module's backend arrays that an optimizer updates in place, by slot name
+        (default: its own parameters as uploaded, under their names)."""
+        return {name: self.weights[name] for name in self._params}
+
+    def _params_from_slots(self, slots: dict) -> dict:
+        """Host arrays by slot name -> host arrays by own parameter name (default: the same);
+        used for gradients and for reading trained weights back."""
+        return slots
+
+    def _slots_from_params(self, params: dict) -> dict:
+        """The inverse of :meth:`_params_from_slots` (default: the same)."""
+        return params
+
+    def _refresh(self) -> None:
+        """Rebuild arrays derived from the slots after an optimizer updated them (default:
+        none; views of a slot follow it by themselves)."""
 
     def _config(self) -> dict:
         """JSON-able constructor arguments that rebuild this module's structure."""
@@ -188,9 +267,17 @@ class Module:
             if isinstance(part, Module):
                 yield from part.modules()
 
+    def _named_modules(self, prefix: str = "") -> Iterator[tuple[str, "Module"]]:
+        """(prefix of its names, module) for this module and every submodule, parents first."""
+        yield prefix, self
+        for name, part in self._parts:
+            if isinstance(part, Module):
+                yield from part._named_modules(prefix if name is None else f"{prefix}{name}.")
+
     @property
     def params(self) -> dict[str, np.ndarray]:
         """Every parameter of the tree by flat name (the arrays themselves, not copies)."""
+        self._read_back()
         return {name: module._params[local] for name, module, local, _ in self._walk()}
 
     @property
@@ -211,6 +298,8 @@ class Module:
                 raise ValueError(f"parameter {name!r} has shape {np.shape(state[name])}, expected {shape}")
         for name, (module, local, _) in specs.items():
             module._params[local] = np.array(state[name], dtype=self.dtype, order="C")
+        for module in self.modules():
+            module._stale = False  # the new host weights are the newest
         if self._backend is not None:
             self.backend = self._backend
 
@@ -222,6 +311,7 @@ class Module:
     @backend.setter
     def backend(self, backend) -> None:
         bk = get_backend(backend)  # ValueError naming the choices for an unknown name
+        self._read_back()  # trained weights move with the tree
         for module in self.modules():
             module.weights = module._device_params(bk)
             module._backend = bk
@@ -234,6 +324,87 @@ class Module:
     def _host(self, y) -> np.ndarray:
         """A backend result as a host array (public calls return these)."""
         return self._backend.to_numpy(y)
+
+    # --------------------------------------------------------------- training
+    def train(self, mode: bool = True, *, seed: int | None = None) -> "Module":
+        """Training mode (``mode=True``, the default state) or inference mode for the whole
+        tree; returns self. Only dropout differs: it acts in the training computations
+        (``tfm.vjp``, ``loss``, ``loss_and_grad``, ``train_step``) in training mode. ``seed``
+        restarts the tree's dropout stream (by default it is the construction seed)."""
+        if not isinstance(mode, (bool, np.bool_)):
+            raise TypeError(f"mode must be a bool, got {type(mode).__name__}")
+        for module in self.modules():
+            module.training = bool(mode)
+        if seed is not None:
+            self._share_stream(DropoutStream(seed))
+        return self
+
+    def eval(self) -> "Module":
+        """Inference mode (no dropout anywhere in the tree); returns self."""
+        return self.train(False)
+
+    def _share_stream(self, stream: DropoutStream) -> None:
+        for module in self.modules():
+            module._stream = stream
+
+    def _dropout(self, x, p: float):
+        """Training-mode dropout of x with probability p -> (y, key for the backward)."""
+        if p == 0.0 or not self.training:
+            return x, None
+        key = (self._stream.seed, self._stream.take(x.size))
+        return self._backend.dropout(x, p, *key), key
+
+    def _dropout_backward(self, dy, p: float, key):
+        """The gradient through :meth:`_dropout`: the same mask, the same scale."""
+        return dy if key is None else self._backend.dropout(dy, p, *key)
+
+    @staticmethod
+    def _merge(grads: dict, name: str | None, sub_grads: dict) -> dict:
+        """Add a submodule's gradients (its slot names) to ``grads`` under its name."""
+        prefix = "" if name is None else name + "."
+        for key, g in sub_grads.items():
+            grads[prefix + key] = g
+        return grads
+
+    def _all_slots(self) -> dict:
+        """Every slot of the tree by flat name (backend arrays an optimizer updates)."""
+        return {prefix + k: a for prefix, m in self._named_modules() for k, a in m._slots().items()}
+
+    def param_grads(self, slot_grads: dict) -> dict[str, np.ndarray]:
+        """Gradients by flat slot name (backend arrays, as ``backward`` returns them) ->
+        host arrays by flat parameter name, one for every parameter of the tree (zeros for a
+        parameter the computation did not reach)."""
+        bk, out = self._backend, {}
+        for prefix, m in self._named_modules():
+            slots = m._slots()
+            if not slots:
+                continue
+            own = {}
+            for k, a in slots.items():
+                g = slot_grads.get(prefix + k)
+                own[k] = np.zeros(a.shape, a.dtype) if g is None else bk.to_numpy(g)
+            for k, g in m._params_from_slots(own).items():
+                out[prefix + k] = g
+        return out
+
+    def _pullback(self, out, saved, names: tuple):
+        """What a module's ``_vjp`` returns for one output: (the host output, pullback), where
+        pullback(host cotangent) -> (input gradients by argument name, parameter gradients);
+        ``names`` are the arguments ``backward``'s input gradients belong to, in order."""
+        def pullback(cotangent):
+            dinputs, grads = self.backward(saved, self._backend.asarray(cotangent, self.dtype))
+            return dict(zip(names, dinputs)), self.param_grads(grads)
+
+        return self._host(out), pullback
+
+    def _read_back(self) -> None:
+        """Copy weights an optimizer updated on the backend into the host ``params``."""
+        for m in self.modules():
+            if m._stale:
+                slots = {k: m._backend.to_numpy(a) for k, a in m._slots().items()}
+                for k, a in m._params_from_slots(slots).items():
+                    m._params[k] = np.array(a, dtype=m.dtype, order="C")
+                m._stale = False
 
     # --------------------------------------------------------------- save / load
     def save(self, path) -> str:

@@ -20,9 +20,7 @@ def restricted_attention(q, k, v, window: int, *, causal: bool = False, backend=
     Returns (B, H, Nq, Dv) in the input dtype; a query with no key in range gets zeros.
     """
     bk = get_backend(backend)
-    q, k, v, _ = check_attention_inputs(q, k, v)
-    window = check_int("window", window)
-    causal = check_bool("causal", causal)
+    q, k, v, window, causal = check_restricted_inputs(q, k, v, window, causal)
     dtype = np.dtype(q.dtype)
     device_in = is_device_array(q)
     out = bk.restricted_attention(bk.asarray(q, dtype), bk.asarray(k, dtype), bk.asarray(v, dtype),
@@ -30,3 +28,9 @@ def restricted_attention(q, k, v, window: int, *, causal: bool = False, backend=
     if device_in:
         return out
     return np.asarray(bk.to_numpy(out)).astype(dtype, copy=False)
+
+
+def check_restricted_inputs(q, k, v, window, causal):
+    """Validated (q, k, v, window, causal) of :func:`restricted_attention` (and of its vjp)."""
+    q, k, v, _ = check_attention_inputs(q, k, v)
+    return q, k, v, check_int("window", window), check_bool("causal", causal)

@@ -18,7 +18,7 @@ from __future__ import annotations
 from .._checks import check_bool, check_features, check_int, check_padding_mask, check_same_batch
 from .attention import HasAttention, MultiHeadAttention, key_mask
 from .linear import FeedForward
-from .module import Module
+from .module import Module, check_dropout
 from .norm import LayerNorm, ResidualNorm
 
 __all__ = ["Decoder", "DecoderLayer", "Encoder", "EncoderLayer"]
@@ -29,12 +29,13 @@ class _Layer(HasAttention, Module):
     construction sequence: store them, ``_add_sublayers``, pick the attention kernel, build."""
 
     def __init__(self, d_model: int, n_heads: int, d_ff: int, activation: str = "relu",
-                 norm: str = "post", layer_norm_eps: float = 1e-5, *, impl: str = "fused",
-                 seed: int = 0, backend="cpu", dtype="float32"):
+                 norm: str = "post", layer_norm_eps: float = 1e-5, *, dropout: float = 0.0,
+                 impl: str = "fused", seed: int = 0, backend="cpu", dtype="float32"):
         super().__init__(dtype)
         self.d_model, self.n_heads = check_int("d_model", d_model), check_int("n_heads", n_heads)
         self.d_ff = check_int("d_ff", d_ff)
         self.activation, self.norm, self.layer_norm_eps = activation, norm, layer_norm_eps
+        self.dropout = check_dropout(dropout)
         self._add_sublayers({"backend": None, "dtype": dtype})
         self.impl = impl
         self._build(seed, backend)
@@ -45,7 +46,8 @@ class _Layer(HasAttention, Module):
 
     def _layer_args(self) -> dict:
         return {"d_model": self.d_model, "n_heads": self.n_heads, "d_ff": self.d_ff,
-                "activation": self.activation, "norm": self.norm, "layer_norm_eps": self.layer_norm_eps}
+                "activation": self.activation, "norm": self.norm, "layer_norm_eps": self.layer_norm_eps,
+                "dropout": self.dropout}
 
     def _config(self) -> dict:
         return {**self._layer_args(), "dtype": self.dtype.name}
@@ -57,20 +59,36 @@ class _Layer(HasAttention, Module):
 class _Encoding(_Layer):
     """The public call of an encoder layer or stack: ``forward(x, mask, causal)``."""
 
+    def _inputs(self, x, src_key_padding_mask, causal):
+        x = self._sequence("x", x)
+        pad = check_padding_mask("src_key_padding_mask", src_key_padding_mask, *x.shape[:2])
+        bk = self.backend
+        return bk.asarray(x, self.dtype), key_mask(bk, pad), check_bool("causal", causal)
+
     def __call__(self, x, src_key_padding_mask=None, causal: bool = False):
         """x (B, N, d_model) -> (B, N, d_model), a host array.
 
         ``src_key_padding_mask`` (B, N) bool, True = padding: keys no query attends to.
         ``causal``: position i attends to positions <= i only.
         """
-        x = self._sequence("x", x)
-        pad = check_padding_mask("src_key_padding_mask", src_key_padding_mask, *x.shape[:2])
-        bk = self.backend
-        return self._host(self.forward(bk.asarray(x, self.dtype), key_mask(bk, pad), check_bool("causal", causal)))
+        return self._host(self.forward(*self._inputs(x, src_key_padding_mask, causal)))
+
+    def _vjp(self, x, src_key_padding_mask=None, causal: bool = False):
+        return self._pullback(*self.forward_train(*self._inputs(x, src_key_padding_mask, causal)), ("x",))
 
 
 class _Decoding(_Layer):
     """The public call of a decoder layer or stack: ``forward(y, project_memory(memory), ...)``."""
+
+    def _inputs(self, y, memory, tgt_key_padding_mask, memory_key_padding_mask, causal):
+        """Checked backend arrays: (y, memory, self-attention mask, memory mask, causal)."""
+        y, memory = self._sequence("y", y), self._sequence("memory", memory)
+        check_same_batch("y and memory", y, memory)
+        tgt_pad = check_padding_mask("tgt_key_padding_mask", tgt_key_padding_mask, *y.shape[:2])
+        mem_pad = check_padding_mask("memory_key_padding_mask", memory_key_padding_mask, *memory.shape[:2])
+        bk = self.backend
+        return (bk.asarray(y, self.dtype), bk.asarray(memory, self.dtype), key_mask(bk, tgt_pad),
+                key_mask(bk, mem_pad), check_bool("causal", causal))
 
     def __call__(self, y, memory, tgt_key_padding_mask=None, memory_key_padding_mask=None,
                  causal: bool = True):
@@ -80,14 +98,13 @@ class _Decoding(_Layer):
         self-attention keys, ``memory_key_padding_mask`` for the cross-attention keys.
         ``causal`` (default True): target position i attends to targets <= i only.
         """
-        y, memory = self._sequence("y", y), self._sequence("memory", memory)
-        check_same_batch("y and memory", y, memory)
-        tgt_pad = check_padding_mask("tgt_key_padding_mask", tgt_key_padding_mask, *y.shape[:2])
-        mem_pad = check_padding_mask("memory_key_padding_mask", memory_key_padding_mask, *memory.shape[:2])
-        bk = self.backend
-        memory_kv = self.project_memory(bk.asarray(memory, self.dtype))
-        return self._host(self.forward(bk.asarray(y, self.dtype), memory_kv, key_mask(bk, tgt_pad),
-                                       key_mask(bk, mem_pad), check_bool("causal", causal)))
+        y, memory, mask, memory_mask, causal = self._inputs(y, memory, tgt_key_padding_mask,
+                                                            memory_key_padding_mask, causal)
+        return self._host(self.forward(y, self.project_memory(memory), mask, memory_mask, causal))
+
+    def _vjp(self, y, memory, tgt_key_padding_mask=None, memory_key_padding_mask=None, causal: bool = True):
+        inputs = self._inputs(y, memory, tgt_key_padding_mask, memory_key_padding_mask, causal)
+        return self._pullback(*self.forward_train(*inputs), ("y", "memory"))
 
 
 class EncoderLayer(_Encoding):
@@ -98,16 +115,31 @@ class EncoderLayer(_Encoding):
     """
 
     def _add_sublayers(self, kw):
-        d, norm, eps = self.d_model, self.norm, self.layer_norm_eps
+        d, norm, eps, p = self.d_model, self.norm, self.layer_norm_eps, self.dropout
         self.self_attn = self.add("self_attn", MultiHeadAttention(d, self.n_heads, **kw))
         self.ff = self.add(None, FeedForward(d, self.d_ff, self.activation, **kw))
-        self.norm1 = self.add("norm1", ResidualNorm(d, norm, eps, **kw))
-        self.norm2 = self.add("norm2", ResidualNorm(d, norm, eps, **kw))
+        self.norm1 = self.add("norm1", ResidualNorm(d, norm, eps, dropout=p, **kw))
+        self.norm2 = self.add("norm2", ResidualNorm(d, norm, eps, dropout=p, **kw))
 
     def forward(self, x, mask=None, causal: bool = False):
         """x (B, N, d_model) backend array; mask: backend bool, True = may attend."""
         x = self.norm1.forward(x, self.self_attn, mask, causal)
         return self.norm2.forward(x, self.ff)
+
+    def forward_train(self, x, mask=None, causal: bool = False):
+        x, saved1 = self.norm1.forward_train(x, self.self_attn, mask, causal)
+        x, saved2 = self.norm2.forward_train(x, self.ff)
+        return x, (saved1, saved2)
+
+    def backward(self, saved, dy):
+        """-> ((dx,), gradients of the layer's parameters)."""
+        saved1, saved2 = saved
+        (dy,), g_norm2, g_ff = self.norm2.backward(saved2, dy)
+        (dx,), g_norm1, g_attn = self.norm1.backward(saved1, dy)
+        grads = self._merge({}, "norm1", g_norm1)
+        self._merge(grads, "norm2", g_norm2)
+        self._merge(grads, "self_attn", g_attn)
+        return (dx,), self._merge(grads, None, g_ff)
 
 
 class DecoderLayer(_Decoding):
@@ -119,13 +151,13 @@ class DecoderLayer(_Decoding):
     """
 
     def _add_sublayers(self, kw):
-        d, norm, eps = self.d_model, self.norm, self.layer_norm_eps
+        d, norm, eps, p = self.d_model, self.norm, self.layer_norm_eps, self.dropout
         self.self_attn = self.add("self_attn", MultiHeadAttention(d, self.n_heads, **kw))
         self.multihead_attn = self.add("multihead_attn", MultiHeadAttention(d, self.n_heads, **kw))
         self.ff = self.add(None, FeedForward(d, self.d_ff, self.activation, **kw))
-        self.norm1 = self.add("norm1", ResidualNorm(d, norm, eps, **kw))
-        self.norm2 = self.add("norm2", ResidualNorm(d, norm, eps, **kw))
-        self.norm3 = self.add("norm3", ResidualNorm(d, norm, eps, **kw))
+        self.norm1 = self.add("norm1", ResidualNorm(d, norm, eps, dropout=p, **kw))
+        self.norm2 = self.add("norm2", ResidualNorm(d, norm, eps, dropout=p, **kw))
+        self.norm3 = self.add("norm3", ResidualNorm(d, norm, eps, dropout=p, **kw))
 
     def project_memory(self, memory):
         """The cross-attention keys and values of the encoder output (once per source)."""
@@ -142,6 +174,26 @@ class DecoderLayer(_Decoding):
         y = self.norm1.forward(y, self.self_attn, mask, causal, cache=cache)
         y = self.norm2.forward(y, self.multihead_attn, memory_mask, memory_kv=memory_kv)
         return self.norm3.forward(y, self.ff)
+
+    def forward_train(self, y, memory, mask=None, memory_mask=None, causal: bool = True):
+        """``forward`` on the memory itself (B, Ns, d_model): cross-attention projects it here."""
+        y, saved1 = self.norm1.forward_train(y, self.self_attn, mask, causal)
+        y, saved2 = self.norm2.forward_train(y, self.multihead_attn, memory_mask, False, memory)
+        y, saved3 = self.norm3.forward_train(y, self.ff)
+        return y, (saved1, saved2, saved3)
+
+    def backward(self, saved, dout):
+        """-> ((dy, dmemory), gradients of the layer's parameters)."""
+        saved1, saved2, saved3 = saved
+        (dy,), g_norm3, g_ff = self.norm3.backward(saved3, dout)
+        (dy, dmemory), g_norm2, g_cross = self.norm2.backward(saved2, dy)
+        (dy,), g_norm1, g_self = self.norm1.backward(saved1, dy)
+        grads = self._merge({}, "self_attn", g_self)
+        self._merge(grads, "multihead_attn", g_cross)
+        self._merge(grads, None, g_ff)
+        for name, g in (("norm1", g_norm1), ("norm2", g_norm2), ("norm3", g_norm3)):
+            self._merge(grads, name, g)
+        return (dy, dmemory), grads
 
 
 class _Stack(_Layer):
@@ -168,6 +220,16 @@ class _Stack(_Layer):
     def _final(self, x):
         return x if self.norm_out is None else self.norm_out.forward(x)
 
+    def _final_train(self, x):
+        return (x, None) if self.norm_out is None else self.norm_out.forward_train(x)
+
+    def _final_backward(self, saved, dy, grads: dict):
+        if self.norm_out is None:
+            return dy
+        (dy,), g = self.norm_out.backward(saved, dy)
+        self._merge(grads, "norm", g)
+        return dy
+
 
 class Encoder(_Stack, _Encoding):
     """N :class:`EncoderLayer` s (``layers.{i}``), then a LayerNorm (``norm``) if ``final_norm``."""
@@ -179,6 +241,24 @@ class Encoder(_Stack, _Encoding):
         for layer in self.layers:
             x = layer.forward(x, mask, causal)
         return self._final(x)
+
+    def forward_train(self, x, mask=None, causal: bool = False):
+        saved = []
+        for layer in self.layers:
+            x, s = layer.forward_train(x, mask, causal)
+            saved.append(s)
+        x, final = self._final_train(x)
+        return x, (saved, final)
+
+    def backward(self, saved, dy):
+        """-> ((dx,), gradients of the stack's parameters), the layers in reverse."""
+        layers_saved, final = saved
+        grads = {}
+        dy = self._final_backward(final, dy, grads)
+        for i in reversed(range(self.n_layers)):
+            (dy,), g = self.layers[i].backward(layers_saved[i], dy)
+            self._merge(grads, f"layers.{i}", g)
+        return (dy,), grads
 
 
 class Decoder(_Stack, _Decoding):
@@ -200,3 +280,28 @@ class Decoder(_Stack, _Decoding):
         for i, layer in enumerate(self.layers):
             y = layer.forward(y, memory_kv[i], mask, memory_mask, causal, None if cache is None else cache[i])
         return self._final(y)
+
+    def forward_train(self, y, memory, mask=None, memory_mask=None, causal: bool = True):
+        """``forward`` on the memory itself (B, Ns, d_model); every layer attends to it."""
+        saved = []
+        for layer in self.layers:
+            y, s = layer.forward_train(y, memory, mask, memory_mask, causal)
+            saved.append(s)
+        y, final = self._final_train(y)
+        return y, (saved, final, memory)
+
+    def backward(self, saved, dout):
+        """-> ((dy, dmemory), gradients): dmemory sums every layer's cross-attention gradient."""
+        layers_saved, final, memory = saved
+        grads, dmemory = {}, None
+        dy = self._final_backward(final, dout, grads)
+        for i in reversed(range(self.n_layers)):
+            (dy, dm), g = self.layers[i].backward(layers_saved[i], dy)
+            self._merge(grads, f"layers.{i}", g)
+            if dmemory is None:
+                dmemory = dm  # a fresh array of the layer's backward: accumulate into it
+            else:
+                self.backend.axpy(dmemory, dm)
+        if dmemory is None:  # no layer: the output does not depend on the memory
+            dmemory = self.backend.zeros(memory.shape, self.dtype)
+        return (dy, dmemory), grads

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._checks import check_generation_args, check_same_batch, check_token_ids
+from .._checks import check_generation_args, check_padding_mask, check_same_batch, check_token_ids
 from ..layers.module import Init, Module, normal, ones, uniform, xavier_uniform, zeros  # noqa: F401
 
 __all__ = ["Init", "Model", "Seq2Seq", "greedy", "normal", "ones", "uniform", "xavier_uniform", "zeros"]
@@ -102,6 +102,90 @@ class Seq2Seq(Model):
     def __call__(self, *args, **kwargs):
         """Same as :meth:`forward`."""
         return self.forward(*args, **kwargs)
+
+    # --------------------------------------------------------------- training
+    # Subclasses implement forward_train(src, tgt, src_pad, tgt_pad) -> (logits, saved) on checked
+    # host ids (padding masks True = padding, or None) and backward(saved, dlogits) -> ((), grads).
+
+    def _teacher_forcing(self, src_ids, tgt_ids, label_smoothing, src_pad_mask, tgt_pad_mask):
+        """Checked inputs of a loss: (src, tgt_ids[:, :-1], src_pad, its pad, labels (T,),
+        weights (T,), label_smoothing), each target weighted 1 / (number of non-padding targets)."""
+        src, tgt = self._check_pair(src_ids, tgt_ids)
+        if tgt.shape[1] < 2:
+            raise ValueError(f"tgt_ids must have at least 2 positions (tgt_ids[:, :-1] goes in, "
+                             f"tgt_ids[:, 1:] is predicted), got shape {tgt.shape}")
+        if isinstance(label_smoothing, (bool, np.bool_)) or \
+                not isinstance(label_smoothing, (int, float, np.floating)) or not 0.0 <= label_smoothing <= 1.0:
+            raise ValueError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
+        src_pad = check_padding_mask("src_pad_mask", src_pad_mask, *src.shape)
+        tgt_pad = check_padding_mask("tgt_pad_mask", tgt_pad_mask, *tgt.shape)
+        keep = np.ones(tgt[:, 1:].shape) if tgt_pad is None else ~tgt_pad[:, 1:]
+        count = int(keep.sum())
+        if count == 0:
+            raise ValueError("tgt_pad_mask marks every predicted position tgt_ids[:, 1:] as padding: "
+                             "there is no target to take a loss over")
+        weights = keep.reshape(-1).astype(np.float64) / count
+        return (src, np.ascontiguousarray(tgt[:, :-1]), src_pad, None if tgt_pad is None else tgt_pad[:, :-1],
+                np.ascontiguousarray(tgt[:, 1:]).reshape(-1), weights, float(label_smoothing))
+
+    def _forward_loss(self, src_ids, tgt_ids, label_smoothing, src_pad_mask, tgt_pad_mask):
+        """-> (mean token cross-entropy, its gradient with respect to the logits, saved)."""
+        src, tgt_in, src_pad, tgt_pad, labels, weights, eps = self._teacher_forcing(
+            src_ids, tgt_ids, label_smoothing, src_pad_mask, tgt_pad_mask)
+        logits, saved = self.forward_train(src, tgt_in, src_pad, tgt_pad)  # (B, Nt - 1, V)
+        b, n, v = logits.shape
+        losses, dlogits = self.backend.cross_entropy(logits.reshape(b * n, v), labels, weights, eps)
+        return float(np.dot(weights, losses)), dlogits.reshape(b, n, v), saved
+
+    def loss(self, src_ids, tgt_ids, *, label_smoothing: float = 0.0, src_pad_mask=None,
+             tgt_pad_mask=None) -> float:
+        """Mean token cross-entropy under teacher forcing: ``tgt_ids[:, :-1]`` goes in,
+        ``tgt_ids[:, 1:]`` is predicted; targets marked by ``tgt_pad_mask`` (B, Nt) (True =
+        padding) are left out of the mean. ``label_smoothing`` as PyTorch's
+        ``CrossEntropyLoss``: eps of each target's mass spread uniformly over the vocabulary.
+        In training mode dropout acts (see ``train``)."""
+        return self._forward_loss(src_ids, tgt_ids, label_smoothing, src_pad_mask, tgt_pad_mask)[0]
+
+    def _loss_and_slot_grads(self, src_ids, tgt_ids, label_smoothing, src_pad_mask, tgt_pad_mask,
+                             before_backward=None):
+        loss, dlogits, saved = self._forward_loss(src_ids, tgt_ids, label_smoothing, src_pad_mask, tgt_pad_mask)
+        if before_backward is not None:
+            before_backward(loss)
+        return loss, self.backward(saved, dlogits)[1]
+
+    def loss_and_grad(self, src_ids, tgt_ids, *, label_smoothing: float = 0.0, src_pad_mask=None,
+                      tgt_pad_mask=None):
+        """-> (:meth:`loss`, its gradient with respect to every parameter: host arrays by
+        parameter name, as ``params``)."""
+        loss, grads = self._loss_and_slot_grads(src_ids, tgt_ids, label_smoothing, src_pad_mask, tgt_pad_mask)
+        return loss, self.param_grads(grads)
+
+    def train_step(self, optimizer, src_ids, tgt_ids, *, label_smoothing: float = 0.0, src_pad_mask=None,
+                   tgt_pad_mask=None) -> float:
+        """One training step: :meth:`loss`, its gradients and one update by ``optimizer`` (a
+        ``tfm.optim.Adam`` of this model); returns the loss before the update.
+
+        A loss that is NaN or infinite raises ``FloatingPointError`` before any gradient is
+        computed, and the weights and the optimizer's state stay as they were.
+        """
+        if getattr(optimizer, "module", None) is not self:
+            raise TypeError(f"optimizer must be a tfm.optim.Adam built for this model "
+                            f"(tfm.optim.Adam(model, lr)), got {type(optimizer).__name__}")
+
+        def check(loss):
+            if not np.isfinite(loss):
+                raise FloatingPointError(
+                    f"the loss is {loss} at step {optimizer.steps + 1}: the step was not taken and the "
+                    f"weights are those before it (a lower learning rate may help)")
+
+        loss, grads = self._loss_and_slot_grads(src_ids, tgt_ids, label_smoothing, src_pad_mask, tgt_pad_mask,
+                                                before_backward=check)
+        optimizer._apply(grads)
+        return loss
+
+    def _vjp(self, src_ids, tgt_ids):
+        logits, saved = self.forward_train(*self._check_pair(src_ids, tgt_ids), None, None)
+        return self._pullback(logits, saved, ())
 
     def generate(self, src_ids, max_new_tokens: int, bos_id: int, eos_id: int | None = None) -> np.ndarray:
         """Greedy decoding. Returns host int64 ids (B, 1 + generated) starting with ``bos_id``;

@@ -43,7 +43,8 @@ def _stacks(config: TransformerConfig) -> tuple[Encoder, Decoder]:
     """The encoder and decoder stacks a config describes (unfilled: the model builds them)."""
     c = config
     kw = dict(d_model=c.d_model, n_heads=c.n_heads, d_ff=c.d_ff, activation=c.activation, norm=c.norm,
-              layer_norm_eps=c.layer_norm_eps, final_norm=c.final_norm, backend=None, dtype=c.dtype)
+              layer_norm_eps=c.layer_norm_eps, final_norm=c.final_norm, dropout=c.dropout, backend=None,
+              dtype=c.dtype)
     return Encoder(c.n_encoder_layers, **kw), Decoder(c.n_decoder_layers, **kw)
 
 
@@ -72,6 +73,43 @@ class EncoderDecoder(HasAttention, Model):
         memory = self.encoder.forward(src, src_mask)
         return self.decoder.forward(tgt, self.decoder.project_memory(memory), tgt_mask, memory_mask, causal)
 
+    def forward_train(self, src, tgt, src_mask=None, tgt_mask=None, memory_mask=None, causal: bool = True):
+        memory, enc_saved = self.encoder.forward_train(src, src_mask)
+        out, dec_saved = self.decoder.forward_train(tgt, memory, tgt_mask, memory_mask, causal)
+        return out, (enc_saved, dec_saved)
+
+    def backward(self, saved, dout):
+        """-> ((dsrc, dtgt), gradients by PyTorch's state-dict names)."""
+        enc_saved, dec_saved = saved
+        (dtgt, dmemory), g_dec = self.decoder.backward(dec_saved, dout)
+        (dsrc,), g_enc = self.encoder.backward(enc_saved, dmemory)
+        return (dsrc, dtgt), self._merge(self._merge({}, "encoder", g_enc), "decoder", g_dec)
+
+    def _inputs(self, src, tgt, tgt_is_causal, src_key_padding_mask, tgt_key_padding_mask,
+                memory_key_padding_mask):
+        """Checked backend arguments of ``forward``: (src, tgt, src_mask, tgt_mask, memory_mask, causal)."""
+        d = self.config.d_model
+        src = check_float("src", src, 3)
+        tgt = check_float("tgt", tgt, 3)
+        for name, x in (("src", src), ("tgt", tgt)):
+            if x.shape[2] != d:
+                raise ValueError(f"{name} must have d_model={d} features, got shape {tuple(x.shape)}")
+        check_same_batch("src and tgt", src, tgt)
+        causal = check_bool("tgt_is_causal", tgt_is_causal)
+        b, ns, nt = src.shape[0], src.shape[1], tgt.shape[1]
+        src_pad = check_padding_mask("src_key_padding_mask", src_key_padding_mask, b, ns)
+        tgt_pad = check_padding_mask("tgt_key_padding_mask", tgt_key_padding_mask, b, nt)
+        mem_pad = check_padding_mask("memory_key_padding_mask", memory_key_padding_mask, b, ns)
+        bk = self.backend
+        return (bk.asarray(src, self.dtype), bk.asarray(tgt, self.dtype), key_mask(bk, src_pad),
+                key_mask(bk, tgt_pad), key_mask(bk, mem_pad), causal)
+
+    def _vjp(self, src, tgt, tgt_is_causal: bool = True, src_key_padding_mask=None,
+             tgt_key_padding_mask=None, memory_key_padding_mask=None):
+        inputs = self._inputs(src, tgt, tgt_is_causal, src_key_padding_mask, tgt_key_padding_mask,
+                              memory_key_padding_mask)
+        return self._pullback(*self.forward_train(*inputs), ("src", "tgt"))
+
     def __call__(self, src, tgt, tgt_is_causal: bool = True, src_key_padding_mask=None,
                  tgt_key_padding_mask=None, memory_key_padding_mask=None):
         """src (B, Ns, d_model), tgt (B, Nt, d_model) float arrays -> (B, Nt, d_model).
@@ -94,22 +132,8 @@ class EncoderDecoder(HasAttention, Model):
           entirely padding; tfm (like PyTorch's standard path, e.g. with an odd head count)
           gives such queries a zero attention output and stays finite.
         """
-        d = self.config.d_model
-        src = check_float("src", src, 3)
-        tgt = check_float("tgt", tgt, 3)
-        for name, x in (("src", src), ("tgt", tgt)):
-            if x.shape[2] != d:
-                raise ValueError(f"{name} must have d_model={d} features, got shape {tuple(x.shape)}")
-        check_same_batch("src and tgt", src, tgt)
-        causal = check_bool("tgt_is_causal", tgt_is_causal)
-        b, ns, nt = src.shape[0], src.shape[1], tgt.shape[1]
-        src_pad = check_padding_mask("src_key_padding_mask", src_key_padding_mask, b, ns)
-        tgt_pad = check_padding_mask("tgt_key_padding_mask", tgt_key_padding_mask, b, nt)
-        mem_pad = check_padding_mask("memory_key_padding_mask", memory_key_padding_mask, b, ns)
-        bk = self.backend
-        return self._host(self.forward(bk.asarray(src, self.dtype), bk.asarray(tgt, self.dtype),
-                                       key_mask(bk, src_pad), key_mask(bk, tgt_pad), key_mask(bk, mem_pad),
-                                       causal))
+        return self._host(self.forward(*self._inputs(src, tgt, tgt_is_causal, src_key_padding_mask,
+                                                     tgt_key_padding_mask, memory_key_padding_mask)))
 
 
 class Transformer(HasAttention, Seq2Seq):
@@ -157,6 +181,35 @@ class Transformer(HasAttention, Seq2Seq):
                                  key_mask(self.backend, tgt_pad), src_keep, causal=True)
         return self._project(y)
 
+    def forward_train(self, src, tgt, src_pad=None, tgt_pad=None):
+        """``_logits`` on checked host ids, keeping what :meth:`backward` needs; dropout (in
+        training mode) on the embedding sums and on every sublayer's output."""
+        bk = self.backend
+        src_keep, tgt_keep = key_mask(bk, src_pad), key_mask(bk, tgt_pad)
+        x, src_saved = self.src_embed.forward_train(src)  # (B, Ns, d)
+        memory, enc_saved = self.encoder.forward_train(x, src_keep)  # (B, Ns, d)
+        y, tgt_saved = self.tgt_embed.forward_train(tgt)  # (B, Nt, d)
+        y, dec_saved = self.decoder.forward_train(y, memory, tgt_keep, src_keep, True)  # (B, Nt, d)
+        return self._project(y), (src_saved, enc_saved, tgt_saved, dec_saved, y)
+
+    def backward(self, saved, dlogits):
+        """dlogits (B, Nt, tgt_vocab) -> ((), gradients of every parameter); token ids have none."""
+        bk = self.backend
+        src_saved, enc_saved, tgt_saved, dec_saved, y = saved
+        dy, dw_out, _ = bk.linear_backward(y, self.generator.weights["weight"], dlogits, bias=False)
+        (dy, dmemory), g_dec = self.decoder.backward(dec_saved, dy)
+        (dx,), g_enc = self.encoder.backward(enc_saved, dmemory)
+        _, g_tgt = self.tgt_embed.backward(tgt_saved, dy)
+        _, g_src = self.src_embed.backward(src_saved, dx)
+        grads = {}
+        for name, g in (("src_embed", g_src), ("tgt_embed", g_tgt), ("encoder", g_enc), ("decoder", g_dec)):
+            self._merge(grads, name, g)
+        if self.config.tie_embeddings:  # one matrix, two uses: the gradients add up
+            bk.axpy(grads["tgt_embed.weight"], dw_out)
+        else:
+            grads["generator.weight"] = dw_out
+        return (), grads
+
     def _decoding_step(self, src, max_new_tokens, src_pad=None):
         # The encoder runs once and each decoder layer's cross-attention keys/values are
         # projected once; self-attention keys/values of past positions live in caches
@@ -188,11 +241,28 @@ class Transformer(HasAttention, Seq2Seq):
         the numpy backend); ``log_probs=True`` returns log-softmax(logits) instead.
         """
         log_probs = check_bool("log_probs", log_probs)
-        src, tgt = self._check_pair(src_ids, tgt_ids)
-        src_pad = check_padding_mask("src_pad_mask", src_pad_mask, *src.shape)
-        tgt_pad = check_padding_mask("tgt_pad_mask", tgt_pad_mask, *tgt.shape)
-        logits = self._logits(src, tgt, src_pad, tgt_pad)
+        logits = self._logits(*self._check_inputs(src_ids, tgt_ids, src_pad_mask, tgt_pad_mask))
         return self._host(self.backend.log_softmax(logits) if log_probs else logits)
+
+    def _check_inputs(self, src_ids, tgt_ids, src_pad_mask, tgt_pad_mask):
+        """-> (src, tgt, src_pad, tgt_pad): checked host ids and padding masks."""
+        src, tgt = self._check_pair(src_ids, tgt_ids)
+        return (src, tgt, check_padding_mask("src_pad_mask", src_pad_mask, *src.shape),
+                check_padding_mask("tgt_pad_mask", tgt_pad_mask, *tgt.shape))
+
+    def _vjp(self, src_ids, tgt_ids, src_pad_mask=None, tgt_pad_mask=None, log_probs: bool = False):
+        log_probs = check_bool("log_probs", log_probs)
+        logits, saved = self.forward_train(*self._check_inputs(src_ids, tgt_ids, src_pad_mask, tgt_pad_mask))
+        if not log_probs:
+            return self._pullback(logits, saved, ())
+        bk = self.backend
+        logp = bk.log_softmax(logits)
+
+        def pullback(cotangent):
+            dlogits = bk.log_softmax_backward(logp, bk.asarray(cotangent, self.dtype))
+            return {}, self.param_grads(self.backward(saved, dlogits)[1])
+
+        return self._host(logp), pullback
 
     def generate(self, src_ids, max_new_tokens: int, bos_id: int, eos_id: int | None = None,
                  src_pad_mask=None) -> np.ndarray:
