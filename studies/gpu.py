@@ -376,7 +376,8 @@ def summary_markdown(run: Run) -> str:
     smoke = run.tables.get("smoke")
     if smoke is not None:
         lines += ["## Smoke: every kernel once, ragged sizes, checked launches, against float64", "",
-                  f"{int(smoke['passed'].sum())} of {len(smoke)} passed.", "",
+                  f"{int(smoke['passed'].sum())} of {len(smoke)} passed, {_wrong(smoke)} failed, "
+                  f"{int((smoke['status'] == 'unavailable').sum())} not implemented on this backend.", "",
                   _md(smoke, ["op", "dtype", "shape", "rel_err", "tol", "passed", "seconds", "reason"])]
     corr = run.tables.get("correctness")
     if corr is not None:
@@ -392,6 +393,11 @@ def summary_markdown(run: Run) -> str:
             lines.append(f"- {name}: {counts}" + (f"; reasons: {'; '.join(reasons)}" if reasons else ""))
         lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def _wrong(smoke: pd.DataFrame) -> int:
+    """Smoke rows that failed (a kernel the backend lacks is ``unavailable``, not wrong)."""
+    return int(((smoke["status"] != "unavailable") & ~smoke["passed"].astype(bool)).sum())
 
 
 # ------------------------------------------------------------------------------ main
@@ -453,8 +459,7 @@ def main(argv=None) -> int:
     failed = [s for s in run.sections if s["status"] == "error"]
     smoke = run.tables.get("smoke")
     corr = run.tables.get("correctness")
-    wrong = (0 if smoke is None else int((~smoke["passed"].astype(bool)).sum())) + \
-            (0 if corr is None else int((~corr["passed"].astype(bool)).sum()))
+    wrong = (0 if smoke is None else _wrong(smoke)) + (0 if corr is None else int((~corr["passed"].astype(bool)).sum()))
     return 1 if failed or wrong else 0
 
 

@@ -52,7 +52,10 @@ def test_make_gpu_check_smoke_on_a_clone_without_venv(tmp_path):
     smoke = pd.read_csv(out / "smoke.csv")
     from tfm.bench.conformance import CASES
 
-    assert list(smoke["op"]) == [c.name for c in CASES] and smoke["passed"].all()
+    assert list(smoke["op"]) == [c.name for c in CASES]
+    done = smoke["status"] != "unavailable"  # ops the cuda backend does not have yet say so
+    assert smoke.loc[done, "passed"].all() and smoke.loc[~done, "reason"].str.contains("NotImplementedError").all()
+    assert done[[not c.method.endswith(("_train", "_backward")) for c in CASES]].all()  # every forward runs
     correct = pd.read_csv(out / "correctness.csv")
     assert correct["passed"].all()
     assert {"attention_fused", "attention_naive", "linear_numba", "lstm", "gru", "conv1d_dilated_causal",

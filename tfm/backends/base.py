@@ -161,7 +161,8 @@ class Backend(ABC):
         raise NotImplementedError(f"{self.name}: {op} is not implemented")
 
     def zeros(self, shape, dtype):
-        """A backend array of zeros (optimizer state, zero cotangents)."""
+        """A backend array of zeros (optimizer state, zero cotangents), in ``dtype`` where the
+        backend computes in it (the float64 reference always computes in float64)."""
         return self.asarray(np.zeros(tuple(shape), dtype=np.dtype(dtype)))
 
     def axpy(self, dst, src, alpha: float = 1.0) -> None:
@@ -215,9 +216,9 @@ class Backend(ABC):
         self._missing("merge_heads_into")
 
     def attention_train(self, q, k, v, mask=None, causal: bool = False, impl: str = "fused"):
-        """``attention`` that also returns lse (B, H, Nq): the log-sum-exp of each query's
-        scaled scores over its visible keys (-inf where it sees none), all its backward needs
-        besides q, k, v and the output (the fused backward recomputes the scores from it)."""
+        """``attention`` that also returns lse (B, H, Nq), in q's dtype: the log-sum-exp of each
+        query's scaled scores over its visible keys (-inf where it sees none), all its backward
+        needs besides q, k, v and the output (the fused backward recomputes the scores from it)."""
         self._missing("attention_train")
 
     def attention_backward(self, q, k, v, out, lse, dout, mask=None, causal: bool = False,
@@ -271,10 +272,12 @@ class Backend(ABC):
         self._missing("glu_backward")
 
     def dropout(self, x, p: float, seed: int, offset: int = 0):
-        """Inverted dropout: ``x * keep / (1 - p)``; element i (flat, C order) is kept when
-        ``tfm.reference.dropout_uniform(seed, offset + i) >= p``, a counter-based stream that
-        every backend computes identically (the same seed drops the same elements anywhere).
-        Its backward is ``dropout(dy, p, seed, offset)``: the same mask."""
+        """Inverted dropout: ``x * keep / (1 - p)`` (p = 1: zeros); element i (flat, C order)
+        is kept when ``tfm.reference.dropout_uniform(seed, offset + i) >= p``, a counter-based
+        stream (SplitMix64, seed in [0, 2^64)) that every backend computes identically, so the
+        same seed drops the same elements anywhere. Compare the stream's top 24 bits with the
+        integer ``tfm.reference.dropout_threshold(p)``, not a float32 uniform with float32(p)
+        (which rounds). Its backward is ``dropout(dy, p, seed, offset)``: the same mask."""
         self._missing("dropout")
 
     def adam_step(self, param, grad, m, v, step: int, lr: float, beta1: float, beta2: float,
