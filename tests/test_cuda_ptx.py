@@ -60,26 +60,31 @@ def _kernels():
     mask = a(T.boolean, 4, "A")
     s32, s64 = np.dtype(np.float32), np.dtype(np.float64)
     gemm_sig = (f3, f3, f1, f3, i64, i64, i64, f32)
-    for tiles in sorted(set(L.TILINGS) | {t.gemm_large, t.gemm_small}):
-        threads = (tiles[0] // tiles[3]) * (tiles[1] // tiles[4])
-        yield f"gemm{tiles}_nt_gelu_bias", L.gemm_kernel(s32, *tiles, True, 2, True), gemm_sig, threads, True
-        yield f"gemm{tiles}_nn", L.gemm_kernel(s32, *tiles, False, 0, False), gemm_sig, threads, True
+    for v in L.GEMM_VERSIONS:
+        for tiles in sorted(set(L.TILINGS) | {t.gemm_large, t.gemm_small}):
+            threads = (tiles[0] // tiles[3]) * (tiles[1] // tiles[4])
+            yield (f"gemm_v{v}{tiles}_nt_gelu_bias", L.gemm_kernel(s32, *tiles, True, 2, True, v), gemm_sig,
+                   threads, True)
+            yield f"gemm_v{v}{tiles}_nn", L.gemm_kernel(s32, *tiles, False, 0, False, v), gemm_sig, threads, True
     f64_tiles = L.pick_gemm_tiles(t, 1, 1, 1, 8)
-    yield "gemm_f64", L.gemm_kernel(s64, *f64_tiles, True, 1, True), \
+    yield "gemm_f64", L.gemm_kernel(s64, *f64_tiles, True, 1, True, t.gemm_version), \
         (a(f64, 3), a(f64, 3), a(f64, 1), a(f64, 3), i64, i64, i64, f64), \
         (f64_tiles[0] // f64_tiles[3]) * (f64_tiles[1] // f64_tiles[4]), True
     fused_tail = (mask, i64, i64, i64, i64, f32, i64, i64)
-    for attn in sorted(set(A.TILINGS) | {t.attn}):
-        tiles = A.fused_tiles(t.replace(attn=attn), 64, 64, 4)
-        threads = tiles[2] * tiles[3]
-        for masked, band in ((False, False), (True, False), (False, True), (True, True)):
-            # the model's operands: split-head views in, head-merged view out
-            yield (f"fused{attn}_m{masked:d}_b{band:d}", A.fused_kernel(s32, 64, 64, *tiles, masked, band),
-                   (s4, s4, s4, s4) + fused_tail, threads, True)
-    yield "fused_contiguous", A.fused_kernel(s32, 64, 64, *A.fused_tiles(t, 64, 64, 4), False, False), \
-        (f4, f4, f4, s4) + fused_tail, t.attn[2] * t.attn[3], True
-    f64_attn = A.fused_tiles(t, 128, 128, 8)
-    yield "fused_f64_d128", A.fused_kernel(s64, 128, 128, *f64_attn, True, False), \
+    for v in A.ATTN_VERSIONS:
+        for attn in A.TILINGS[v]:
+            tiles = A.fused_tiles(t.replace(attn=attn), 64, 64, 4, v)
+            threads = tiles[2] * tiles[3]
+            for masked, band in ((False, False), (True, False), (False, True), (True, True)):
+                # the model's operands: split-head views in, head-merged view out
+                yield (f"fused_v{v}{attn}_m{masked:d}_b{band:d}",
+                       A.fused_kernel(s32, 64, 64, *tiles, masked, band, v), (s4, s4, s4, s4) + fused_tail,
+                       threads, True)
+    version, tiles = A.fused_plan(t, 64, 64, 4)
+    yield "fused_contiguous", A.fused_kernel(s32, 64, 64, *tiles, False, False, version), \
+        (f4, f4, f4, s4) + fused_tail, tiles[2] * tiles[3], True
+    version, f64_attn = A.fused_plan(t, 128, 128, 8)
+    yield "fused_f64_d128", A.fused_kernel(s64, 128, 128, *f64_attn, True, False, version), \
         (a(f64, 4),) * 3 + (a(f64, 4, "A"), mask, i64, i64, i64, i64, f64, i64, i64), f64_attn[2] * f64_attn[3], False
     rt, et = t.row_threads, t.elem_threads
     soft_sig = (f2, f2, mask) + (i64,) * 6
@@ -176,8 +181,8 @@ def _launch_args():
     merged = fake((2, 9, 16), np.float32, ptr=1 << 25)
     out = A.strided_view(merged, (2, 2, 9, 8), A.merged_layout(2, 2, 9, 8, 4))
     mask = fake((2, 1, 1, 9), np.bool_, ptr=1 << 26)
-    tiles = A.fused_tiles(t, 8, 8, 4)
-    yield ("attention_fused", A.fused_kernel(np.dtype(np.float32), 8, 8, *tiles, True, True), (1, 4), 128,
+    version, tiles = A.fused_plan(t, 8, 8, 4)
+    yield ("attention_fused", A.fused_kernel(np.dtype(np.float32), 8, 8, *tiles, True, True, version), (1, 4), 128,
            (heads, heads, heads, out, mask, 1, 0, 0, 1, np.float32(0.35), 5, 0))
     rows = fake((6, 33), np.float64, ptr=1 << 27)
     yield ("softmax", N.softmax_kernel(np.dtype(np.float64), 32, False, False, True), 6, 32,

@@ -220,7 +220,7 @@ def family_gemm(budget_s: float, smoke: bool, dev: dict) -> list:
 
     rng = np.random.default_rng(0)
     shapes = [(37, 19, 23)] if smoke else [(1024, 512, 1536), (1024, 2048, 512), (4096, 4096, 4096)]
-    tilings = [(8, 8, 4, 2, 2)] if smoke else list(linear.TILINGS)
+    tilings = [(8, 8, 4, 4, 4)] if smoke else list(linear.TILINGS)
     versions = sorted(linear.GEMM_VERSIONS)
     torch, torch_reason = torch_cuda()
     base_tuning = default_tuning()
@@ -294,8 +294,8 @@ def family_attention(budget_s: float, smoke: bool, dev: dict) -> list:
     rng = np.random.default_rng(1)
     b, h, d = (1, 2, 8) if smoke else (4, 16, 64)
     ns = [13] if smoke else [1024, 4096, 16384]
-    tilings = [(4, 4, 2, 2)] if smoke else list(attention.TILINGS)
     versions = sorted(attention.ATTN_VERSIONS)
+    tilings = {v: [(8, 8, 2, 2)] if smoke else list(attention.TILINGS[v]) for v in versions}
     torch, torch_reason = torch_cuda()
     base_tuning = default_tuning()
     rows = []
@@ -320,7 +320,7 @@ def family_attention(budget_s: float, smoke: bool, dev: dict) -> list:
 
         # the largest n costs ~0.1-1 s per call: there, only each version's default tiling
         for version in versions:
-            for tiles in (tilings if n <= 4096 else tilings[:1]):
+            for tiles in (tilings[version] if n <= 4096 else tilings[version][:1]):
                 bk = CudaBackend(tuning=base_tuning.replace(attn=tiles, attn_version=version), gemm="numba")
                 variants[f"fused_v{version}{tiles}"] = tfm_variant(bk, f"fused_v{version}{tiles}")
         naive_bytes = b * h * n * n * 4

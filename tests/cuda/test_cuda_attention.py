@@ -76,16 +76,19 @@ def test_naive_equals_fused(bk, rng):
 
 def test_fused_tiles_shrink_to_fit_shared_memory():
     from tfm.backends.cuda._launch import SHARED_BYTES_LIMIT, Tuning
-    from tfm.backends.cuda.attention import fused_shared_bytes, fused_tiles
+    from tfm.backends.cuda.attention import fused_plan, fused_shared_bytes
 
     t = Tuning()
-    assert fused_tiles(t, 64, 64, 4) == t.attn  # the default fits for d = 64, float32
-    for d, itemsize in [(128, 4), (64, 8), (96, 8), (200, 4)]:
-        bq, bkt, ty, tx = fused_tiles(t, d, d, itemsize)
-        assert fused_shared_bytes(d, d, bq, bkt, tx, itemsize) <= SHARED_BYTES_LIMIT
-        assert bq % ty == 0 and bkt % tx == 0
+    assert fused_plan(t, 64, 64, 4) == (2, t.attn)  # the default fits for d = 64, float32
+    assert fused_plan(t.replace(attn_version=1), 64, 64, 4) == (1, t.attn)
+    for d, itemsize in [(128, 4), (64, 8), (96, 8), (200, 4), (32, 8)]:
+        version, (bq, bkt, ty, tx) = fused_plan(t, d, d, itemsize)
+        assert fused_shared_bytes(d, d, bq, bkt, tx, itemsize, version) <= SHARED_BYTES_LIMIT
+        unit = 4 if version == 2 else 1
+        assert bq % (unit * ty) == 0 and bkt % (unit * tx) == 0
+    assert fused_plan(t, 128, 128, 4)[0] == 1  # v2's blocks do not fit: v1 with smaller tiles
     with pytest.raises(ValueError, match="too large for the fused CUDA kernel"):
-        fused_tiles(t, 4096, 4096, 8)
+        fused_plan(t, 4096, 4096, 8)
 
 
 @pytest.mark.parametrize("causal", [False, True])

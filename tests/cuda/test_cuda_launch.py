@@ -14,7 +14,9 @@ from tfm.backends.cuda._launch import (CudaLaunchError, Tuning, check_resources,
 
 
 @pytest.mark.parametrize("bad,match", [
-    ({"gemm_large": (8, 8, 4, 3, 2)}, "BM % TM"),
+    ({"gemm_large": (8, 8, 4, 3, 2), "gemm_version": 1}, "BM % TM"),
+    ({"gemm_large": (8, 8, 4, 2, 2)}, "multiples of 4"),
+    ({"gemm_version": 3}, "choose one of"),
     ({"gemm_small": (64, 64, 8, 1, 1)}, "more than 1024 threads"),
     ({"gemm_large": (128, 128, 64, 8, 8)}, "static shared memory"),
     ({"gemm_small": (64, 64, 16, 4)}, "five positive sizes"),
@@ -87,16 +89,24 @@ def test_checked_mode_follows_the_environment(monkeypatch):
     assert checked_mode() == SIMULATOR
 
 
-@pytest.mark.parametrize("attn,gemm", [((2, 2, 1, 1), (2, 2, 1, 1, 1)), ((8, 4, 4, 2), (4, 8, 2, 2, 4))])
-def test_other_tilings_give_the_same_results(rng, attn, gemm):
-    bk = CudaBackend(tuning=Tuning(gemm_large=gemm, gemm_small=gemm, attn=attn, row_threads=2,
-                                   elem_threads=7, step_threads=3))
+@pytest.mark.parametrize("attn,gemm,version", [((2, 2, 1, 1), (2, 2, 1, 1, 1), 1), ((8, 4, 4, 2), (4, 8, 2, 2, 4), 1),
+                                               ((16, 8, 2, 2), (8, 4, 3, 4, 4), 2), ((4, 4, 1, 1), (12, 8, 1, 4, 4), 2),
+                                               ((8, 16, 2, 2), (8, 8, 4, 4, 4), 2)])
+def test_other_tilings_give_the_same_results(rng, attn, gemm, version):
+    bk = CudaBackend(tuning=Tuning(gemm_large=gemm, gemm_small=gemm, attn=attn, row_threads=2, elem_threads=7,
+                                   step_threads=3, gemm_version=version, attn_version=version), gemm="numba")
     q, k, v = randn(rng, 1, 2, 9, 5), randn(rng, 1, 2, 10, 5), randn(rng, 1, 2, 10, 3)
     for impl in ("fused", "naive"):
         out = run(bk, lambda *a: bk.attention(*a, causal=True, impl=impl), q, k, v)
         assert rel_err(out, ref.scaled_dot_product_attention(q, k, v, causal=True)) < TOL[np.float32]
-    x, w = randn(rng, 3, 7), randn(rng, 6, 7)
-    assert rel_err(run(bk, bk.linear, x, w), ref.linear(x, w)) < TOL[np.float32]
+    x, w, b = randn(rng, 13, 7), randn(rng, 9, 7), randn(rng, 9)
+    assert rel_err(run(bk, bk.linear, x, w, b), ref.linear(x, w, b)) < TOL[np.float32]
+    a3, b3 = randn(rng, 2, 5, 11), randn(rng, 2, 11, 6)  # the batched product without transpose
+    from tfm.backends.cuda.linear import gemm
+
+    da, db, dc = bk.asarray(a3), bk.asarray(b3), bk.empty((2, 5, 6), np.float32)
+    gemm(da, db, dc, bk.tuning, trans_b=False, alpha=0.5)
+    assert rel_err(bk.to_numpy(dc), 0.5 * (a3.astype(np.float64) @ b3)) < TOL[np.float32]
 
 
 @pytest.mark.skipif(not SIMULATOR, reason="guards a workaround for a bug of Numba's CUDA simulator")

@@ -57,7 +57,7 @@ MAX_THREADS_PER_BLOCK = 1024
 
 LAUNCH_MODES = ("dispatch", "overload", "direct")
 # Versions of the GEMM and fused attention kernels (linear.GEMM_VERSIONS, attention.ATTN_VERSIONS).
-KERNEL_VERSIONS = (1,)
+KERNEL_VERSIONS = (1, 2)
 
 
 class CudaLaunchError(RuntimeError):
@@ -106,8 +106,8 @@ class Tuning:
     gemm_small: tuple = (64, 64, 16, 4, 4)
     min_blocks: int = 264  # 2 x the 132 SMs of an H100 SXM
     attn: tuple = (64, 32, 16, 8)
-    gemm_version: int = 1  # which Numba GEMM kernel (linear.GEMM_VERSIONS)
-    attn_version: int = 1  # which fused attention kernel (attention.ATTN_VERSIONS)
+    gemm_version: int = 2  # which Numba GEMM kernel (linear.GEMM_VERSIONS)
+    attn_version: int = 2  # which fused attention kernel (attention.ATTN_VERSIONS)
     row_threads: int = 128  # block size of one-row-per-block reductions (power of two)
     elem_threads: int = 256  # block size of elementwise kernels
     step_threads: int = 128  # block size of the recurrent step kernels
@@ -122,6 +122,9 @@ class Tuning:
                 raise ValueError(f"Tuning.{name}={tiles}: need BM % TM == 0 and BN % TN == 0")
             if (bm // tm) * (bn // tn) > MAX_THREADS_PER_BLOCK:
                 raise ValueError(f"Tuning.{name}={tiles} needs more than 1024 threads per block")
+            if self.gemm_version == 2 and (tm % 4 or tn % 4):
+                raise ValueError(f"Tuning.{name}={tiles}: gemm_version=2 needs TM and TN multiples of 4 "
+                                 f"(its 4 x 4 register blocks); use gemm_version=1 for other tiles")
             smem = gemm_shared_bytes(bm, bn, bk, 4)
             if smem > SHARED_BYTES_LIMIT:
                 raise ValueError(f"Tuning.{name}={tiles} needs {smem} bytes of static shared memory "
@@ -131,6 +134,9 @@ class Tuning:
         bq, bk, ty, tx = self.attn
         if bq % ty or bk % tx or ty * tx > MAX_THREADS_PER_BLOCK:
             raise ValueError(f"Tuning.attn={self.attn}: need BQ % TY == 0, BK % TX == 0, TY*TX <= 1024")
+        if self.attn_version == 2 and (bq % (4 * ty) or bk % (4 * tx)):
+            raise ValueError(f"Tuning.attn={self.attn}: attn_version=2 needs BQ % (4*TY) == 0 and "
+                             f"BK % (4*TX) == 0 (its 4-wide register blocks); or use attn_version=1")
         for name, known in (("gemm_version", KERNEL_VERSIONS), ("attn_version", KERNEL_VERSIONS)):
             if getattr(self, name) not in known:
                 raise ValueError(f"Tuning.{name}={getattr(self, name)}: choose one of {sorted(known)}")
@@ -149,8 +155,8 @@ class Tuning:
 
 
 # Under the simulator: tiles of a few elements, so tiny inputs still span several tiles.
-SIM_TUNING = Tuning(gemm_large=(8, 8, 4, 2, 2), gemm_small=(4, 4, 2, 2, 2), min_blocks=6,
-                    attn=(4, 4, 2, 2), row_threads=4, elem_threads=32, step_threads=8)
+SIM_TUNING = Tuning(gemm_large=(8, 8, 4, 4, 4), gemm_small=(4, 8, 2, 4, 4), min_blocks=6,
+                    attn=(8, 8, 2, 2), row_threads=4, elem_threads=32, step_threads=8)
 
 
 def default_tuning() -> Tuning:

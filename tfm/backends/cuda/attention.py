@@ -41,36 +41,47 @@ import math
 from functools import lru_cache
 
 import numpy as np
-from numba import cuda
+from numba import cuda, uint64
 
 from ._launch import SHARED_BYTES_LIMIT, cdiv, grid_1d, launch, numba_dtype
 from ._views import c_strides, c_view, strided_view
 from .linear import contiguous, gemm
 from .norm import UNBOUNDED, no_mask, run_softmax, visibility
 
-ATTN_VERSIONS = {1: "v1: FlashAttention-2 tiles, interleaved register tiles, single-buffered K/V"}
+ATTN_VERSIONS = {1: "v1: interleaved register tiles, scalar shared loads, exp, K/V loaded after a barrier",
+                 2: "v2: 4-wide register blocks with 16-byte shared loads, exp2 in log2 units, next "
+                    "K/V tile prefetched into registers, clamped unsigned loads"}
 
 VARIANTS = {
     "naive": "GEMM -> (B*H, Nq, Nk) scores in global memory -> masked row softmax -> GEMM",
     "fused": "FlashAttention-2 style tiles in shared memory, online softmax in registers",
 }
 
-# Tilings (BQ, BK, TY, TX) the lab times beside the default (dev/cuda/lab.py, family
-# "attention"); tests/test_cuda_ptx.py compiles each of them for sm_90.
-TILINGS = ((64, 32, 16, 8), (64, 32, 8, 8), (32, 32, 8, 8))
+# Tilings (BQ, BK, TY, TX) per version that the lab times, the default first (dev/cuda/lab.py,
+# family "attention"); tests/test_cuda_ptx.py compiles each for sm_90. v2 prefetches a K/V
+# tile into registers, (BK * d) / threads of each: with 64 threads and BK = 32 that spills.
+TILINGS = {1: ((64, 32, 16, 8), (64, 32, 8, 8), (32, 32, 8, 8)),
+           2: ((64, 32, 16, 8), (64, 16, 16, 4))}
 
 
-def fused_shared_bytes(dk, dv, bq, bk, tx, itemsize) -> int:
+def fused_shared_bytes(dk, dv, bq, bk, tx, itemsize, version: int = 1) -> int:
+    """Static shared memory of the fused kernel of ``version`` for these tiles."""
+    if version == 2:
+        dvp = cdiv(dv, 4 * tx) * 4 * tx
+        return itemsize * (dk * (bq + 4) + dk * (bk + 4) + bk * (dvp + 4) + bk * (bq + 4) + bq * tx)
     return itemsize * (dk * (bq + 1) + dk * (bk + 1) + bk * dv + bq * (bk + 1) + bq * tx)
 
 
-def fused_tiles(tuning, dk: int, dv: int, itemsize: int) -> tuple:
-    """``tuning.attn`` shrunk (BK first, then BQ) until the tiles fit in 48 KB of shared memory."""
+def fused_tiles(tuning, dk: int, dv: int, itemsize: int, version: int = 1) -> tuple:
+    """``tuning.attn`` shrunk (BK first, then BQ) until the tiles of ``version`` fit in 48 KB
+    of shared memory (v2 keeps BQ and BK multiples of 4*TY and 4*TX, for its 4-wide register
+    blocks); ValueError if they cannot."""
     bq, bk, ty, tx = tuning.attn
-    while fused_shared_bytes(dk, dv, bq, bk, tx, itemsize) > SHARED_BYTES_LIMIT:
-        if bk >= 2 * tx and (bk // 2) % tx == 0:
+    unit = 4 if version == 2 else 1
+    while fused_shared_bytes(dk, dv, bq, bk, tx, itemsize, version) > SHARED_BYTES_LIMIT:
+        if bk >= 2 * unit * tx and (bk // 2) % (unit * tx) == 0:
             bk //= 2
-        elif bq >= 2 * ty and (bq // 2) % ty == 0:
+        elif bq >= 2 * unit * ty and (bq // 2) % (unit * ty) == 0:
             bq //= 2
         else:
             raise ValueError(
@@ -81,8 +92,230 @@ def fused_tiles(tuning, dk: int, dv: int, itemsize: int) -> tuple:
     return bq, bk, ty, tx
 
 
+def fused_plan(tuning, dk: int, dv: int, itemsize: int) -> tuple:
+    """(version, tiles): ``tuning.attn_version`` where its tiles fit, else v1, whose tiles
+    shrink further (v2's 4-wide blocks fit d = 64 in float32 at the default 16 x 8 threads;
+    larger heads and float64 run v1)."""
+    try:
+        return tuning.attn_version, fused_tiles(tuning, dk, dv, itemsize, tuning.attn_version)
+    except ValueError:
+        if tuning.attn_version == 1:
+            raise
+    return 1, fused_tiles(tuning, dk, dv, itemsize, 1)
+
+
 @lru_cache(maxsize=None)
-def fused_kernel(dtype, dk, dv, bq, bkt, ty_n, tx_n, masked: bool, band: bool):
+def fused_kernel(dtype, dk, dv, bq, bkt, ty_n, tx_n, masked: bool, band: bool, version: int = 1):
+    """The fused kernel of ``version`` (``ATTN_VERSIONS``) for these compile-time constants."""
+    if version == 2:  # Tuning checks BQ % (4*TY) == 0 and BK % (4*TX) == 0
+        return _fused_v2(dtype, dk, dv, bq, bkt, ty_n, tx_n, masked, band)
+    return _fused_v1(dtype, dk, dv, bq, bkt, ty_n, tx_n, masked, band)
+
+
+LOG2E = 1.4426950408889634
+
+
+@lru_cache(maxsize=None)
+def _fused_v2(dtype, dk, dv, bq, bkt, ty_n, tx_n, masked: bool, band: bool):
+    """v2 of :func:`_fused_v1`: same operands, launch and results.
+
+    * Register blocks of 4: a thread's query rows are ``4*ty + r + g*4*TY`` and its keys
+      ``4*tx + c + g*4*TX``; Q and K are staged d-major, P key-major and V key-major in
+      16-byte aligned shared rows (padded by 4), so every operand of the two inner products
+      arrives in 16-byte shared loads: 2 per 16 FMAs for the scores (v1: 8), 3 per 32 for
+      P V (v1: 12).
+    * Scores are kept in log2 units (Q pre-scaled by log2(e)/sqrt(d_k) as it is staged), so
+      each probability costs one ``exp2`` (a single MUFU.EX2) instead of libdevice's ``exp``.
+    * The next K/V tile is loaded from global memory into registers while the current one is
+      multiplied; loads are unconditional at clamped indices (keys past the end repeat key
+      Nk - 1 and are then masked to probability 0; queries past the end repeat row Nq - 1
+      and are never stored); shared indices are unsigned (no wraparound selects).
+    """
+    dt = numba_dtype(dtype)
+    visible = visibility(masked, band)
+    tm = bq // ty_n  # query rows per thread (tm/4 blocks of 4)
+    sc = bkt // tx_n  # keys per thread per tile (sc/4 blocks of 4)
+    dvg = cdiv(dv, 4 * tx_n)  # output column blocks of 4 per thread
+    oc = 4 * dvg
+    dvp = dvg * 4 * tx_n  # V tile width padded to whole blocks
+    nt = ty_n * tx_n
+    ldq, ldk, ldv, ldp = bq + 4, bkt + 4, dvp + 4, bq + 4
+    q_size, k_size, v_size, p_size, red_size = dk * ldq, dk * ldk, bkt * ldv, bkt * ldp, bq * tx_n
+    q_loads, k_loads, v_loads = cdiv(bq * dk, nt), cdiv(bkt * dk, nt), cdiv(bkt * dv, nt)
+    s_shape, acc_shape = (tm, sc), (tm, oc)
+    log2e = dt(LOG2E)
+
+    @cuda.jit(cache=True)
+    def fused(q, k, v, out, mask, fb, fh, fi, fj, scale, wl, wr):
+        q_s = cuda.shared.array(q_size, dt, alignment=16)
+        k_s = cuda.shared.array(k_size, dt, alignment=16)
+        v_s = cuda.shared.array(v_size, dt, alignment=16)
+        p_s = cuda.shared.array(p_size, dt, alignment=16)
+        red = cuda.shared.array(red_size, dt, alignment=16)
+        s_r = cuda.local.array(s_shape, dt)
+        acc = cuda.local.array(acc_shape, dt)
+        m_r = cuda.local.array(tm, dt)
+        l_r = cuda.local.array(tm, dt)
+        a_r = cuda.local.array(tm, dt)
+        b_r = cuda.local.array(oc, dt)
+        c_r = cuda.local.array(sc, dt)
+        pk = cuda.local.array(k_loads, dt)
+        pv = cuda.local.array(v_loads, dt)
+        tid = cuda.threadIdx.x
+        tx = tid % tx_n
+        ty = tid // tx_n
+        nq = q.shape[2]
+        nk = k.shape[2]
+        q0 = (cuda.gridDim.x - 1 - cuda.blockIdx.x) * bq  # heaviest causal tiles first
+        b = uint64(cuda.blockIdx.y // q.shape[1])
+        h = uint64(cuda.blockIdx.y % q.shape[1])
+        ninf = dt(-math.inf)
+        zero = dt(0.0)
+        qscale = scale * log2e
+
+        for load in range(q_loads):
+            idx = tid + load * nt
+            if idx < bq * dk:
+                r = idx // dk
+                c = idx - r * dk
+                q_s[uint64(c * ldq + r)] = q[b, h, uint64(min(q0 + r, nq - 1)), uint64(c)] * qscale
+        for i in range(tm):
+            m_r[i] = ninf
+            l_r[i] = zero
+            for e in range(oc):
+                acc[i, e] = zero
+
+        k_lo = 0
+        k_hi = nk
+        if band:  # keys outside [q0 - wl, q0 + bq - 1 + wr] are invisible to the whole tile
+            k_lo = max(0, q0 - wl)
+            k_hi = min(nk, q0 + bq + wr)
+
+        if k_lo < k_hi:  # the first K/V tile into registers
+            for load in range(k_loads):
+                idx = tid + load * nt
+                r = idx // dk
+                pk[load] = k[b, h, uint64(min(k_lo + r, nk - 1)), uint64(idx - r * dk)]
+            for load in range(v_loads):
+                idx = tid + load * nt
+                r = idx // dv
+                pv[load] = v[b, h, uint64(min(k_lo + r, nk - 1)), uint64(idx - r * dv)]
+
+        for k0 in range(k_lo, k_hi, bkt):
+            cuda.syncthreads()  # the previous tile's readers are done (and Q is staged)
+            for load in range(k_loads):
+                idx = tid + load * nt
+                if idx < bkt * dk:
+                    r = idx // dk
+                    k_s[uint64((idx - r * dk) * ldk + r)] = pk[load]
+            for load in range(v_loads):
+                idx = tid + load * nt
+                if idx < bkt * dv:
+                    r = idx // dv
+                    v_s[uint64(r * ldv + idx - r * dv)] = pv[load]
+            cuda.syncthreads()
+            k1 = k0 + bkt
+            if k1 < k_hi:  # the next tile's loads fly while this one is multiplied
+                for load in range(k_loads):
+                    idx = tid + load * nt
+                    r = idx // dk
+                    pk[load] = k[b, h, uint64(min(k1 + r, nk - 1)), uint64(idx - r * dk)]
+                for load in range(v_loads):
+                    idx = tid + load * nt
+                    r = idx // dv
+                    pv[load] = v[b, h, uint64(min(k1 + r, nk - 1)), uint64(idx - r * dv)]
+
+            # (1) scores (log2 units) of this thread's rows x keys
+            for i in range(tm):
+                for j in range(sc):
+                    s_r[i, j] = zero
+            qb = uint64(4 * ty)
+            kb = uint64(4 * tx)
+            for d in range(dk):
+                qo = qb + uint64(d * ldq)
+                ko = kb + uint64(d * ldk)
+                for g in range(tm // 4):
+                    for r in range(4):
+                        a_r[4 * g + r] = q_s[qo + uint64(4 * ty_n * g + r)]
+                for g in range(sc // 4):
+                    for c in range(4):
+                        c_r[4 * g + c] = k_s[ko + uint64(4 * tx_n * g + c)]
+                for i in range(tm):
+                    for j in range(sc):
+                        s_r[i, j] += a_r[i] * c_r[j]
+            # (2) visibility and this thread's share of the row maxima
+            for i in range(tm):
+                rl = 4 * ty + (i // 4) * 4 * ty_n + i % 4
+                row = min(q0 + rl, nq - 1)  # rows past the end are computed, never stored
+                mx = ninf
+                for j in range(sc):
+                    col = k0 + 4 * tx + (j // 4) * 4 * tx_n + j % 4
+                    if col < k_hi and visible(mask, b, h, row, col, fb, fh, fi, fj, wl, wr):
+                        if s_r[i, j] > mx:
+                            mx = s_r[i, j]
+                    else:
+                        s_r[i, j] = ninf
+                red[uint64(rl * tx_n + tx)] = mx
+            cuda.syncthreads()
+            # (3) online softmax: new running max, rescale, probabilities (key-major) to shared
+            for i in range(tm):
+                rl = 4 * ty + (i // 4) * 4 * ty_n + i % 4
+                mx = m_r[i]
+                for t in range(tx_n):
+                    mx = max(mx, red[uint64(rl * tx_n + t)])
+                if mx > ninf:
+                    alpha = math.exp2(m_r[i] - mx)  # exp2(-inf) = 0 on the first visible tile
+                    m_r[i] = mx
+                    l_r[i] *= alpha
+                    for e in range(oc):
+                        acc[i, e] *= alpha
+                psum = zero
+                for j in range(sc):
+                    p = zero
+                    if s_r[i, j] > ninf:
+                        p = math.exp2(s_r[i, j] - mx)
+                    p_s[uint64((4 * tx + (j // 4) * 4 * tx_n + j % 4) * ldp + rl)] = p
+                    psum += p
+                l_r[i] += psum
+            cuda.syncthreads()
+            # (4) O += P V
+            vb = uint64(4 * tx)
+            for j in range(bkt):
+                po = qb + uint64(j * ldp)
+                vo = vb + uint64(j * ldv)
+                for g in range(tm // 4):
+                    for r in range(4):
+                        a_r[4 * g + r] = p_s[po + uint64(4 * ty_n * g + r)]
+                for g in range(dvg):
+                    for c in range(4):
+                        b_r[4 * g + c] = v_s[vo + uint64(4 * tx_n * g + c)]
+                for i in range(tm):
+                    for e in range(oc):
+                        acc[i, e] += a_r[i] * b_r[e]
+
+        # combine the partial row sums of the TX threads sharing each row, normalise, store
+        cuda.syncthreads()
+        for i in range(tm):
+            red[uint64((4 * ty + (i // 4) * 4 * ty_n + i % 4) * tx_n + tx)] = l_r[i]
+        cuda.syncthreads()
+        for i in range(tm):
+            rl = 4 * ty + (i // 4) * 4 * ty_n + i % 4
+            row = q0 + rl
+            if row < nq:
+                total = zero
+                for t in range(tx_n):
+                    total += red[uint64(rl * tx_n + t)]
+                inv = dt(1.0) / total if total > zero else zero
+                for e in range(oc):
+                    col = 4 * tx + (e // 4) * 4 * tx_n + e % 4
+                    if col < dv:
+                        out[b, h, uint64(row), uint64(col)] = acc[i, e] * inv
+
+    return fused
+
+
+@lru_cache(maxsize=None)
+def _fused_v1(dtype, dk, dv, bq, bkt, ty_n, tx_n, masked: bool, band: bool):
     """Fused attention for q (B, H, Nq, dk), k (B, H, Nk, dk), v (B, H, Nk, dv) -> out (B, H, Nq, dv).
 
     Operands may be strided views (e.g. a prefix of a KV cache). Launch: grid
@@ -282,8 +515,8 @@ def run_fused(q, k, v, out, tuning, *, mask4=None, factors=(0, 0, 0, 0), window=
     b, h, nq, dk = q.shape
     dv = v.shape[3]
     dtype = np.dtype(q.dtype)
-    bq, bkt, ty, tx = fused_tiles(tuning, dk, dv, dtype.itemsize)
-    kern = fused_kernel(dtype, dk, dv, bq, bkt, ty, tx, mask4 is not None, window is not None)
+    version, (bq, bkt, ty, tx) = fused_plan(tuning, dk, dv, dtype.itemsize)
+    kern = fused_kernel(dtype, dk, dv, bq, bkt, ty, tx, mask4 is not None, window is not None, version)
     wl, wr = window if window is not None else (0, 0)
     launch("attention_fused", kern, (cdiv(nq, bq), b * h), ty * tx, q, k, v, out,
            mask4 if mask4 is not None else no_mask(), *factors,

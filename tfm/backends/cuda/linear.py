@@ -30,13 +30,15 @@ import math
 from functools import lru_cache
 
 import numpy as np
-from numba import cuda
+from numba import cuda, uint64
 
 from ._cublas import linear_into
 from ._launch import SHARED_BYTES_LIMIT, cdiv, gemm_shared_bytes, grid_1d, launch, numba_dtype
 from ._views import c_view
 
-GEMM_VERSIONS = {1: "v1: single-buffered slabs, interleaved 8 x 8 register tile"}
+GEMM_VERSIONS = {1: "v1: single-buffered slabs, interleaved register tile, scalar shared loads",
+                 2: "v2: 4 x 4 register blocks with 16-byte shared loads, next slab prefetched into "
+                    "registers, double-buffered slabs, clamped unsigned global loads"}
 
 VARIANTS = {
     "numba": "tiled shared-memory GEMM with register blocking, fused bias + activation",
@@ -67,7 +69,133 @@ def _make_act(dt):
 
 
 @lru_cache(maxsize=None)
-def gemm_kernel(dtype, bm, bn, bk, tm, tn, trans_b: bool, act_code: int, has_bias: bool):
+def gemm_kernel(dtype, bm, bn, bk, tm, tn, trans_b: bool, act_code: int, has_bias: bool, version: int = 1):
+    """The GEMM kernel of ``version`` (``GEMM_VERSIONS``) for these compile-time constants."""
+    if version == 2:  # Tuning checks that TM and TN are multiples of 4
+        return _gemm_v2(dtype, bm, bn, bk, tm, tn, trans_b, act_code, has_bias)
+    return _gemm_v1(dtype, bm, bn, bk, tm, tn, trans_b, act_code, has_bias)
+
+
+@lru_cache(maxsize=None)
+def _gemm_v2(dtype, bm, bn, bk, tm, tn, trans_b: bool, act_code: int, has_bias: bool):
+    """v2 of :func:`_gemm_v1`'s product: same operands, launch and results.
+
+    * The thread tile is (TM/4) x (TN/4) blocks of 4 x 4: rows ``4*ty + r + g*4*TY`` and
+      columns ``4*tx + c + g*4*TX``, so each k step reads 4 consecutive floats of a slab row
+      per block: one 16-byte shared load (the slabs are 16-byte aligned, rows padded by 4).
+    * The next BK slab is loaded from global memory into registers while the current one is
+      multiplied, then stored to the other half of a double-buffered slab: one barrier per
+      k step, and the global latency hides behind TM x TN x BK FMAs.
+    * Global loads are unconditional at clamped indices (the row of A past M repeats row
+      M - 1, whose products are never stored; a k past K is zeroed by a select), and every
+      index is unsigned, so numba emits no negative-index wraparound selects.
+    """
+    dt = numba_dtype(dtype)
+    act = _make_act(dt)
+    ty_n, tx_n = bm // tm, bn // tn
+    nt = ty_n * tx_n
+    gm, gn = tm // 4, tn // 4
+    lda, ldb = bm + 4, bn + 4  # slab row lengths: 16-byte aligned rows, and fewer bank conflicts
+    a_half, b_half = bk * lda, bk * ldb
+    a_size, b_size = 2 * a_half, 2 * b_half  # shapes must be compile-time constants
+    a_loads, b_loads = cdiv(bm * bk, nt), cdiv(bn * bk, nt)
+    zero = dt(0.0)
+
+    @cuda.jit(cache=True)
+    def gemm(a, b, bias, c, m, n, k, alpha):
+        a_s = cuda.shared.array(a_size, dt, alignment=16)
+        b_s = cuda.shared.array(b_size, dt, alignment=16)
+        acc = cuda.local.array((tm, tn), dt)
+        a_r = cuda.local.array(tm, dt)
+        b_r = cuda.local.array(tn, dt)
+        pa = cuda.local.array(a_loads, dt)
+        pb = cuda.local.array(b_loads, dt)
+        tid = cuda.threadIdx.x
+        tx = tid % tx_n
+        ty = tid // tx_n
+        m0 = cuda.blockIdx.y * bm
+        n0 = cuda.blockIdx.x * bn
+        z = uint64(cuda.blockIdx.z)
+        m_last = m - 1
+        n_last = n - 1
+        k_last = k - 1
+        for i in range(tm):
+            for j in range(tn):
+                acc[i, j] = zero
+
+        n_tiles = (k + bk - 1) // bk
+        for t in range(n_tiles + 1):
+            k0 = t * bk
+            if t < n_tiles:  # the slab of step t into registers (step t - 1 is in shared memory)
+                for load in range(a_loads):
+                    idx = tid + load * nt
+                    r = idx // bk
+                    cc = idx - r * bk
+                    v = a[z, uint64(min(m0 + r, m_last)), uint64(min(k0 + cc, k_last))]
+                    pa[load] = v if k0 + cc < k else zero
+                for load in range(b_loads):
+                    idx = tid + load * nt
+                    if trans_b:  # B is (N, K): walk K, the contiguous axis
+                        r = idx // bk
+                        cc = idx - r * bk
+                        v = b[z, uint64(min(n0 + r, n_last)), uint64(min(k0 + cc, k_last))]
+                        pb[load] = v if k0 + cc < k else zero
+                    else:  # B is (K, N): walk N
+                        r = idx // bn
+                        cc = idx - r * bn
+                        v = b[z, uint64(min(k0 + r, k_last)), uint64(min(n0 + cc, n_last))]
+                        pb[load] = v if k0 + r < k else zero
+            if t > 0:  # multiply the slab of step t - 1
+                # offsets kept visibly multiples of 4, so that the compiler proves the 16-byte
+                # alignment its vector loads need
+                prev = uint64((t - 1) & 1)
+                a0 = prev * uint64(a_half) + uint64(4 * ty)
+                b0 = prev * uint64(b_half) + uint64(4 * tx)
+                for kk in range(bk):
+                    ao = a0 + uint64(kk * lda)
+                    bo = b0 + uint64(kk * ldb)
+                    for g in range(gm):
+                        for r in range(4):
+                            a_r[4 * g + r] = a_s[ao + uint64(4 * ty_n * g + r)]
+                    for g in range(gn):
+                        for r in range(4):
+                            b_r[4 * g + r] = b_s[bo + uint64(4 * tx_n * g + r)]
+                    for i in range(tm):
+                        for j in range(tn):
+                            acc[i, j] += a_r[i] * b_r[j]
+            if t < n_tiles:  # registers -> the other half of the slabs
+                half = t & 1
+                for load in range(a_loads):
+                    idx = tid + load * nt
+                    if idx < bm * bk:
+                        r = idx // bk
+                        a_s[uint64(half * a_half + (idx - r * bk) * lda + r)] = pa[load]
+                for load in range(b_loads):
+                    idx = tid + load * nt
+                    if idx < bn * bk:
+                        if trans_b:
+                            r = idx // bk
+                            b_s[uint64(half * b_half + (idx - r * bk) * ldb + r)] = pb[load]
+                        else:
+                            r = idx // bn
+                            b_s[uint64(half * b_half + r * ldb + idx - r * bn)] = pb[load]
+            cuda.syncthreads()
+        for i in range(tm):
+            row = m0 + 4 * ty + (i // 4) * 4 * ty_n + i % 4
+            if row < m:
+                for j in range(tn):
+                    col = n0 + 4 * tx + (j // 4) * 4 * tx_n + j % 4
+                    if col < n:
+                        v = alpha * acc[i, j]
+                        if has_bias:
+                            v += bias[col]
+                        c[z, uint64(row), uint64(col)] = act(v, act_code)
+
+    return gemm
+
+
+@lru_cache(maxsize=None)
+def _gemm_v1(dtype, bm, bn, bk, tm, tn, trans_b: bool, act_code: int, has_bias: bool):
     """C[z] = alpha * A[z] @ (B[z].T if trans_b else B[z]) (+ bias) (act) for 3-D operands.
 
     A (Z, M, K); B (Z, N, K) if trans_b else (Z, K, N); C (Z, M, N); bias (N,).
@@ -172,7 +300,7 @@ def gemm(a, b, c, tuning, *, trans_b: bool, alpha: float = 1.0, bias=None, act=N
     n = b.shape[1] if trans_b else b.shape[2]
     dtype = np.dtype(c.dtype)
     bm, bn, bk, tm, tn = tiles = pick_gemm_tiles(tuning, z, m, n, dtype.itemsize)
-    kern = gemm_kernel(dtype, *tiles, bool(trans_b), ACTIVATIONS[act], bias is not None)
+    kern = gemm_kernel(dtype, *tiles, bool(trans_b), ACTIVATIONS[act], bias is not None, tuning.gemm_version)
     launch("gemm", kern, (cdiv(n, bn), cdiv(m, bm), z), (bm // tm) * (bn // tn),
            a, b, placeholder(dtype) if bias is None else bias, c, m, n, k, dtype.type(alpha))
 
