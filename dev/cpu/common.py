@@ -30,6 +30,18 @@ def rel_err(out, ref) -> float:
     return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), np.finfo(np.float64).tiny))
 
 
+def aligned(shape, dtype=np.float32, offset: int = 0) -> np.ndarray:
+    """An uninitialised array whose data start ``offset`` bytes past a 64-byte boundary (a
+    cache line, one AVX-512 vector). NumPy's own alignment varies from run to run (16 bytes
+    is all it promises), and a vectorised loop over rows that straddle cache lines runs
+    measurably slower, so the lab pins it: every variant of a comparison gets the same."""
+    dtype = np.dtype(dtype)
+    count = int(np.prod(shape))
+    buf = np.empty(count * dtype.itemsize + 64 + offset, np.uint8)
+    start = (-buf.ctypes.data) % 64 + offset
+    return buf[start:start + count * dtype.itemsize].view(dtype).reshape(shape)
+
+
 def check(label: str, err: float, tol: float, rows: list) -> None:
     """Record one correctness result; fail loudly (after recording) when it misses ``tol``."""
     rows.append({"check": label, "rel_err": err, "tol": tol, "ok": err < tol})

@@ -21,7 +21,7 @@ from tfm.backends.cpu._blas import gemm
 from tfm.backends.cpu._threads import single_threaded_blas
 from tfm.reference import baselines as ref
 
-from .common import check, compare, interleave, main, print_rows, rel_err
+from .common import aligned, check, compare, interleave, main, print_rows, rel_err
 
 # Step-product variants, versions 1..N: acc = h @ W_hh^T[:, block], one unit block at a time
 # (as the kernels do), (8, 512) x (512, 2048) per step, one thread.
@@ -116,12 +116,19 @@ def run_checks(rng) -> list[dict]:
 
 
 def step_product(rng, quick, checks) -> list[dict]:
+    """The versions on 64-byte-aligned operands, and the library's loop with its operands 16
+    bytes past a cache line (how far alignment alone moves the step)."""
     batch, hidden, block = 8, 512, 4 * rec.UNITS
-    h = rng.standard_normal((batch, hidden)).astype(np.float32)
-    w = rng.uniform(-hidden ** -0.5, hidden ** -0.5, (hidden, 4 * hidden)).astype(np.float32)
-    accs = {name: np.empty((batch, block), np.float32) for name in _STEP}
+    h, w, w_off = aligned((batch, hidden)), aligned((hidden, 4 * hidden)), aligned((hidden, 4 * hidden), offset=16)
+    h[:] = rng.standard_normal((batch, hidden))
+    w[:] = rng.uniform(-hidden ** -0.5, hidden ** -0.5, (hidden, 4 * hidden))
+    w_off[:] = w
+    accs = {name: aligned((batch, block)) for name in _STEP}
     fns = {name: (lambda fn=fn, acc=accs[name]: _step_product(fn, h, w, acc, block))
            for name, fn in _STEP.items()}
+    off = "v5, W and acc 16 bytes off a cache line"
+    accs[off] = aligned((batch, block), offset=16)
+    fns[off] = lambda: _step_product(rec._hidden_block, h, w_off, accs[off], block)
     try:
         import torch
 
