@@ -1,6 +1,7 @@
 """The CUDA kernel lab: every kernel variant tfm keeps, validated, then timed side by side.
 
     python3 -m dev.cuda.lab --out DIR [--budget-s 100] [--family gemm,attention,launch,forward]
+    python3 -m dev.cuda.lab --out DIR --family ptx,launch                # without a GPU
     NUMBA_ENABLE_CUDASIM=1 python3 -m dev.cuda.lab --out DIR --smoke     # toy sizes, CI
 
 (from the repository root). After llm.c's ``dev/cuda``: for each kernel family with
@@ -19,11 +20,15 @@ median and interquartile range. Families and their peers:
 * ``launch``    the launch paths of ``_launch.LAUNCH_MODES``: host microseconds per launch of a
                 small elementwise kernel (with no GPU and no simulator, the driver call is
                 stubbed: ``--family launch`` then measures the host side alone).
+* ``ptx``       no GPU needed (a CUDA toolkit and numba outside simulator mode): each GEMM
+                and fused-attention version and tiling compiled for sm_90; ptxas registers,
+                static shared memory and spills, and the PTX instruction mix of the kernel
+                (FMAs, 16-byte and scalar shared loads, all instructions). Not run by default.
 * ``forward``   the base-config forward pass (``from_torch(nn.Transformer)``, B=8, n=128):
                 cuBLAS vs Numba GEMM, the launch paths, the caching pool on and off
                 (``_memory.PoolMemoryManager.caching``), against eager nn.Transformer (FP32).
 
-Writes one CSV per family into DIR and ``SUMMARY.md`` (at most 5 files), each as soon as its
+Writes one CSV per family into DIR and ``SUMMARY.md`` (at most 6 files), each as soon as its
 family ends; a case that does not fit in the time left becomes a row with the reason. Every
 failure becomes a row too. Numbers are ratios measured in one process, never across runs.
 """
@@ -40,7 +45,8 @@ import traceback
 
 import numpy as np
 
-FAMILIES = ("gemm", "attention", "launch", "forward")
+FAMILIES = ("gemm", "attention", "launch", "forward", "ptx")
+GPU_FAMILIES = FAMILIES[:4]  # the default: what a GPU run measures (ptx needs no GPU)
 FP32_LANES_PER_SM = {(7, 0): 64, (8, 0): 64, (8, 6): 128, (8, 9): 128, (9, 0): 128}
 
 
@@ -504,6 +510,72 @@ def family_forward(budget_s: float, smoke: bool, dev: dict) -> list:
     return rows
 
 
+def ptx_mix(ptx: str) -> dict:
+    """Instruction counts of a kernel's PTX body: a static mix (loops counted once)."""
+    counts = {"fma": 0, "lds_v4": 0, "lds_v2": 0, "lds_scalar": 0, "instructions": 0}
+    for line in ptx.split(".entry", 1)[1].splitlines():
+        line = line.strip()
+        if not line or line.startswith(("//", ".", "{", "}", "(", ")", "$")) or line.endswith(":"):
+            continue
+        op = line.split()[1] if line.startswith("@") else line.split()[0]
+        counts["instructions"] += 1
+        if op.startswith("fma."):
+            counts["fma"] += 1
+        elif op.startswith("ld.shared"):
+            counts["lds_v4" if ".v4." in op else "lds_v2" if ".v2." in op else "lds_scalar"] += 1
+    return counts
+
+
+def family_ptx(budget_s: float, smoke: bool, dev: dict) -> list:
+    """Static resources and instruction mix of every GEMM and fused-attention variant (sm_90)."""
+    if simulator():
+        return [{"variant": "*", "status": "skipped", "reason": "needs numba outside simulator mode"}]
+    from numba import types as T
+
+    from tfm.backends.cuda import _offline, attention, linear
+    from tfm.backends.cuda._launch import Tuning
+
+    if _offline.toolkit()[0] is None:
+        return [{"variant": "*", "status": "skipped", "reason": "no CUDA toolkit (libNVVM, libdevice)"}]
+    f1, f3 = T.Array(T.float32, 1, "C"), T.Array(T.float32, 3, "C")
+    s4, mask = T.Array(T.float32, 4, "A"), T.Array(T.boolean, 4, "A")
+    s32 = np.dtype(np.float32)
+    cases = []
+    for v in linear.GEMM_VERSIONS:
+        for tiles in linear.TILINGS:
+            threads = (tiles[0] // tiles[3]) * (tiles[1] // tiles[4])
+            cases.append(({"kernel": "gemm", "version": v, "tiling": str(tiles), "threads": threads},
+                          linear.gemm_kernel(s32, *tiles, True, 0, True, v), (f3, f3, f1, f3) + (T.int64,) * 3 + (T.float32,)))
+    t = Tuning()
+    for v in attention.ATTN_VERSIONS:
+        for attn in attention.TILINGS[v]:
+            tiles = attention.fused_tiles(t.replace(attn=attn), 64, 64, 4, v)
+            cases.append(({"kernel": "attention_fused d=64", "version": v, "tiling": str(attn),
+                           "threads": tiles[2] * tiles[3]},
+                          attention.fused_kernel(s32, 64, 64, *tiles, False, False, v),
+                          (s4,) * 4 + (mask,) + (T.int64,) * 4 + (T.float32, T.int64, T.int64)))
+    rows = []
+    t_end = time.monotonic() + budget_s
+    with _offline.offline():
+        for base, kernel, sig in cases:
+            if time.monotonic() > t_end:
+                rows.append(dict(base, variant=f"v{base['version']}", status="skipped", reason="lab budget spent"))
+                continue
+            try:
+                ptx = _offline.compile_ptx(kernel, sig)
+                rep = _offline.ptxas_report(ptx) or {}
+            except Exception as exc:
+                rows.append(dict(base, variant=f"v{base['version']}", status="failed",
+                                 reason=f"{type(exc).__name__}: {exc}"[:300]))
+                continue
+            mix = ptx_mix(ptx)
+            rows.append(dict(base, variant=f"v{base['version']}", status="ok",
+                             registers=rep.get("registers"), smem_bytes=rep.get("smem"),
+                             spill_bytes=(rep.get("spill_stores", 0) or 0) + (rep.get("spill_loads", 0) or 0),
+                             **mix, fma_share=mix["fma"] / max(1, mix["instructions"])))
+    return rows
+
+
 # ---------------------------------------------------------------------- main
 _POOL = []
 
@@ -550,6 +622,12 @@ def summary(results: dict, dev: dict, args, budget: Budget) -> str:
                     extra += f", {100 * row['frac_fp32_peak']:.1f}% of FP32 peak"
                 if "us_per_launch" in row:
                     extra += f", {row['us_per_launch']:.1f} us/launch"
+                if "registers" in row:
+                    lines.append(f"- {row['kernel']} {row['variant']}{row['tiling']}: {row['registers']} registers "
+                                 f"x {row['threads']} threads, {row['smem_bytes']} B smem, {row['spill_bytes']} B "
+                                 f"spilled; PTX {row['fma']} FMA / {row['instructions']} instructions, shared "
+                                 f"loads {row['lds_v4']} x16 B, {row['lds_v2']} x8 B, {row['lds_scalar']} x4 B")
+                    continue
                 lines.append(f"- {shape}: {row['variant']} {row['median_ms']:.3f} ms "
                              f"(IQR {row['iqr_ms']:.3f}){extra}")
             else:
@@ -563,7 +641,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="folder for the CSV files and SUMMARY.md")
     p.add_argument("--budget-s", type=float, default=100.0, help="wall-clock budget, JIT included")
     p.add_argument("--smoke", action="store_true", help="toy sizes (for the simulator)")
-    p.add_argument("--family", default=",".join(FAMILIES), help="comma-separated subset of " + ", ".join(FAMILIES))
+    p.add_argument("--family", default=",".join(GPU_FAMILIES),
+                   help="comma-separated subset of " + ", ".join(FAMILIES) + " (default: all but ptx)")
     args = p.parse_args(argv)
     families = [f for f in args.family.split(",") if f]
     unknown = set(families) - set(FAMILIES)
@@ -571,9 +650,9 @@ def main(argv=None) -> int:
         p.error(f"unknown families {sorted(unknown)}; choose from {', '.join(FAMILIES)}")
     budget = Budget(args.budget_s)
     os.makedirs(args.out, exist_ok=True)
-    if not (simulator() or gpu_present()) and families != ["launch"]:
-        print("no GPU and no simulator: only `--family launch` runs here (host side, driver stubbed); "
-              "set NUMBA_ENABLE_CUDASIM=1 for the --smoke run", file=sys.stderr)
+    if not (simulator() or gpu_present()) and not set(families) <= {"launch", "ptx"}:
+        print("no GPU and no simulator: only `--family ptx,launch` run here (compiled offline; launches "
+              "with the driver stubbed); set NUMBA_ENABLE_CUDASIM=1 for the --smoke run", file=sys.stderr)
         return 2
     if simulator() and not args.smoke:
         print("under NUMBA_ENABLE_CUDASIM=1 the lab runs only with --smoke (toy sizes)", file=sys.stderr)
@@ -590,8 +669,8 @@ def main(argv=None) -> int:
                                                                "clock_mhz": 0.0, "fp32_peak_gflops": math.nan}
     log(budget, f"device: {dev}")
     runners = {"gemm": family_gemm, "attention": family_attention, "launch": family_launch,
-               "forward": family_forward}
-    weights = {"gemm": 0.3, "attention": 0.4, "launch": 0.05, "forward": 0.25}
+               "forward": family_forward, "ptx": family_ptx}
+    weights = {"gemm": 0.3, "attention": 0.4, "launch": 0.05, "forward": 0.25, "ptx": 0.3}
     results = {}
     for i, family in enumerate(families):
         left = budget.left() - 3.0  # keep time to write the summary
