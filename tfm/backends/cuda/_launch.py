@@ -33,9 +33,10 @@ Launch paths (``LAUNCH_MODES``; ``TFM_CUDA_LAUNCH`` or :func:`set_launch_mode` c
   ``LaunchConfig``. The first launch of each overload compares this marshalling with
   numba's and falls back to ``overload`` (with a warning) if they ever differ.
 
-Host cost per launch of the three paths: measured without a GPU by ``python3 -m dev.cuda.lab
---family launch`` (driver calls stubbed); on a GPU by the lab's ``launch`` family. Verdicts:
-not yet measured on a GPU.
+Host cost per launch of a 3-argument kernel, ``python3 -m dev.cuda.lab --out DIR --family
+launch`` without a GPU (compiled for sm_90, the final driver call stubbed) on the 2-core
+development VM, two runs: dispatch 22 and 89 us, overload 23 and 64 us, direct 6.4 us both
+times. On a GPU the same command adds the real cuLaunchKernel: not yet measured on a GPU.
 """
 
 from __future__ import annotations

@@ -1,38 +1,46 @@
 """Scaled dot-product attention on the GPU, head split/merge, and in-place KV-cache writes.
 
-Variants (``VARIANTS``):
+Layout: ``split_heads`` returns a strided (B, H, N, Dh) view of the (B, N, C) projection (no
+copy, no launch) and the kernels write their output head-merged, as a (B, H, N, Dv) view of
+a (B, N, H*Dv) array, so ``merge_heads`` returns it for free: a base forward pass lost the 72
+split/merge launches and allocations of the first GPU run (dev/cuda/profile_forward.txt).
 
-* ``naive`` — the O(n^2)-memory reference point: the batched tiled GEMM
-  (``linear.gemm``) writes the scaled (B*H, Nq, Nk) scores to global memory, the row
-  softmax kernel (``norm.softmax_kernel``) applies mask/causal in place, a second GEMM
-  multiplies by V. Measured: correct under the simulator; GPU numbers pending.
-* ``fused`` — FlashAttention-2 style, one kernel, scores never leave the chip. One block
-  per (query tile of BQ rows, b*h); TY x TX threads. The Q tile (pre-scaled by
-  1/sqrt(d_k)) and each K tile are staged d-major in shared memory (padded rows, so the
-  transposing stores are bank-conflict free), the V tile row-major. Per K tile:
-  (1) each thread computes a (BQ/TY) x (BK/TX) register tile of scores, its rows and
-  columns interleaved (``ty + i*TY``, ``tx + j*TX``) so that a warp's shared loads hit
-  consecutive addresses or broadcast; (2) the row maxima are combined across the TX
-  threads of a row through a small shared array (no warp shuffles: the simulator has
-  none, and the reduction is a few per cent of the tile's FMAs); (3) each thread rescales
-  its output accumulators and its *partial* row sum by exp(m_old - m_new) (online
-  softmax, all in registers; the row sums are combined only once, at the end), writes its
-  probabilities to a shared P tile; (4) O += P V from shared memory into a
-  (BQ/TY) x ceil(Dv/TX) register tile. Extra device memory: none beyond the output
-  (O(n*d) in total), so n = 16384 and beyond run. Masking: optional broadcast boolean
-  mask read through per-axis 0/1 index factors (never materialised to (B,H,Nq,Nk));
-  causal and banded (restricted-attention) visibility as a key window [i - wl, i + wr],
-  with whole key tiles outside the window of the query tile skipped (causal: half the
-  work). Query tiles are scheduled heaviest-first (reverse order) for causal balance.
-  Rows with no visible key give zeros. Default tiles for d = 64, float32: BQ = 64,
-  BK = 32, 16 x 8 threads -> 42.8 KB shared memory, 4 x 4 scores and 4 x 8 outputs per
-  thread; tiles shrink automatically to stay under 48 KB (larger d, float64). ptxas
-  (sm_90, tests/test_cuda_ptx.py): 110 registers (136 with a mask), no spills, so 3-4
-  blocks (12-16 warps) per SM. Per key tile a thread issues 8 shared loads per 16 FMAs
-  for the scores and 12 per 32 for P V: shared-memory bandwidth, not the FMA pipes, is
-  the expected limit (about half the FP32 peak at best); ``cuda_check`` also times
-  (64, 32, 8, 8), which doubles the rows per thread (195 registers).
-  Measured: correct under the simulator; GPU throughput vs SDPA pending (``make gpu-check``).
+Variants (``VARIANTS``; versions in ``ATTN_VERSIONS``, chosen by ``Tuning.attn_version``; the
+tilings each version is timed at in ``TILINGS``). Every verdict comes from
+``python3 -m dev.cuda.lab --out DIR --family attention`` (B=4, H=16, d=64, n = 1024, 4096,
+16384, against SDPA's math and memory-efficient backends), and the static figures from
+``python3 -m dev.cuda.lab --out DIR --family ptx`` (no GPU needed).
+
+* ``naive`` — the O(n^2)-memory reference point: the batched GEMM (``linear.gemm``) writes
+  the scaled (B*H, Nq, Nk) scores, the row softmax (``norm.softmax_kernel``) applies
+  mask/causal in place, a second GEMM multiplies by V; one score array, so its memory guard
+  counts one. Verdict: v1 GEMMs, 56 ms at n = 4096 on the first GPU run
+  (results/gpu/attention.csv); with the v2 GEMM not yet measured on a GPU.
+* ``fused_v1`` — FlashAttention-2 style, one kernel, scores never leave the chip. One block
+  per (query tile of BQ rows, b*h), TY x TX threads; Q (pre-scaled by 1/sqrt(d_k)) and each
+  K tile staged d-major in shared memory, V row-major; per K tile: (1) a (BQ/TY) x (BK/TX)
+  register tile of scores, rows and columns interleaved (``ty + i*TY``, ``tx + j*TX``);
+  (2) row maxima combined across the TX threads of a row through shared memory (no warp
+  shuffles: the simulator has none); (3) online softmax in registers (partial row sums
+  combined once, at the end), probabilities to a shared P tile; (4) O += P V into a
+  (BQ/TY) x ceil(Dv/TX) register tile. Scalar shared loads: 8 per 16 FMAs for the scores,
+  12 per 32 for P V. Verdict: 29.5 ms at n = 4096 (9.3 TFLOP/s, 14% of the FP32 peak,
+  0.27x SDPA's default backend) on the first GPU run (results/gpu/attention.csv); 110
+  registers at 128 threads, 43.8 KB shared memory, no spills (ptx family).
+* ``fused_v2`` (default) — v1's algorithm with the instruction overhead cut: 4-wide register
+  blocks (rows ``4*ty + r + g*4*TY``, keys ``4*tx + c + g*4*TX``) read from 16-byte aligned
+  shared rows in 16-byte loads (2 per 16 FMAs for the scores, 3 per 32 for P V); scores in
+  log2 units so each probability is one ``exp2``; the next K/V tile loaded into registers
+  while the current one is multiplied; clamped, unconditional, unsigned-index loads. 232
+  registers at 128 threads, 46.1 KB shared memory, no spills (ptx family); where its tiles
+  cannot fit 48 KB (d = 128 in float32, float64) ``fused_plan`` runs v1. Verdict: not yet
+  measured on a GPU (goal: >= 1.0x SDPA's math backend, n = 1024..16384).
+
+Common to both: extra device memory is the output only (O(n*d)), so n = 16384 and beyond
+run. Masking: an optional broadcast boolean mask read through per-axis 0/1 index factors
+and a key band [i - wl, i + wr] (causal: wl unbounded, wr = 0), one device function
+(``norm.visibility``); key tiles outside the band of a whole query tile are skipped (causal:
+half the work), query tiles run heaviest-first. Rows with no visible key give zeros.
 """
 
 from __future__ import annotations
@@ -54,7 +62,8 @@ ATTN_VERSIONS = {1: "v1: interleaved register tiles, scalar shared loads, exp, K
 
 VARIANTS = {
     "naive": "GEMM -> (B*H, Nq, Nk) scores in global memory -> masked row softmax -> GEMM",
-    "fused": "FlashAttention-2 style tiles in shared memory, online softmax in registers",
+    "fused_v1": "FlashAttention-2 tiles, online softmax in registers; " + ATTN_VERSIONS[1],
+    "fused_v2": "FlashAttention-2 tiles, online softmax in registers; " + ATTN_VERSIONS[2],
 }
 
 # Tilings (BQ, BK, TY, TX) per version that the lab times, the default first (dev/cuda/lab.py,

@@ -8,7 +8,8 @@
   growing by doubling when a longer position is requested; the kernel then only adds rows
   ``offset .. offset + N`` (no sin/cos per call, bit-identical to the reference table).
 
-Variants: one each. Measured: correct under the simulator; GPU numbers pending.
+Variants: one each. Verdict: correct under the simulator and on the first GPU run; not timed
+on their own (bandwidth-bound gathers and adds, once per forward pass).
 """
 
 from __future__ import annotations

@@ -1,27 +1,31 @@
-"""Dense layers on the GPU: tiled GEMM (linear, FFN, batched attention products), add, activations.
+"""Dense layers on the GPU: linear layers and the FFN, batched GEMM, add, activations, casts.
 
-Variants (``VARIANTS``):
+Variants (``VARIANTS``; the Numba GEMM's versions in ``GEMM_VERSIONS``, chosen by
+``Tuning.gemm_version``, each timed at the ``TILINGS``). Verdicts come from
+``python3 -m dev.cuda.lab --out DIR --family gemm`` (base-model shapes and 4096^3, against
+torch.matmul with TF32 off), static figures from ``--family ptx`` (no GPU needed).
 
-* ``numba`` — tiled SIMT GEMM ``C = alpha * A @ op(B) (+ bias, + activation)`` in
-  ``@cuda.jit``. A block computes a BM x BN tile of C; K advances in BK-wide slabs staged
-  in shared memory; each thread accumulates a TM x TN register tile. Design choices:
-  both slabs are stored k-major (``As[k, m]``, ``Bs[k, n]``) so the inner loop reads one
-  row of each; a thread owns *interleaved* rows/columns (``ty + i*TY``, ``tx + j*TX``) so a
-  warp reads consecutive shared addresses (no bank conflicts) and writes consecutive columns
-  of C (coalesced); the transposing store into shared memory is padded by one element so it
-  is conflict-free too; global loads walk the contiguous axis. With the default 128 x 128
-  tile and 8 x 8 per thread a thread issues 16 shared loads per 64 FMAs, enough to be
-  FMA-bound rather than shared-memory-bound. The bias and ReLU/GELU are fused into the
-  epilogue. Small products (decoding, M = batch) switch to a 64 x 64 tile so the grid
-  still fills the GPU (``Tuning.min_blocks``). No cp.async/double buffering (not expressible
-  in Numba). ptxas (sm_90, tests/test_cuda_ptx.py): 160 registers for 128 x 128 (one
-  256-thread block per SM; 64 independent FMAs per k step hide the FMA latency, but the
-  global loads of each slab are exposed at the barrier), 84 for 64 x 64; no spills
-  (capping at 128 registers spills 80 bytes). ``cuda_check`` times several tilings.
-  Measured: correct under the simulator; GPU throughput pending (``make gpu-check``).
-* ``cupy`` — the same linear layer through cuBLAS (``cupy.matmul``; TF32 stays off, CuPy's
-  default), selected with ``CudaBackend(gemm="cupy")``: the reference point that says how
-  much the Numba GEMM leaves on the table. GPU numbers pending.
+* ``cupy`` (the default where CuPy imports and passes the backend's self-check) — cuBLAS
+  SGEMM/DGEMM called through CuPy's raw bindings on the numba arrays' device pointers
+  (``_cublas.py``: no CuPy arrays, no ``__cuda_array_interface__`` synchronisation, no CuPy
+  allocation), then one elementwise kernel adds the bias and applies ReLU/GELU in place.
+  Verdict: through ``cupy.matmul`` it ran 44 TFLOP/s at 4096^3, 0.93x torch.matmul, on the
+  first GPU run (results/gpu/gemm.csv); the raw-binding path is not yet measured on a GPU.
+* ``numba_v1`` — tiled SIMT GEMM ``C = alpha * A @ op(B) (+ bias, + activation)``: a block
+  computes a BM x BN tile of C, K advances in BK-wide k-major slabs in shared memory, each
+  thread accumulates a TM x TN register tile with interleaved rows/columns
+  (``ty + i*TY``, ``tx + j*TX``); bias and activation fused into the epilogue; small
+  products switch to ``gemm_small`` so the grid fills the GPU (``Tuning.min_blocks``).
+  Verdict: 4.4-7.7 TFLOP/s (7-12% of the FP32 peak) on the first GPU run
+  (results/gpu/gemm.csv): each k step spent 4-5 integer instructions per scalar shared load
+  on 64-bit addresses and negative-index selects (ptx family: 128 FMAs in 2161 PTX
+  instructions at 128 x 128), and each slab's global loads were exposed at a barrier.
+* ``numba_v2`` (default) — 4 x 4 register blocks (rows ``4*ty + r + g*4*TY``) read in 16-byte
+  shared loads from 16-byte aligned, padded slabs; the next slab loaded into registers
+  while the current one is multiplied, double-buffered slabs (one barrier per k step);
+  clamped unconditional global loads; unsigned indices (no wraparound selects). 218
+  registers at 256 threads, 33.8 KB shared memory, no spills; 128 FMAs in 1409 PTX
+  instructions (ptx family). Verdict: not yet measured on a GPU (goal: 40% of FP32 peak).
 """
 
 from __future__ import annotations
@@ -41,8 +45,9 @@ GEMM_VERSIONS = {1: "v1: single-buffered slabs, interleaved register tile, scala
                     "registers, double-buffered slabs, clamped unsigned global loads"}
 
 VARIANTS = {
-    "numba": "tiled shared-memory GEMM with register blocking, fused bias + activation",
-    "cupy": "cuBLAS sgemm/dgemm through CuPy (optional dependency)",
+    "cupy": "cuBLAS sgemm/dgemm through CuPy's raw bindings, then a bias + activation kernel",
+    "numba_v1": "tiled shared-memory GEMM, fused bias + activation; " + GEMM_VERSIONS[1],
+    "numba_v2": "tiled shared-memory GEMM, fused bias + activation; " + GEMM_VERSIONS[2],
 }
 
 # Tilings (BM, BN, BK, TM, TN) the lab times (dev/cuda/lab.py, family "gemm"); the first two

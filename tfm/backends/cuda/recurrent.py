@@ -7,8 +7,8 @@ gates' dot products with h_{t-1} and the cell update. W_hh is transposed once pe
 (H, G*H) so that the threads of a warp read consecutive weights (coalesced) while
 h_{t-1}[b, :] is a broadcast read. h and c are double-buffered on the device; nothing
 returns to the host between steps. The n dependent launches are the sequential
-bottleneck Table 1 is about (O(n) sequential operations). Measured: correct under the
-simulator; GPU numbers pending.
+bottleneck Table 1 is about (O(n) sequential operations). Verdict: correct under the
+simulator and on the first GPU run; not yet timed on a GPU.
 """
 
 from __future__ import annotations
