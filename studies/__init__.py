@@ -6,10 +6,17 @@
     crossover    the n at which a self-attention layer becomes costlier than a recurrent one, per d
     throughput   whole-model tokens/s (Transformer, LSTM seq2seq, ConvS2S; teacher-forced and greedy)
     roofline     each kernel's GFLOP/s and GB/s against the measured machine ceilings
-    peers        tfm against PyTorch, side by side (A B A B) in one process
+    peers        tfm against PyTorch (and, on a GPU, cuBLAS), side by side (A B A B) in one process
 
-Each runs alone (``python -m studies.<name> --help``); ``python -m studies.run_all`` runs
-them all and writes results/REPORT.md (``studies/report.py``).
+Each module holds its grid (``GRIDS``), its measurement (``measure``, ``build``), its derived
+tables (``DERIVED``), its figures (``FIGURES``) and its report section (``section``); each runs
+alone (``python -m studies.<name> --help``). ``python -m studies.run_all`` runs them all and
+``studies/report.py`` assembles results/REPORT.md from their sections.
 """
 
 STUDIES = ("scaling", "sequential", "path_length", "crossover", "throughput", "roofline", "peers")
+"""Every study, in the order they run and their report sections are numbered."""
+
+GPU_STUDIES = ("peers", "sequential", "scaling", "crossover", "throughput", "roofline")
+"""The studies with a ``gpu`` grid (``--backend cuda``), most telling first: ``make gpu-check``
+runs them in this order, so a run cut short keeps what matters most."""

@@ -12,48 +12,25 @@ from __future__ import annotations
 
 import sys
 
-from ._common import grid_name, ok, parser, run_main, savefig
+from tfm.table1 import K, R, ROWS, max_path_length
+
+from ._common import grid_name, make_study, ok, parser, run_main
 
 NAME = "path_length"
+TITLE = "Maximum path length"
 D = 4  # channels: dependence needs only a few
 GRIDS = {"default": (16, 64, 256, 1024), "quick": (16, 64, 256), "smoke": (16, 37)}
-LAYERS = [  # (layer, parameter name, values, causal options)
-    ("self_attention", "", (0,), (False, True)),
-    ("recurrent", "", (0,), (True,)),
-    ("convolutional", "k", (3, 5), (False, True)),
-    ("convolutional_dilated", "k", (2, 3), (True,)),
-    ("self_attention_restricted", "r", (8, 32), (False, True)),
-]
-
-
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _ceil_log(n: int, k: int) -> int:
-    """Smallest L with k**L >= n (integer arithmetic)."""
-    L, v = 0, 1
-    while v < n:
-        v *= k
-        L += 1
-    return L
-
-
-def theory(layer: str, n: int, p: int, causal: bool) -> tuple[int, str]:
-    """Closed-form maximum path length and the formula it uses (n >= 2)."""
-    if layer == "self_attention":
-        return 1, "1"
-    if layer == "recurrent":
-        return n, "n (x_i -> h_i -> ... -> h_j, one hop per cell step)"
-    if layer == "convolutional":
-        if causal:
-            return _ceil_div(n - 1, p - 1), "ceil((n-1)/(k-1))"
-        return _ceil_div(n - 1, (p - 1) // 2), "ceil((n-1)/floor((k-1)/2))"
-    if layer == "convolutional_dilated":
-        return _ceil_log(n, p), "ceil(log_k(n)) (causal, dilations 1, k, k^2, ...)"
-    if causal:
-        return _ceil_div(n - 1, p - 1), "ceil((n-1)/(r-1))"
-    return _ceil_div(n - 1, (p - 1) // 2), "ceil((n-1)/floor((r-1)/2))"
+CASES = {  # Table 1 row -> (its path parameter's values, causal options)
+    "self_attention": ((0,), (False, True)),
+    "recurrent": ((0,), (True,)),
+    "convolutional": ((K, 5), (False, True)),
+    "convolutional_dilated": ((2, K), (True,)),
+    "self_attention_restricted": ((R, 2 * R), (False, True)),
+}
+# The case each Table 1 row is quoted with: the registry's k and r; the recurrent and dilated
+# layers causal (as they are used), the others not.
+QUOTED = {"self_attention": (0, False), "recurrent": (0, True), "convolutional": (K, False),
+          "convolutional_dilated": (K, True), "self_attention_restricted": (R, False)}
 
 
 def arg_parser():
@@ -63,8 +40,8 @@ def arg_parser():
 
 
 def cases(ns) -> list[dict]:
-    return [{"layer": layer, "n": n, "param_name": pname, "param": v, "causal": c}
-            for layer, pname, values, causal in LAYERS for v in values for c in causal for n in ns]
+    return [{"layer": row, "n": n, "param_name": ROWS[row].path_param, "param": v, "causal": c}
+            for row, (values, causal) in CASES.items() for v in values for c in causal for n in ns]
 
 
 def measure(case: dict, ctx) -> dict:
@@ -72,7 +49,7 @@ def measure(case: dict, ctx) -> dict:
 
     layer, n, p, causal = case["layer"], case["n"], case["param"], case["causal"]
     backend = ctx.options["backend"]
-    th, formula = theory(layer, n, p, causal)
+    th, formula = max_path_length(layer, n, p, causal)
     row = {"backend": backend, "theory": th, "formula": formula}
     if layer == "recurrent":
         s = deps.recurrent_structure(deps.apply_fn("recurrent", d=D, backend=backend), n, D)
@@ -83,7 +60,7 @@ def measure(case: dict, ctx) -> dict:
         how = (f"cell (n=1) output depends on x_t and h_(t-1); layer == {n} chained one-step calls "
                f"(rel. err {s['chain_rel_err']:.1e}); x_i reaches exactly outputs j >= i ({s['how']})")
     elif layer == "convolutional_dilated":
-        m = max(1, _ceil_log(n, p))
+        m = max(1, max_path_length(layer, n, p, causal)[0])
         rels = {}
         for level in range(m):
             dil = p ** level
@@ -100,11 +77,8 @@ def measure(case: dict, ctx) -> dict:
 
 
 def build(args):
-    from tfm.bench import Study
-
     ns = [int(x) for x in args.n.split(",")] if args.n else GRIDS[grid_name(args)]
-    return Study(NAME, "Maximum path length, measured", cases(ns), measure, max_call_s=60.0,
-                 options={"backend": args.backend})
+    return make_study(sys.modules[__name__], cases(ns), measure, args, max_call_s=60.0)
 
 
 def label(row) -> str:
@@ -112,22 +86,79 @@ def label(row) -> str:
     return s + (" (causal)" if row["causal"] and row["layer"] != "recurrent" else "")
 
 
-def plot(df, out):
-    import matplotlib.pyplot as plt
-
+def quoted(df, row: str):
+    """The largest-n measurement of the case a Table 1 row is quoted with (QUOTED), or None."""
     good = ok(df)
     if good.empty:
-        return
+        return None
+    p, causal = QUOTED[row]
+    sub = good[(good["layer"] == row) & (good["param"] == p) & (good["causal"] == causal)]
+    return sub.sort_values("n").iloc[-1] if not sub.empty else None
+
+
+# ----------------------------------------------------------------------------- figures
+def plot_paths(df, on: str):
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(7.5, 5))
-    for key, sub in good.groupby(["layer", "param", "causal"], sort=False):
+    for _, sub in df.groupby(["layer", "param", "causal"], sort=False):
         sub = sub.sort_values("n")
         line, = ax.loglog(sub["n"], sub["measured"], "o", ms=5, label=label(sub.iloc[0]) + " measured")
         ax.loglog(sub["n"], sub["theory"], "-", color=line.get_color(), lw=1, alpha=0.7)
     ax.set(xlabel="sequence length n (positions)", ylabel="maximum path length (layer applications)",
-           title="Maximum path length: measured (dots) and closed form (lines)")
+           title=f"Maximum path length: measured (dots) and closed form (lines)\n({on})")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, ncol=1, loc="upper left")
-    savefig(fig, out, "path_length")
+    return fig
+
+
+FIGURES = {"path_length": plot_paths}
+
+
+# ----------------------------------------------------------------------------- report
+def section(rep) -> str:
+    from ._report import md_table
+
+    good = rep.rows(NAME)
+    s = rep.figure("path_length", "path length against n")
+    s += ("One-hop dependencies are measured by perturbing each input position of the real kernel (float64) and "
+          "recording which outputs move by more than 1e-9 of the output's scale; the graph of a stack of such "
+          "layers (for dilated convolutions dilations 1, k, k^2, ... cycling; for the recurrent layer the unrolled "
+          "cell steps) is searched breadth-first; the path length is the maximum over all (input i, output j) pairs, "
+          "i <= j for causal layers, of the fewest layer applications linking them. **Agreement:** a measured length "
+          "agrees when it equals its closed form (`tfm.table1.max_path_length`; the formula column).\n\n")
+    if good.empty:
+        return s + "Not measured.\n\n" + rep.sources(sys.modules[__name__])
+    eq = good["measured"] == good["theory"]
+    s += f"**{int(eq.sum())} of {len(good)} measured path lengths equal their closed form.**\n\n"
+    cols = ["layer", "n", "param_name", "param", "causal", "measured", "theory", "formula"]
+    good = good.assign(param_name=good["param_name"].fillna(""))
+    top = good[good["n"] == good["n"].max()][cols].astype({"measured": int, "theory": int})
+    s += f"At the largest n ({int(good['n'].max())}); every n is in tables/path_length.csv:\n\n" + md_table(top) + "\n"
+    if not eq.all():
+        s += "Rows that differ from the closed form:\n\n" + md_table(good[~eq][cols]) + "\n"
+    s += ("The path length is a property of the layer's dependency structure, not of the hardware: the GPU run "
+          "does not repeat this study.\n\n")
+    return s + rep.sources(sys.modules[__name__])
+
+
+def readme(rep) -> list[str]:
+    good = rep.rows(NAME)
+    if good.empty:
+        return []
+    eq = int((good["measured"] == good["theory"]).sum())
+    verdict = "all" if eq == len(good) else f"{eq} of"
+    quotes = []
+    for row in CASES:
+        q = quoted(good, row)
+        if q is not None:
+            pname = f" ({q['param_name']}={int(q['param'])})" if isinstance(q["param_name"], str) and q["param_name"] else ""
+            formula = q["formula"].split(" (")[0]
+            value = str(int(q["measured"])) if formula == str(int(q["measured"])) else f"{formula} = {int(q['measured'])}"
+            quotes.append(f"{ROWS[row].label}{pname} {value}")
+    return [f"- **Path length:** {verdict} {len(good)} path lengths, measured by perturbing the real kernels, equal "
+            f"their closed forms (n = {int(good['n'].min())}..{int(good['n'].max())}). At n = {int(good['n'].max())}: "
+            + "; ".join(quotes) + "."]
 
 
 def main(argv=None):

@@ -46,6 +46,32 @@ def test_time_pair_interleaves():
     order = []
     a, b = time_pair(lambda: order.append("a"), lambda: order.append("b"), budget_s=0.0, min_repeats=4)
     assert order == ["a", "b"] * 5 and a.repeats == b.repeats == 4
+    assert len(a.samples) == 4 and "samples" not in a.as_row()
+
+
+def test_paired_ratio_is_the_median_round_ratio_with_an_interval():
+    from tfm.bench.timing import Timing, paired_ratio
+
+    def timing(samples):
+        return Timing.from_samples(samples, 0.0)
+
+    rng = np.random.default_rng(0)
+    drift = np.exp(rng.normal(0, 0.3, 40))  # machine speed per round, shared by both sides
+    a, b = timing(0.8 * drift * np.exp(rng.normal(0, 0.01, 40))), timing(drift)
+    med, lo, hi = paired_ratio(a, b)
+    assert lo <= med <= hi and 0.78 < lo and hi < 0.82 and med == pytest.approx(0.8, abs=0.01)
+    assert paired_ratio(a, b) == (med, lo, hi)  # fixed seed: the same interval every time
+    assert np.isnan(paired_ratio(timing([1.0, 2.0]), timing([1.0, 1.0]))[1])
+    with pytest.raises(ValueError, match="rounds"):
+        paired_ratio(timing([1.0, 2.0]), timing([1.0]))
+
+
+def test_time_once_makes_one_call():
+    from tfm.bench.timing import time_once
+
+    calls, synced = [], []
+    t = time_once(lambda: calls.append(1), sync=lambda: synced.append(1))
+    assert calls == [1] and len(synced) == 2 and t.repeats == 1 and t.median_s == t.compile_s
 
 
 # ----------------------------------------------------------------------------- memory
@@ -235,6 +261,21 @@ def test_run_study_interrupt_keeps_rows_and_resumes(tmp_path):
     assert seen == [1, 2, "resumed", 3, 4] and df["n"].tolist() == [1, 2, 3, 4]
 
 
+def test_device_rows_are_compared_with_the_device_ceilings():
+    from tfm.bench.study import _derived
+
+    ceilings = {"sgemm_gflops": 100.0, "mem_bw_gbs": 10.0, "device_sgemm_gflops": 40000.0,
+                "device_mem_bw_gbs": 4000.0, "device_fp32_peak_gflops": 64000.0}
+    host, device = {"time_s": 1.0, "flops": 8e12, "bytes": 2e12}, {"time_s": 1.0, "flops": 8e12, "bytes": 2e12}
+    _derived(host, ceilings)
+    _derived(device, ceilings, on_device=True)
+    assert host["frac_sgemm"] == 80.0 and host["frac_bw"] == 200.0 and "frac_peak" not in host
+    assert device["frac_sgemm"] == 0.2 and device["frac_bw"] == 0.5 and device["frac_peak"] == 0.125
+    missing = {"time_s": 1.0, "flops": 1e9}
+    _derived(missing, {"sgemm_gflops": 1.0, "device_sgemm_gflops": float("nan")}, on_device=True)
+    assert np.isnan(missing["frac_sgemm"]) and np.isnan(missing["frac_peak"])  # not measured: NaN, no crash
+
+
 def test_study_validation():
     with pytest.raises(ValueError, match="identifier"):
         Study("bad name", "", [], lambda c, x: {})
@@ -253,7 +294,7 @@ def test_write_atomic_replaces_whole_file(tmp_path):
 
 # ----------------------------------------------------------------------------- layers
 @pytest.mark.parametrize("kind", KINDS)
-def test_make_layer_runs_with_positive_cost(kind):
+def test_make_layer_runs_with_positive_cost(kind):  # every registry layer
     lay = make_layer(kind, n=37, d=64, b=2, backend="numpy")
     out = lay.run()
     first = out[0] if isinstance(out, tuple) else out
@@ -261,10 +302,26 @@ def test_make_layer_runs_with_positive_cost(kind):
 
 
 def test_make_layer_rejects_bad_input():
-    with pytest.raises(ValueError, match="unknown layer kind"):
+    with pytest.raises(ValueError, match="unknown layer"):
         make_layer("transformer", n=4, d=4)
     with pytest.raises(ValueError, match="n must be"):
-        make_layer("lstm", n=0, d=4)
+        make_layer("recurrent", n=0, d=4)
+    with pytest.raises(ValueError, match="window must be"):
+        make_layer("self_attention_restricted", n=4, d=4, window=0)
+    with pytest.raises(ValueError, match="make_layer takes k, dilation and window"):
+        make_layer("convolutional", n=4, d=4, kernel_size=3)
+
+
+def test_make_layer_reads_its_parameters_from_the_registry():
+    from tfm import cost
+    from tfm.table1 import K, R
+
+    conv = make_layer("convolutional_dilated", n=40, d=8, backend="numpy")
+    assert conv.flops == cost.flops("conv1d", b=1, n_out=40, c_in=8, c_out=8, k=K)
+    wide = make_layer("convolutional", n=40, d=8, backend="numpy", k=5)
+    assert wide.flops == cost.flops("conv1d", b=1, n_out=40, c_in=8, c_out=8, k=5)
+    att = make_layer("self_attention_restricted", n=40, d=8, backend="numpy")
+    assert att.flops == cost.flops("restricted_attention", b=1, h=1, n=40, d=8, window=R)
 
 
 # ----------------------------------------------------------------------------- dependencies
@@ -327,5 +384,30 @@ def test_make_layer_naive_attention_out_of_memory_is_an_error(monkeypatch):
 
     monkeypatch.setattr(tfm.functional, "available_memory_bytes", lambda: 1000)
     with pytest.raises(InsufficientMemoryError, match="score"):
-        make_layer("attention_naive", n=64, d=64, backend="numpy")
-    make_layer("attention_fused", n=64, d=64, backend="numpy")  # the fused kernel needs no score matrix
+        make_layer("self_attention_naive", n=64, d=64, backend="numpy")
+    make_layer("self_attention", n=64, d=64, backend="numpy")  # the fused kernel needs no score matrix
+
+
+def test_naive_attention_guard_counts_what_each_kernel_holds(monkeypatch):
+    import numba
+
+    from tfm.functional import check_naive_attention_memory, naive_attention_bytes
+    from tfm.errors import InsufficientMemoryError
+
+    b, h, n = 4, 16, 16384
+    assert naive_attention_bytes(b, h, n, n, 4, "cuda") == b * h * n * n * 4  # one array, softmax in place
+    assert naive_attention_bytes(b, h, n, n, 8, "numpy") == 3 * b * h * n * n * 8
+    assert naive_attention_bytes(b, h, n, n, 4, "cpu") == min(b * h, numba.get_num_threads()) * n * n * 4
+
+    class Device:  # a device with 141 GB free: B=4, H=16, n=16384 fits (64 GiB of scores)
+        name = "cuda"
+
+        def __init__(self, free):
+            self.free = free
+
+        def free_memory_bytes(self):
+            return self.free
+
+    check_naive_attention_memory(Device(141e9), b, h, n, n, 4)
+    with pytest.raises(InsufficientMemoryError, match="impl='fused'"):
+        check_naive_attention_memory(Device(60e9), b, h, n, n, 4)

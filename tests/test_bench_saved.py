@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from studies import benchmarks as bench_study
-from studies.report import section_benchmarks
+from studies._report import Report
 from tfm.bench.saved import load_run, newest_run, peer_table
 
 BENCH_FILE = textwrap.dedent('''
@@ -87,14 +87,17 @@ def test_peer_table_pairs_each_tfm_benchmark_with_its_groups_peer(saved_run):
 
 
 def test_script_writes_the_table_and_the_report_shows_it(saved_run, tmp_path, capsys):
-    assert "No saved benchmark run" in section_benchmarks(tmp_path)
+    assert "No saved benchmark run" in bench_study.section(Report(tmp_path))
     assert bench_study.main(["--run", str(saved_run), "--out", str(tmp_path)]) == 0
     table = pd.read_csv(tmp_path / "tables" / "benchmarks.csv")
     assert len(table) == 3
-    section = section_benchmarks(tmp_path)
+    section = bench_study.section(Report(tmp_path))
     assert saved_run.name in section and "layer n=8" in section and "generate (no peer)" in section
     faster = int((table.ratio.dropna() < 1).sum())
-    assert f"tfm is faster in {faster} of 2 paired benchmarks" in section
+    assert f"tfm is faster in {faster} of 2 paired benchmarks" in section and "_Sources:_" in section
+    fam = bench_study.families(table)  # the README's per-family ranges: sizes dropped from the group
+    assert fam["family"].tolist() == ["layer", "op"] and fam["benchmarks"].tolist() == [1, 1]
+    assert "layer " in bench_study.readme(Report(tmp_path))
 
 
 def test_script_without_a_run_says_what_to_do(tmp_path, capsys):

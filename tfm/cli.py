@@ -17,9 +17,6 @@ import json
 import sys
 from pathlib import Path
 
-STUDY_NAMES = ("scaling", "sequential", "path_length", "crossover", "throughput", "roofline", "peers")
-
-
 def _studies(module: str = ""):
     name = "studies" + (f".{module}" if module else "")
     try:
@@ -71,11 +68,12 @@ def main(argv=None) -> int:
         return _studies("run_all").main(rest)
     if args.command == "report":
         return _studies("report").main(rest)
+    names = _studies().STUDIES
     if args.name in (None, "-h", "--help"):
-        print(f"usage: tfm study <name> [options]; names: {', '.join(STUDY_NAMES)}")
+        print(f"usage: tfm study <name> [options]; names: {', '.join(names)}")
         return 0 if args.name else 2
-    if args.name not in STUDY_NAMES:
-        p.error(f"unknown study {args.name!r}; choose one of {', '.join(STUDY_NAMES)}")
+    if args.name not in names:
+        p.error(f"unknown study {args.name!r}; choose one of {', '.join(names)}")
     return _studies(args.name).main(rest)
 
 

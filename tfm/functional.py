@@ -8,19 +8,48 @@ from ._checks import check_attention_inputs, check_impl, format_bytes, is_device
 from .backends import get_backend
 from .errors import InsufficientMemoryError
 
-# The naive kernel holds the score matrix plus softmax temporaries: count three copies.
-NAIVE_SCORE_COPIES = 3
+
+def naive_score_matrices(backend_name: str, b: int, h: int) -> int:
+    """How many (Nq, Nk) score matrices the naive kernel of a backend holds at once.
+
+    numpy (the float64 reference): scores, their exponentials and the weights, for every
+    (b, h): 3 * B * H. cpu: one per worker thread (each (b, h) of the parallel loop
+    allocates its own and frees it): min(B * H, threads). cuda: one (B*H, Nq, Nk) array,
+    normalised in place: B * H.
+    """
+    if backend_name == "cpu":
+        import numba
+
+        return min(b * h, numba.get_num_threads())
+    if backend_name == "cuda":
+        return b * h
+    return 3 * b * h
 
 
-def naive_attention_bytes(b: int, h: int, nq: int, nk: int, itemsize: int) -> int:
-    """Extra bytes the naive kernel allocates for its (B, H, Nq, Nk) score matrices."""
-    return NAIVE_SCORE_COPIES * b * h * nq * nk * itemsize
+def naive_attention_bytes(b: int, h: int, nq: int, nk: int, itemsize: int, backend_name: str = "numpy") -> int:
+    """Extra bytes the naive kernel of ``backend_name`` allocates for its score matrices."""
+    return naive_score_matrices(backend_name, b, h) * nq * nk * itemsize
 
 
 def available_memory_bytes() -> int:
     import psutil
 
     return int(psutil.virtual_memory().available)
+
+
+def check_naive_attention_memory(bk, b: int, h: int, nq: int, nk: int, itemsize: int) -> None:
+    """Raise :class:`InsufficientMemoryError` before a naive attention whose score matrices
+    would not fit in the backend's free memory (device memory on cuda, RAM otherwise)."""
+    if bk.name == "numpy":
+        itemsize = 8  # the reference computes in float64
+    need = naive_attention_bytes(b, h, nq, nk, itemsize, bk.name)
+    free = bk.free_memory_bytes() if hasattr(bk, "free_memory_bytes") else available_memory_bytes()
+    if need > free:
+        raise InsufficientMemoryError(
+            f"naive attention needs {format_bytes(need)} for its (B={b}, H={h}, Nq={nq}, "
+            f"Nk={nk}) score matrices but only {format_bytes(free)} is available; "
+            f"use impl='fused', whose extra memory grows as O((Nq + Nk) * D)"
+        )
 
 
 def attention(q, k, v, *, mask=None, causal: bool = False, impl: str = "fused",
@@ -47,15 +76,7 @@ def attention(q, k, v, *, mask=None, causal: bool = False, impl: str = "fused",
     dtype = np.dtype(q.dtype)
     if impl == "naive" or bk.name == "numpy":  # the reference always materialises the scores
         b, h, nq, _ = q.shape
-        itemsize = 8 if bk.name == "numpy" else dtype.itemsize
-        need = naive_attention_bytes(b, h, nq, k.shape[2], itemsize)
-        free = bk.free_memory_bytes() if hasattr(bk, "free_memory_bytes") else available_memory_bytes()
-        if need > free:
-            raise InsufficientMemoryError(
-                f"naive attention needs {format_bytes(need)} for its (B={b}, H={h}, Nq={nq}, "
-                f"Nk={k.shape[2]}) score matrices but only {format_bytes(free)} is available; "
-                f"use impl='fused', whose extra memory grows as O((Nq + Nk) * D)"
-            )
+        check_naive_attention_memory(bk, b, h, nq, k.shape[2], dtype.itemsize)
     device_in = is_device_array(q)
     out = bk.attention(bk.asarray(q, dtype), bk.asarray(k, dtype), bk.asarray(v, dtype),
                        mask=None if mask is None else bk.asarray(mask), causal=bool(causal), impl=impl)

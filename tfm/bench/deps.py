@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..backends import get_backend
-from .layers import conv_padding
+from ..layers import conv_padding
 
 REL_TOL = 1e-9
 CHUNK = 64
@@ -147,7 +147,7 @@ def apply_fn(layer: str, *, d: int, backend="cpu", k: int = 3, dilation: int = 1
     if layer in ("convolutional", "convolutional_dilated"):
         w = rng.standard_normal((d, d, k)) / np.sqrt(d * k)
         bias = rng.standard_normal(d) * 0.1
-        left, right = conv_padding(k, dilation, causal)
+        left, right = conv_padding("causal" if causal else "same", k, dilation)
         wd, bd = to(w), to(bias)
         return lambda x: bk.to_numpy(bk.conv1d(to(x), wd, bd, dilation, left, right))
     if layer == "recurrent":

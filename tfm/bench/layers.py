@@ -1,18 +1,12 @@
-"""One layer of each kind of the paper's Table 1, ready to time: random weights, one callable.
+"""One layer of each kind the studies measure, ready to time: random weights, one callable.
 
-``make_layer(kind, n=..., d=..., ...)`` returns a :class:`LayerCase` whose ``run()``
+``make_layer(name, n=..., d=..., ...)`` returns a :class:`LayerCase` whose ``run()``
 applies the layer once through a backend (``tfm.get_backend``), with its analytic FLOPs
-and compulsory bytes from :mod:`tfm.cost`. Kinds (activations (B, n, d), ``d`` the model
-width; attention uses ``heads = max(1, d // 64)`` heads of width d / heads, as the paper's
-d_k = 64):
-
-    attention_naive / attention_fused   the attention core, softmax(QK^T/sqrt(d_k))V
-    attention_layer                     Q, K, V projections + fused core + output projection
-    rnn / lstm / gru                    one recurrent layer, d inputs -> d hidden units
-    conv                                Conv1d, kernel k, d -> d channels, 'same' padding
-                                        (centred; left-only when causal)
-    restricted                          restricted self-attention, window r (core only)
-    ffn                                 the position-wise FFN, d -> 4d -> d, ReLU
+and compulsory bytes from :mod:`tfm.cost`. ``name`` is a layer of the Table 1 registry
+(:data:`tfm.table1.LAYERS`), which also holds its kernel and parameters (k, dilation,
+window r); keyword arguments override those. Activations are (B, n, d), ``d`` the model
+width; attention uses ``heads = max(1, d // 64)`` heads of width d / heads, as the
+paper's d_k = 64. Convolutions keep n outputs: centred padding, left-only when causal.
 """
 
 from __future__ import annotations
@@ -24,9 +18,10 @@ import numpy as np
 
 from .. import cost
 from ..backends import get_backend
+from ..layers import conv_padding
+from ..table1 import LAYERS, layer as _registry_layer
 
-KINDS = ("attention_naive", "attention_fused", "attention_layer", "rnn", "lstm", "gru", "conv",
-         "restricted", "ffn")
+KINDS = tuple(LAYERS)
 HEAD_DIM = 64
 
 
@@ -43,21 +38,20 @@ def heads_for(d: int) -> int:
     return max(1, d // HEAD_DIM)
 
 
-def conv_padding(k: int, dilation: int, causal: bool) -> tuple[int, int]:
-    """(pad_left, pad_right) keeping n outputs: all on the left when causal, else centred."""
-    total = dilation * (k - 1)
-    left = total if causal else total // 2
-    return left, total - left
-
-
-def make_layer(kind: str, *, n: int, d: int, b: int = 1, backend="cpu", dtype="float32", k: int = 3,
-               dilation: int = 1, window: int = 16, causal: bool = False, seed: int = 0) -> LayerCase:
-    """Build one layer of ``kind`` on ``backend`` (see the module docstring)."""
-    if kind not in KINDS:
-        raise ValueError(f"unknown layer kind {kind!r}; choose one of {', '.join(KINDS)}")
-    for name, v in (("n", n), ("d", d), ("b", b), ("k", k), ("dilation", dilation), ("window", window)):
+def make_layer(name: str, *, n: int, d: int, b: int = 1, backend="cpu", dtype="float32", causal: bool = False,
+               seed: int = 0, **params) -> LayerCase:
+    """Build the registry layer ``name`` on ``backend``; ``params`` (k, dilation, window)
+    override its registry parameters (see the module docstring)."""
+    entry = _registry_layer(name)
+    unknown = set(params) - {"k", "dilation", "window"}
+    if unknown:
+        raise ValueError(f"unknown layer parameters {sorted(unknown)}; make_layer takes k, dilation and window")
+    p = {**entry.params, **params}
+    k, dilation, window = p.get("k", 1), p.get("dilation", 1), p.get("window", 1)
+    for what, v in (("n", n), ("d", d), ("b", b), ("k", k), ("dilation", dilation), ("window", window)):
         if not isinstance(v, (int, np.integer)) or v < 1:
-            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+            raise ValueError(f"{what} must be a positive integer, got {v!r}")
+    kind = entry.kernel
     bk = get_backend(backend)
     dt = np.dtype(dtype)
     item = dt.itemsize
@@ -67,7 +61,7 @@ def make_layer(kind: str, *, n: int, d: int, b: int = 1, backend="cpu", dtype="f
         return bk.asarray((rng.standard_normal(shape) * scale).astype(dt), dt)
 
     tokens = b * n
-    if kind in ("attention_naive", "attention_fused", "restricted"):
+    if kind in ("attention", "restricted"):
         h = heads_for(d)
         dh = d // h
         q, kk, v = arr(b, h, n, dh), arr(b, h, n, dh), arr(b, h, n, dh)
@@ -76,19 +70,15 @@ def make_layer(kind: str, *, n: int, d: int, b: int = 1, backend="cpu", dtype="f
             fl = cost.flops("restricted_attention", b=b, h=h, n=n, d=dh, window=window, causal=causal)
             by = cost.bytes_moved("restricted_attention", item, b=b, h=h, n=n, d=dh, window=window, causal=causal)
         else:
-            impl = kind.split("_")[1]
+            impl = p["impl"]
             if impl == "naive":  # the backend method has no guard of its own: check as tfm.attention does
-                from ..errors import InsufficientMemoryError
-                from ..functional import available_memory_bytes, naive_attention_bytes
+                from ..functional import check_naive_attention_memory
 
-                need, free = naive_attention_bytes(b, h, n, n, item), available_memory_bytes()
-                if need > free:
-                    raise InsufficientMemoryError(f"naive attention needs {need / 2 ** 30:.1f} GiB for its score "
-                                                  f"matrices; {free / 2 ** 30:.1f} GiB available")
+                check_naive_attention_memory(bk, b, h, n, n, item)
             run = lambda: bk.attention(q, kk, v, None, causal, impl)  # noqa: E731
             fl = cost.flops("attention", b=b, h=h, nq=n, nk=n, dk=dh, causal=causal)
             by = cost.bytes_moved("attention", item, b=b, h=h, nq=n, nk=n, dk=dh, causal=causal, impl=impl)
-    elif kind == "attention_layer":
+    elif kind == "mha":
         h = heads_for(d)
         x = arr(b, n, d)
         s = 1.0 / np.sqrt(d)
@@ -123,7 +113,7 @@ def make_layer(kind: str, *, n: int, d: int, b: int = 1, backend="cpu", dtype="f
     elif kind == "conv":
         x = arr(b, n, d)
         w, bias = arr(d, d, k, scale=1.0 / np.sqrt(d * k)), arr(d, scale=0.1)
-        left, right = conv_padding(k, dilation, causal)
+        left, right = conv_padding("causal" if causal else "same", k, dilation)
         run = lambda: bk.conv1d(x, w, bias, dilation, left, right)  # noqa: E731
         fl = cost.flops("conv1d", b=b, n_out=n, c_in=d, c_out=d, k=k)
         by = cost.bytes_moved("conv1d", item, b=b, n_out=n, c_in=d, c_out=d, k=k)
@@ -134,4 +124,4 @@ def make_layer(kind: str, *, n: int, d: int, b: int = 1, backend="cpu", dtype="f
         run = lambda: bk.feed_forward(x, w1, b1, w2, b2, "relu")  # noqa: E731
         fl = cost.flops("ffn", tokens=tokens, d_model=d, d_ff=4 * d)
         by = cost.bytes_moved("ffn", item, tokens=tokens, d_model=d, d_ff=4 * d)
-    return LayerCase(kind, run, float(fl), float(by), bk.synchronize)
+    return LayerCase(name, run, float(fl), float(by), bk.synchronize)
