@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 
 from .._checks import check_bool, check_features, check_int
-from .module import Module, uniform, upload
+from .module import Module, scaled, uniform, upload
 
 __all__ = ["Conv1d", "ConvS2SBlock", "ConvStack", "conv_padding"]
 
@@ -83,11 +83,26 @@ class Conv1d(Module):
         w = self.weights
         return self.backend.conv1d(x, w["weight"], w.get("bias"), self.dilation, *self.padding)
 
-    def __call__(self, x):
-        """x (B, N, in_channels) -> (B, N_out, out_channels), N_out = N + pads - dilation*(k-1)."""
+    def forward_train(self, x):
+        return self.forward(x), x
+
+    def backward(self, x, dy):
+        """dy (B, N_out, C_out) -> ((dx,), {"weight": dW, "bias": db})."""
+        dx, dw, db = self.backend.conv1d_backward(x, self.weights["weight"], dy, self.dilation, *self.padding,
+                                                  bias=self.bias)
+        return (dx,), ({"weight": dw, "bias": db} if self.bias else {"weight": dw})
+
+    def _input(self, x):
         x = check_features("x", x, 3, self.in_channels, "in_channels")
         self._check_length(x.shape[1])
-        return self._host(self.forward(self.backend.asarray(x, self.dtype)))
+        return self.backend.asarray(x, self.dtype)
+
+    def __call__(self, x):
+        """x (B, N, in_channels) -> (B, N_out, out_channels), N_out = N + pads - dilation*(k-1)."""
+        return self._host(self.forward(self._input(x)))
+
+    def _vjp(self, x):
+        return self._pullback(*self.forward_train(self._input(x)), ("x",))
 
 
 class ConvStack(Module):
@@ -130,10 +145,34 @@ class ConvStack(Module):
             x = bk.add(x, bk.activation(layer.forward(x), "relu"))
         return x
 
+    def forward_train(self, x):
+        bk, saved = self.backend, []
+        for layer in self.layers:
+            c, conv_saved = layer.forward_train(x)  # (B, N, channels), before the relu
+            x = bk.add(x, bk.activation(c, "relu"))
+            saved.append((conv_saved, c))
+        return x, saved
+
+    def backward(self, saved, dy):
+        """-> ((dx,), gradients): each layer's residual adds dy to what comes through its conv."""
+        bk, grads = self.backend, {}
+        for i in reversed(range(self.n_layers)):
+            conv_saved, c = saved[i]
+            (dx,), g = self.layers[i].backward(conv_saved, bk.activation_backward(c, dy, "relu"))
+            bk.axpy(dx, dy)  # dx is the conv's fresh gradient
+            self._merge(grads, f"layers.{i}", g)
+            dy = dx
+        return (dy,), grads
+
+    def _input(self, x):
+        return self.backend.asarray(check_features("x", x, 3, self.channels, "channels"), self.dtype)
+
     def __call__(self, x):
         """x (B, N, channels) -> (B, N, channels), a host array."""
-        x = check_features("x", x, 3, self.channels, "channels")
-        return self._host(self.forward(self.backend.asarray(x, self.dtype)))
+        return self._host(self.forward(self._input(x)))
+
+    def _vjp(self, x):
+        return self._pullback(*self.forward_train(self._input(x)), ("x",))
 
 
 class ConvS2SBlock(Module):
@@ -176,20 +215,78 @@ class ConvS2SBlock(Module):
         w, b = self._params["weight"].copy(), self._params["bias"].copy()
         w[half:] *= c  # gate half: sees c v
         b[:half] /= c  # value half: GLU(...) / c
-        return upload(bk, {"weight": w, "bias": b}, self.dtype)
+        # The parameters themselves too: an optimizer updates them and refolds (_refresh).
+        return {**upload(bk, {"weight": w, "bias": b}, self.dtype),
+                **upload(bk, {"true.weight": self._params["weight"], "true.bias": self._params["bias"]},
+                         self.dtype)}
+
+    def _slots(self):
+        if self.input_scale == 1.0:
+            return super()._slots()
+        return {"weight": self.weights["true.weight"], "bias": self.weights["true.bias"]}
+
+    def _unfold(self, dw, db):
+        """Gradients of the folded weight and bias -> those of the parameters (the fold is
+        diagonal: the same factors again)."""
+        c, bk = self.input_scale, self.backend
+        if c == 1.0:
+            return {"weight": dw, "bias": db}
+        return {"weight": scaled(bk, dw, 1.0, c), "bias": scaled(bk, db, 1.0 / c, 1.0)}
+
+    def _refresh(self):
+        c, w, bk = self.input_scale, self.weights, self.backend
+        if c != 1.0:
+            w["weight"], w["bias"] = scaled(bk, w["true.weight"], 1.0, c), scaled(bk, w["true.bias"], 1.0 / c, 1.0)
 
     def glu_conv(self, v):
         """GLU(conv(c v)) / c for v (B, N, C) on backend arrays (c = input_scale)."""
         w, bk = self.weights, self.backend
         return bk.glu(bk.conv1d(v, w["weight"], w["bias"], self.dilation, *self.padding))
 
+    def glu_conv_train(self, v):
+        """``glu_conv`` and what its backward needs."""
+        w, bk = self.weights, self.backend
+        h = bk.conv1d(v, w["weight"], w["bias"], self.dilation, *self.padding)  # (B, N, 2C)
+        return bk.glu(h), (v, h)
+
+    def glu_conv_backward(self, saved, dg):
+        """dg (B, N, C) of ``glu_conv`` -> (dv, gradients of the parameters)."""
+        bk, w = self.backend, self.weights
+        v, h = saved
+        dv, dw, db = bk.conv1d_backward(v, w["weight"], bk.glu_backward(h, dg), self.dilation, *self.padding)
+        return dv, self._unfold(dw, db)
+
     def forward(self, v):
         """v + GLU(conv(c v)) / c on backend arrays: y / (sqrt(1/2) c) for v = x / c."""
         return self.backend.add(v, self.glu_conv(v))
 
-    def __call__(self, x):
-        """x (B, N, channels) -> y (B, N, channels), a host array."""
+    def forward_train(self, v):
+        g, saved = self.glu_conv_train(v)
+        return self.backend.add(v, g), saved
+
+    def backward(self, saved, dy):
+        """dy of ``forward``'s output -> ((dv,), gradients of ``weight`` and ``bias``)."""
+        dv, grads = self.glu_conv_backward(saved, dy)
+        self.backend.axpy(dv, dy)  # the residual
+        return (dv,), grads
+
+    def _input(self, x):
+        """The carried-scale input v = x / c of a host x, on the backend."""
         x = check_features("x", x, 3, self.channels, "channels")
         c = self.input_scale
-        v = self.backend.asarray(x if c == 1.0 else x / c, self.dtype)
-        return self._host(self.forward(v)) * (S * c)
+        return self.backend.asarray(x if c == 1.0 else x / c, self.dtype)
+
+    def __call__(self, x):
+        """x (B, N, channels) -> y (B, N, channels), a host array."""
+        return self._host(self.forward(self._input(x))) * (S * self.input_scale)
+
+    def _vjp(self, x):
+        # y = (S c) forward(x / c): the cotangent of forward's output is (S c) dy, and dx = dv / c.
+        c = self.input_scale
+        out, saved = self.forward_train(self._input(x))
+
+        def pullback(dy):
+            (dv,), grads = self.backward(saved, self.backend.asarray(dy * (S * c), self.dtype))
+            return {"x": self._host(dv) / c}, self.param_grads(grads)
+
+        return self._host(out) * (S * c), pullback

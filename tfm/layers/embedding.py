@@ -86,7 +86,7 @@ class TransformerEmbedding(Module):
     def backward(self, saved, dx):
         """-> ((), {"weight": dtable}); the positional encodings are constants."""
         ids, key = saved
-        dx = self._dropout_backward(dx, self.dropout, key)
+        dx = self._dropout_with(dx, self.dropout, key)
         return (), {"weight": self.backend.embedding_backward(ids, dx, self.vocab, self.scale)}
 
     def _inputs(self, ids, offset):

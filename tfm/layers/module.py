@@ -131,6 +131,20 @@ def upload(bk: Backend, arrays: dict[str, np.ndarray], dtype) -> dict:
     return {name: bk.asarray(np.ascontiguousarray(a), dtype) for name, a in arrays.items()}
 
 
+def scaled(bk: Backend, a, top: float, bottom: float | None = None):
+    """A new backend array: ``top * a``, or with ``bottom`` the first half of a's rows times
+    ``top`` and the second half times ``bottom`` (the backend has no scalar multiply: zeros,
+    then accumulate). Folds constants into weights, and takes gradients back through a fold."""
+    out = bk.zeros(a.shape, a.dtype)
+    if bottom is None:
+        bk.axpy(out, a, top)
+    else:
+        half = a.shape[0] // 2
+        bk.axpy(out[:half], a[:half], top)
+        bk.axpy(out[half:], a[half:], bottom)
+    return out
+
+
 # ---------------------------------------------------------------------- dropout
 class DropoutStream:
     """Where the next dropout mask starts in the backends' counter-based stream.
@@ -354,9 +368,10 @@ class Module:
         key = (self._stream.seed, self._stream.take(x.size))
         return self._backend.dropout(x, p, *key), key
 
-    def _dropout_backward(self, dy, p: float, key):
-        """The gradient through :meth:`_dropout`: the same mask, the same scale."""
-        return dy if key is None else self._backend.dropout(dy, p, *key)
+    def _dropout_with(self, x, p: float, key):
+        """x through the mask of an earlier :meth:`_dropout` (``key``) and its scale: that
+        dropout's backward, or the same mask on another array."""
+        return x if key is None else self._backend.dropout(x, p, *key)
 
     @staticmethod
     def _merge(grads: dict, name: str | None, sub_grads: dict) -> dict:

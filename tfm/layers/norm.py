@@ -112,13 +112,13 @@ class ResidualNorm(Module):
         sublayer's other inputs (a cross-attention's memory); grads are the norm's."""
         norm_saved, sublayer, sub_saved, key = saved
         if self.norm_first:  # y = x + drop(sub(LN(x)))
-            dsub, sub_grads = sublayer.backward(sub_saved, self._dropout_backward(dy, self.dropout, key))
+            dsub, sub_grads = sublayer.backward(sub_saved, self._dropout_with(dy, self.dropout, key))
             (dx,), grads = self.norm.backward(norm_saved, dsub[0])
             self.backend.axpy(dx, dy)  # the residual path
             return (dx, *dsub[1:]), grads, sub_grads
         # y = LN(x + drop(sub(x))): dz, the gradient of the sum, reaches x directly and through sub
         (dz,), grads = self.norm.backward(norm_saved, dy)
-        dsub, sub_grads = sublayer.backward(sub_saved, self._dropout_backward(dz, self.dropout, key))
+        dsub, sub_grads = sublayer.backward(sub_saved, self._dropout_with(dz, self.dropout, key))
         self.backend.axpy(dz, dsub[0])
         return (dz, *dsub[1:]), grads, sub_grads
 

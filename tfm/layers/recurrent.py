@@ -73,6 +73,33 @@ class _Recurrent(Module):
             final.append(state)
         return x, final
 
+    def forward_train(self, x, states=None):
+        """``forward`` keeping each layer's saved state for backpropagation through time
+        -> ((out, final states), saved)."""
+        if states is None:
+            zero = self.backend.zeros((x.shape[0], self.hidden_size), self.dtype)
+            states = [(zero, zero) if self.has_cell else zero] * self.num_layers
+        final, saved = [], []
+        for layer, state in enumerate(states):
+            x, state, s = self._layer_train(x, state, self._layer_weights[layer])  # (B, N, H)
+            final.append(state)
+            saved.append(s)
+        return (x, final), saved
+
+    def backward(self, saved, dout, dstates=None):
+        """dout (B, N, H) of the top layer's output and ``dstates``, one cotangent of each
+        layer's final state (as ``forward`` returns them; None = zeros) -> ((dx, dstates0),
+        gradients): the layers in reverse, each one backpropagating through time."""
+        grads = {}
+        names = ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if self.bias else [])
+        dstates0 = [None] * self.num_layers
+        for layer in reversed(range(self.num_layers)):
+            dstate = None if dstates is None else dstates[layer]
+            dout, dstates0[layer], *dw = self._layer_backward(saved[layer], dout, dstate)
+            for name, g in zip(names, dw):
+                grads[f"{name}_l{layer}"] = g
+        return (dout, dstates0), grads
+
     # --------------------------------------------------------------- host arrays
     def _state(self, name, s, batch):
         shape = (self.num_layers, batch, self.hidden_size)
@@ -84,7 +111,8 @@ class _Recurrent(Module):
                              f"got {tuple(s.shape)}")
         return s
 
-    def _run(self, x, h0, c0=None):
+    def _inputs(self, x, h0, c0=None):
+        """Checked backend arguments of ``forward``: x and one state per layer (None: zeros)."""
         x = check_features("x", x, 3, self.input_size, "input_size")
         bk, batch = self.backend, x.shape[0]
         states = None
@@ -92,13 +120,36 @@ class _Recurrent(Module):
             h0 = self._state("h0", h0, batch)
             if self.has_cell:
                 c0 = self._state("c0", c0, batch)
-            states = [(bk.asarray(h0[i], self.dtype), bk.asarray(c0[i], self.dtype)) if self.has_cell
-                      else bk.asarray(h0[i], self.dtype) for i in range(self.num_layers)]
-        out, final = self.forward(bk.asarray(x, self.dtype), states)
+            states = self._split_states(h0, c0)
+        return bk.asarray(x, self.dtype), states
+
+    def _split_states(self, h, c=None):
+        """(num_layers, B, H) host arrays -> one backend state per layer."""
+        bk = self.backend
+        return [(bk.asarray(h[i], self.dtype), bk.asarray(c[i], self.dtype)) if self.has_cell
+                else bk.asarray(h[i], self.dtype) for i in range(self.num_layers)]
+
+    def _stack_states(self, states) -> tuple:
+        """One state per layer -> (h (num_layers, B, H),) or (h, c), host arrays."""
         if self.has_cell:
-            return (self._host(out), np.stack([self._host(h) for h, _ in final]),
-                    np.stack([self._host(c) for _, c in final]))
-        return self._host(out), np.stack([self._host(h) for h in final])
+            return (np.stack([self._host(h) for h, _ in states]), np.stack([self._host(c) for _, c in states]))
+        return (np.stack([self._host(h) for h in states]),)
+
+    def _run(self, x, h0, c0=None):
+        out, final = self.forward(*self._inputs(x, h0, c0))
+        return (self._host(out), *self._stack_states(final))
+
+    def _run_vjp(self, x, h0, c0=None):
+        (out, final), saved = self.forward_train(*self._inputs(x, h0, c0))
+
+        def pullback(cotangent):
+            dout, *dfinal = cotangent
+            (dx, dstates0), grads = self.backward(saved, self.backend.asarray(dout, self.dtype),
+                                                  self._split_states(*dfinal))
+            names = ("h0", "c0") if self.has_cell else ("h0",)
+            return {"x": self._host(dx), **dict(zip(names, self._stack_states(dstates0)))}, self.param_grads(grads)
+
+        return (self._host(out), *self._stack_states(final)), pullback
 
 
 class RNN(_Recurrent):
@@ -118,9 +169,18 @@ class RNN(_Recurrent):
     def _layer(self, x, h, w):
         return self.backend.rnn_layer(x, h, *w, self.nonlinearity)
 
+    def _layer_train(self, x, h, w):
+        return self.backend.rnn_layer_train(x, h, *w, self.nonlinearity)
+
+    def _layer_backward(self, saved, dout, dh_n):
+        return self.backend.rnn_layer_backward(saved, dout, dh_n)
+
     def __call__(self, x, h0=None):
         """x (B, N, input_size) -> (out (B, N, H), h_n (num_layers, B, H)), host arrays."""
         return self._run(x, h0)
+
+    def _vjp(self, x, h0=None):
+        return self._run_vjp(x, h0)
 
 
 class LSTM(_Recurrent):
@@ -133,9 +193,21 @@ class LSTM(_Recurrent):
         y, h, c = self.backend.lstm_layer(x, *state, *w)
         return y, (h, c)
 
+    def _layer_train(self, x, state, w):
+        y, h, c, saved = self.backend.lstm_layer_train(x, *state, *w)
+        return y, (h, c), saved
+
+    def _layer_backward(self, saved, dout, dstate):
+        dh_n, dc_n = (None, None) if dstate is None else dstate
+        dx, dh0, dc0, *dw = self.backend.lstm_layer_backward(saved, dout, dh_n, dc_n)
+        return (dx, (dh0, dc0), *dw)
+
     def __call__(self, x, h0=None, c0=None):
         """x (B, N, input_size) -> (out (B, N, H), h_n, c_n (num_layers, B, H)), host arrays."""
         return self._run(x, h0, c0)
+
+    def _vjp(self, x, h0=None, c0=None):
+        return self._run_vjp(x, h0, c0)
 
 
 class GRU(_Recurrent):
@@ -146,6 +218,15 @@ class GRU(_Recurrent):
     def _layer(self, x, h, w):
         return self.backend.gru_layer(x, h, *w)
 
+    def _layer_train(self, x, h, w):
+        return self.backend.gru_layer_train(x, h, *w)
+
+    def _layer_backward(self, saved, dout, dh_n):
+        return self.backend.gru_layer_backward(saved, dout, dh_n)
+
     def __call__(self, x, h0=None):
         """x (B, N, input_size) -> (out (B, N, H), h_n (num_layers, B, H)), host arrays."""
         return self._run(x, h0)
+
+    def _vjp(self, x, h0=None):
+        return self._run_vjp(x, h0)

@@ -18,7 +18,10 @@ Xavier-uniform.
 
 from __future__ import annotations
 
+import numpy as np
+
 from ..config import LSTMSeq2SeqConfig
+from ..layers.attention import key_mask
 from ..layers.embedding import Embedding
 from ..layers.linear import Linear
 from ..layers.module import Module, upload, xavier_uniform, zeros
@@ -44,10 +47,23 @@ class _LuongAttention(Module):
         self.param("combine.bias", (d_model,), zeros)
 
     def _device_params(self, bk):
-        p, d = self._params, self.d_model
-        return upload(bk, {"attn.weight": p["attn.weight"], "combine.context": p["combine.weight"][:, :d],
-                           "combine.state": p["combine.weight"][:, d:], "combine.bias": p["combine.bias"]},
-                      self.dtype)
+        return upload(bk, self._slots_from_params(self._params), self.dtype)
+
+    # W_c's column blocks are the slots an optimizer updates: Adam is elementwise, so updating
+    # the blocks is updating W_c; the host joins them (gradients, trained weights).
+    def _slots(self):
+        return {name: self.weights[name] for name in ("attn.weight", "combine.context", "combine.state",
+                                                      "combine.bias")}
+
+    def _params_from_slots(self, slots):
+        return {"attn.weight": slots["attn.weight"],
+                "combine.weight": np.concatenate([slots["combine.context"], slots["combine.state"]], axis=1),
+                "combine.bias": slots["combine.bias"]}
+
+    def _slots_from_params(self, params):
+        d = self.d_model
+        return {"attn.weight": params["attn.weight"], "combine.context": params["combine.weight"][:, :d],
+                "combine.state": params["combine.weight"][:, d:], "combine.bias": params["combine.bias"]}
 
     def forward(self, s, memory):
         """Decoder states s (B, Nt, d), memory as one head (B, 1, Ns, d) -> H (B, Nt, d)."""
@@ -56,6 +72,29 @@ class _LuongAttention(Module):
         context = bk.merge_heads(bk.attention(q, memory, memory))  # (B, Nt, d)
         return bk.activation(bk.add(bk.linear(context, w["combine.context"]),
                                     bk.linear(s, w["combine.state"], w["combine.bias"])), "relu")
+
+    def forward_train(self, s, memory, mask=None):
+        """``forward`` keeping what the backward needs; ``mask`` hides memory positions."""
+        bk, w = self.backend, self.weights
+        q = bk.split_heads(bk.linear(s, w["attn.weight"]), 1)  # (B, 1, Nt, d)
+        heads, lse = bk.attention_train(q, memory, memory, mask=mask)  # (B, 1, Nt, d)
+        context = bk.merge_heads(heads)  # (B, Nt, d)
+        pre = bk.add(bk.linear(context, w["combine.context"]), bk.linear(s, w["combine.state"], w["combine.bias"]))
+        return bk.activation(pre, "relu"), (s, memory, mask, q, heads, lse, context, pre)
+
+    def backward(self, saved, dout):
+        """-> ((ds, dmemory), gradients by slot); dmemory (B, 1, Ns, d) sums its uses as keys and values."""
+        bk, w = self.backend, self.weights
+        s, memory, mask, q, heads, lse, context, pre = saved
+        dpre = bk.activation_backward(pre, dout, "relu")  # (B, Nt, d)
+        dcontext, dw_context, _ = bk.linear_backward(context, w["combine.context"], dpre, bias=False)
+        ds, dw_state, db = bk.linear_backward(s, w["combine.state"], dpre)
+        dq, dk, dv = bk.attention_backward(q, memory, memory, heads, lse, bk.split_heads(dcontext, 1), mask=mask)
+        bk.axpy(dk, dv)
+        ds_query, dw_attn, _ = bk.linear_backward(s, w["attn.weight"], bk.merge_heads(dq), bias=False)
+        bk.axpy(ds, ds_query)
+        return (ds, dk), {"attn.weight": dw_attn, "combine.context": dw_context, "combine.state": dw_state,
+                          "combine.bias": db}
 
 
 class LSTMSeq2Seq(Seq2Seq):
@@ -92,6 +131,45 @@ class LSTMSeq2Seq(Seq2Seq):
         memory, states = self._encode(src)
         s, _ = self.decoder.forward(self.tgt_embed.forward(tgt), states)
         return self._output(s, memory)
+
+    # --------------------------------------------------------------- training
+    def forward_train(self, src, tgt, src_pad=None, tgt_pad=None):
+        """Teacher-forced logits with what :meth:`backward` needs. Dropout (training mode): on
+        the embeddings and on the outputs of both LSTM stacks. ``src_pad`` hides padded source
+        positions from the attention (the encoder still reads them; pad on the right); padded
+        targets only leave the loss."""
+        bk, p = self.backend, self.config.dropout
+        e, src_saved = self.src_embed.forward_train(src)  # (B, Ns, d)
+        e, e_key = self._dropout(e, p)
+        (memory, states), enc_saved = self.encoder.forward_train(e)  # (B, Ns, d)
+        memory, m_key = self._dropout(memory, p)
+        t, tgt_saved = self.tgt_embed.forward_train(tgt)  # (B, Nt, d)
+        t, t_key = self._dropout(t, p)
+        (s, _), dec_saved = self.decoder.forward_train(t, states)  # (B, Nt, d)
+        s, s_key = self._dropout(s, p)
+        h, attn_saved = self.attention.forward_train(s, bk.split_heads(memory, 1), key_mask(bk, src_pad))
+        logits, gen_saved = self.generator.forward_train(h)  # (B, Nt, V)
+        return logits, (src_saved, e_key, enc_saved, m_key, tgt_saved, t_key, dec_saved, s_key, attn_saved,
+                        gen_saved)
+
+    def backward(self, saved, dlogits):
+        """dlogits (B, Nt, tgt_vocab) -> ((), gradients by slot): the decoder's initial states
+        carry the gradient back into the encoder's final states."""
+        (src_saved, e_key, enc_saved, m_key, tgt_saved, t_key, dec_saved, s_key, attn_saved,
+         gen_saved) = saved
+        p = self.config.dropout
+        (dh,), g_gen = self.generator.backward(gen_saved, dlogits)
+        (ds, dmemory), g_attn = self.attention.backward(attn_saved, dh)
+        (dt, dstates), g_dec = self.decoder.backward(dec_saved, self._dropout_with(ds, p, s_key))
+        _, g_tgt = self.tgt_embed.backward(tgt_saved, self._dropout_with(dt, p, t_key))
+        dmemory = self._dropout_with(self.backend.merge_heads(dmemory), p, m_key)  # (B, Ns, d)
+        (de, _), g_enc = self.encoder.backward(enc_saved, dmemory, dstates)
+        _, g_src = self.src_embed.backward(src_saved, self._dropout_with(de, p, e_key))
+        grads = {}
+        for name, g in (("src_embed", g_src), ("tgt_embed", g_tgt), ("encoder", g_enc), ("decoder", g_dec),
+                        (None, g_attn), ("generator", g_gen)):
+            self._merge(grads, name, g)
+        return (), grads
 
     def _decoding_step(self, src, max_new_tokens):
         # One decoder step per token, carrying each layer's (h, c).
