@@ -26,7 +26,8 @@ median and interquartile range. Families and their peers:
                 (FMAs, 16-byte and scalar shared loads, all instructions). Not run by default.
 * ``forward``   the base-config forward pass (``from_torch(nn.Transformer)``, B=8, n=128):
                 cuBLAS vs Numba GEMM, the launch paths, the caching pool on and off
-                (``_memory.PoolMemoryManager.caching``), against eager nn.Transformer (FP32).
+                (``_memory.PoolMemoryManager.caching``), against eager nn.Transformer (FP32);
+                both sides end with the result on the host.
 
 Writes one CSV per family into DIR and ``SUMMARY.md`` (at most 6 files), each as soon as its
 family ends; a case that does not fit in the time left becomes a row with the reason. Every
@@ -179,13 +180,19 @@ def write_csv(path: str, rows: list) -> None:
 
 def run_case(rows: list, base: dict, variants: dict, check, budget_s: float, tol: float, flops=None,
              peak=math.nan, peer=None, wait=None) -> None:
-    """Validate each variant (``check(name, fn) -> rel_err``), then time the ones that pass.
-    ``variants``: {name: callable or a reason string (variant unavailable)}."""
+    """Validate each variant (``check(name, fn) -> rel_err``; the first call also compiles),
+    then time the ones that pass, all within ``budget_s`` from now: a variant reached after
+    that is skipped (its row says so), the peer never. ``variants``: {name: callable, or a
+    reason string where the variant is unavailable}, defaults first."""
+    deadline = time.monotonic() + budget_s
     good = {}
     for name, fn in variants.items():
         row = dict(base, variant=name)
         if isinstance(fn, str):
             rows.append(dict(row, status="skipped", reason=fn))
+            continue
+        if name != peer and time.monotonic() > deadline:
+            rows.append(dict(row, status="skipped", reason="lab budget spent before this variant"))
             continue
         try:
             err = check(name, fn)
@@ -199,7 +206,7 @@ def run_case(rows: list, base: dict, variants: dict, check, budget_s: float, tol
     if not good:
         return
     try:
-        times = interleaved({n: f for n, (f, _) in good.items()}, budget_s, wait=wait)
+        times = interleaved({n: f for n, (f, _) in good.items()}, deadline - time.monotonic(), wait=wait)
     except Exception as exc:
         for name, (_, err) in good.items():
             rows.append(dict(base, variant=name, status="failed", rel_err=err,
@@ -232,7 +239,7 @@ def family_gemm(budget_s: float, smoke: bool, dev: dict) -> list:
     base_tuning = default_tuning()
     rows = []
     t_end = time.monotonic() + budget_s
-    for m, k, n in shapes:
+    for i, (m, k, n) in enumerate(shapes):
         left = t_end - time.monotonic()
         base = {"M": m, "K": k, "N": n}
         if left < 3:
@@ -250,11 +257,6 @@ def family_gemm(budget_s: float, smoke: bool, dev: dict) -> list:
                 outputs[key] = bk.linear(dx, dw)
             return fn
 
-        for version in versions:
-            for tiles in tilings:
-                t = base_tuning.replace(gemm_large=tiles, gemm_small=tiles, gemm_version=version)
-                variants[f"numba_v{version}{tiles}"] = tfm_variant(CudaBackend(tuning=t, gemm="numba"),
-                                                                   f"numba_v{version}{tiles}")
         try:
             variants["tfm_cublas"] = tfm_variant(CudaBackend(gemm="cupy"), "tfm_cublas")
         except ValueError as exc:
@@ -267,6 +269,12 @@ def family_gemm(budget_s: float, smoke: bool, dev: dict) -> list:
             variants["torch_matmul"] = torch_fn
         else:
             variants["torch_matmul"] = torch_reason
+        # each version's first tiling (the default), then the other tilings
+        for tiles in tilings:
+            for version in reversed(versions):
+                t = base_tuning.replace(gemm_large=tiles, gemm_small=tiles, gemm_version=version)
+                variants[f"numba_v{version}{tiles}"] = tfm_variant(CudaBackend(tuning=t, gemm="numba"),
+                                                                   f"numba_v{version}{tiles}")
 
         def check(name, fn):
             fn()
@@ -275,7 +283,7 @@ def family_gemm(budget_s: float, smoke: bool, dev: dict) -> list:
             host = out.cpu().numpy() if hasattr(out, "cpu") else out.copy_to_host()
             return rel_err(host[sample], expect)
 
-        run_case(rows, base, variants, check, max(1.0, left * 0.8 / max(1, len(shapes))), 1e-4,
+        run_case(rows, base, variants, check, max(1.0, 0.9 * left / (len(shapes) - i)), 1e-4,
                  flops=2.0 * m * n * k, peak=dev["fp32_peak_gflops"],
                  peer="torch_matmul" if torch is not None else None)
     return rows
@@ -324,11 +332,14 @@ def family_attention(budget_s: float, smoke: bool, dev: dict) -> list:
                 outputs[key] = bk.attention(dq, dk, dv, causal=causal, impl=impl)
             return fn
 
-        # the largest n costs ~0.1-1 s per call: there, only each version's default tiling
-        for version in versions:
-            for tiles in (tilings[version] if n <= 4096 else tilings[version][:1]):
-                bk = CudaBackend(tuning=base_tuning.replace(attn=tiles, attn_version=version), gemm="numba")
-                variants[f"fused_v{version}{tiles}"] = tfm_variant(bk, f"fused_v{version}{tiles}")
+        # each version's default tiling first, then the other tilings; the largest n costs
+        # ~0.1-1 s per call: there, only the defaults
+        for j in range(max(len(tilings[v]) for v in versions) if n <= 4096 else 1):
+            for version in reversed(versions):
+                if j < len(tilings[version]):
+                    tiles = tilings[version][j]
+                    bk = CudaBackend(tuning=base_tuning.replace(attn=tiles, attn_version=version), gemm="numba")
+                    variants[f"fused_v{version}{tiles}"] = tfm_variant(bk, f"fused_v{version}{tiles}")
         naive_bytes = b * h * n * n * 4
         free = CudaBackend(gemm="numba").free_memory_bytes()
         if naive_bytes > 0.8 * free:
@@ -364,7 +375,7 @@ def family_attention(budget_s: float, smoke: bool, dev: dict) -> list:
 
         flops = 4.0 * b * h * n * n * d / (2 if causal else 1)  # QK^T and PV (FlashAttention's count)
         share = max(1.0, left / (len(cases) - i))
-        run_case(rows, base, variants, check, share * 0.7, 1e-4, flops=flops, peak=dev["fp32_peak_gflops"],
+        run_case(rows, base, variants, check, share * 0.9, 1e-4, flops=flops, peak=dev["fp32_peak_gflops"],
                  peer="sdpa_math" if torch is not None else None)
         del dq, dk, dv, outputs
     return rows
@@ -485,9 +496,9 @@ def family_forward(budget_s: float, smoke: bool, dev: dict) -> list:
         gpu_module = gpu_module.cuda()
         ts, tt, tm = (torch.as_tensor(a, device="cuda") for a in (src, tgt, mask.numpy()))
 
-        def eager():
+        def eager():  # to the host, as tfm's model returns a host array
             with torch.no_grad():
-                outputs["torch_eager"] = gpu_module(ts, tt, tgt_mask=tm, tgt_is_causal=True)
+                outputs["torch_eager"] = gpu_module(ts, tt, tgt_mask=tm, tgt_is_causal=True).cpu()
         variants["torch_eager"] = eager
     else:
         variants["torch_eager"] = torch_reason

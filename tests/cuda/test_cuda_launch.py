@@ -142,7 +142,6 @@ def test_simulator_shared_arrays_are_one_per_block_under_thread_switches(monkeyp
     np.testing.assert_array_equal(out, np.full((3, 32), 31 * 32 / 2, np.float32))
 
 
-@pytest.mark.skipif(not SIMULATOR, reason="exercises the simulator with the GPU's tile sizes")
 def test_the_gpu_default_tilings_run_under_the_simulator(rng):
     """Tuning()'s H100/H200 tiles (256-thread GEMM blocks, 128-thread attention blocks), not
     the simulator's toy tiles, at small ragged sizes: one tile with ragged edges each."""
