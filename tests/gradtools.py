@@ -30,11 +30,12 @@ def sampled_error(f, args, index, cotangent, analytic, rng, entries=ENTRIES) -> 
     """Relative error of ``analytic`` (the gradient of <cotangent, f(*args)> with respect to
     ``args[index]``) against central differences at ``entries`` random entries.
 
-    The error is scaled by the larger of the sample's norm and the norm a sample of typical
-    entries of ``analytic`` would have: a sample that happens to hold only near-zero entries
-    (the keys' gradient of near-uniform attention) then does not turn rounding into a large
-    relative error, while a wrong formula still errs by the size of the entries themselves.
-    NaN or inf gives inf.
+    The error is scaled by the largest of the sample's norm, the norm a sample of typical
+    entries of ``analytic`` would have, and a floor 1e7 times the rounding of a central
+    difference (eps * sum |cotangent * out| / h): a sample that happens to hold only near-zero
+    entries (the keys' gradient of near-uniform attention, an exactly zero gradient) then
+    does not turn rounding into a large relative error, while a wrong formula still errs by
+    the size of the true gradient itself (unless that is below ~1e-9). NaN or inf gives inf.
     """
     analytic = np.asarray(analytic, dtype=np.float64)
     assert analytic.shape == np.shape(args[index]), (analytic.shape, np.shape(args[index]))
@@ -47,7 +48,9 @@ def sampled_error(f, args, index, cotangent, analytic, rng, entries=ENTRIES) -> 
     if not np.all(np.isfinite(a)):
         return float("inf")
     typical = np.linalg.norm(analytic) * np.sqrt(a.size / size)
-    scale = max(np.linalg.norm(numeric), typical)
+    magnitude = sum(float(np.sum(np.abs(c * o))) for c, o in zip(_tuple(cotangent), _tuple(f(*args))))
+    floor = 1e7 * np.finfo(np.float64).eps * (1.0 + magnitude) / STEP
+    scale = max(np.linalg.norm(numeric), typical, floor)
     return float(np.linalg.norm(a - numeric) / (scale if scale > 0 else 1.0))
 
 

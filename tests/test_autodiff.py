@@ -142,6 +142,44 @@ CASES.update({
     "transformer-tied-pre-log-probs": (_transformer(tie_embeddings=True, norm="pre", final_norm=True),
                                        _transformer_inputs(log_probs=True)),
 })
+
+
+def _recurrent_inputs(b, n, i, h, layers, states):
+    def inputs(rng):
+        args = [x(rng, b, n, i)] + [x(rng, layers, b, h) for _ in range(states)]
+        return args, {}
+    return inputs
+
+
+def _baseline(model, config, **kw):
+    def build(backend, dtype, rng):
+        cfg = config.tiny(d_model=6, src_vocab=7, tgt_vocab=9, max_len=12, dtype=dtype, **kw)
+        return randomise(model(cfg, seed=2, backend=backend), rng)
+    return build
+
+
+CASES.update({
+    "rnn-tanh-2-layers-h0": (_layer(tfm.RNN, 4, 5, 2), _recurrent_inputs(2, 6, 4, 5, 2, 1)),
+    "rnn-relu-no-bias-n1": (_layer(tfm.RNN, 3, 4, 1, nonlinearity="relu", bias=False),
+                            _recurrent_inputs(1, 1, 3, 4, 1, 0)),
+    "lstm-3-layers-h0-c0": (_layer(tfm.LSTM, 4, 5, 3), _recurrent_inputs(2, 7, 4, 5, 3, 2)),
+    "lstm-n37": (_layer(tfm.LSTM, 3, 4, 1), _recurrent_inputs(1, 37, 3, 4, 1, 0)),
+    "gru-2-layers-h0": (_layer(tfm.GRU, 4, 5, 2), _recurrent_inputs(3, 5, 4, 5, 2, 1)),
+    "conv1d-dilated-padded": (_layer(tfm.Conv1d, 3, 5, 3, dilation=2, padding=(3, 1)),
+                              lambda rng: ([x(rng, 2, 7, 3)], {})),
+    "conv1d-valid-no-bias": (_layer(tfm.Conv1d, 4, 2, 2, padding="valid", bias=False),
+                             lambda rng: ([x(rng, 1, 37, 4)], {})),
+    "conv-stack-dilated-causal": (_layer(tfm.ConvStack, 4, 3, 3, dilated=True, causal=True),
+                                  lambda rng: ([x(rng, 2, 9, 4)], {})),
+    "conv-stack-same": (_layer(tfm.ConvStack, 3, 2, 2), lambda rng: ([x(rng, 2, 5, 3)], {})),
+    "convs2s-block-scaled": (_layer(tfm.ConvS2SBlock, 4, 3, input_scale=0.5), lambda rng: ([x(rng, 2, 6, 4)], {})),
+    "convs2s-block-causal": (_layer(tfm.ConvS2SBlock, 4, 5, causal=True, dilation=2),
+                             lambda rng: ([x(rng, 1, 1, 4)], {})),
+    "lstm-seq2seq": (_baseline(tfm.LSTMSeq2Seq, tfm.LSTMSeq2SeqConfig),
+                     lambda rng: ([rng.integers(0, 7, (2, 5)), rng.integers(0, 9, (2, 4))], {})),
+    "convs2s": (_baseline(tfm.ConvS2S, tfm.ConvS2SConfig, n_layers=3),
+                lambda rng: ([rng.integers(0, 7, (2, 5)), rng.integers(0, 9, (2, 4))], {})),
+})
 MODULE_CASES = sorted(CASES) + ["residual-norm-post", "residual-norm-pre"]
 
 
@@ -196,6 +234,38 @@ def _attention_inputs(rng, b, h, nq, nk, dk, dv, causal=False, mask=False, dtype
         m[0, 0, 1] = False  # a query with no visible key: zero output, zero gradient
         kwargs["mask"] = m
     return (q, k, v), kwargs
+
+
+RESTRICTED_CASES = {"n1": (1, 1, False), "n37-w5": (37, 5, False), "n37-w4-causal": (37, 4, True),
+                    "n9-w20": (9, 20, False)}
+
+
+def _restricted_inputs(rng, n, window, causal, dtype=np.float64):
+    q, k, v = (rng.standard_normal(s).astype(dtype) for s in ((2, 3, n, 5), (2, 3, n, 5), (2, 3, n, 4)))
+    return (q, k, v, window), {"causal": causal}
+
+
+@pytest.mark.parametrize("case", sorted(RESTRICTED_CASES))
+def test_restricted_attention_central_differences(rng, case):
+    args, kwargs = _restricted_inputs(rng, *RESTRICTED_CASES[case])
+    _, cot, grads, params = vjp_grads(tfm.restricted_attention, args, {**kwargs, "backend": "numpy"}, rng=rng)
+    assert params == {} and len(grads) == 3  # the window is an int: no gradient
+    f = lambda q, k, v: tfm.restricted_attention(q, k, v, args[3], backend="numpy", **kwargs)  # noqa: E731
+    errors = [sampled_error(f, list(args[:3]), i, cot, grads[i], rng, entries=20) for i in range(3)]
+    assert max(errors) < CD_TOL, errors
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("case", sorted(RESTRICTED_CASES))
+def test_restricted_attention_cpu_against_reference(rng, case, dtype):
+    args, kwargs = _restricted_inputs(rng, *RESTRICTED_CASES[case], dtype=dtype)
+    out_ref, cot, ref, _ = vjp_grads(tfm.restricted_attention, args, {**kwargs, "backend": "numpy"}, rng=rng)
+    try:
+        out, _, got, _ = vjp_grads(tfm.restricted_attention, args, kwargs, cotangent=cot)
+    except NotImplementedError as exc:
+        pytest.skip(f"cpu backend: {exc}")
+    errors = [rel_err(out, out_ref)] + [rel_err(g, r) for g, r in zip(got, ref)]
+    assert max(errors) < GRAD_TOL[dtype], errors
 
 
 @pytest.mark.parametrize("case", sorted(ATTENTION_CASES))
@@ -303,6 +373,58 @@ def test_attention_against_sdpa_backward(rng, causal):
         assert rel_err(out, out_t.detach().numpy()) < 1e-12
         for g, t in zip(grads, (tq, tk, tv)):
             assert rel_err(g, t.grad.numpy()) < 1e-12
+
+
+@requires_torch
+@pytest.mark.parametrize("backend,dtype", [("numpy", "float64"), ("cpu", "float64"), ("cpu", "float32")])
+@pytest.mark.parametrize("kind", ["RNN", "LSTM", "GRU"])
+def test_recurrent_against_torch_autograd(rng, kind, backend, dtype):
+    torch.manual_seed(int(rng.integers(1 << 30)))
+    net = getattr(nn, kind)(5, 6, num_layers=3, batch_first=True, dtype=getattr(torch, dtype))
+    b, n = 3, 11
+    xs = rng.standard_normal((b, n, 5)).astype(dtype)
+    states = [rng.standard_normal((3, b, 6)).astype(dtype) for _ in range(2 if kind == "LSTM" else 1)]
+    tx, *ts = (torch.tensor(a, requires_grad=True) for a in [xs, *states])
+    out_t, final_t = net(tx, tuple(ts) if kind == "LSTM" else ts[0])
+    final_t = final_t if kind == "LSTM" else (final_t,)
+    cots = [rng.standard_normal(t.shape).astype(dtype) for t in (out_t, *final_t)]
+    torch.autograd.backward((out_t, *final_t), [torch.tensor(c) for c in cots])
+    layer = tfm.from_torch(net, backend=backend).layer
+    out_dtype = np.float64 if backend == "numpy" else dtype
+    try:
+        _, _, input_grads, grads = vjp_grads(layer, [xs, *states], cotangent=tuple(c.astype(out_dtype) for c in cots))
+    except NotImplementedError as exc:
+        pytest.skip(f"{backend} backend: {exc}")
+    tol = GRAD_TOL[dtype]
+    errors = {f"input {i}": rel_err(g, t.grad.numpy()) for i, (g, t) in enumerate(zip(input_grads, [tx, *ts]))}
+    errors.update({name: rel_err(grads[name], p.grad.numpy()) for name, p in net.named_parameters()})
+    assert set(grads) == {name for name, _ in net.named_parameters()}
+    assert worst(errors)[1] < tol, worst(errors)
+
+
+@requires_torch
+@pytest.mark.parametrize("backend,dtype", [("numpy", "float64"), ("cpu", "float64"), ("cpu", "float32")])
+@pytest.mark.parametrize("dilation,padding", [(1, "same"), (3, 4), (2, "valid")])
+def test_conv1d_against_torch_autograd(rng, dilation, padding, backend, dtype):
+    torch.manual_seed(int(rng.integers(1 << 30)))
+    net = nn.Conv1d(4, 6, 3, dilation=dilation, padding=padding, dtype=getattr(torch, dtype))
+    xs = rng.standard_normal((2, 4, 29)).astype(dtype)  # PyTorch's (B, C, N)
+    tx = torch.tensor(xs, requires_grad=True)
+    out_t = net(tx)
+    cot = rng.standard_normal(out_t.shape).astype(dtype)
+    out_t.backward(torch.tensor(cot))
+    layer = tfm.from_torch(net, backend=backend).layer  # tfm's (B, N, C)
+    out_dtype = np.float64 if backend == "numpy" else dtype
+    try:
+        out, _, (dx,), grads = vjp_grads(layer, [np.swapaxes(xs, 1, 2)],
+                                         cotangent=np.swapaxes(cot, 1, 2).astype(out_dtype))
+    except NotImplementedError as exc:
+        pytest.skip(f"{backend} backend: {exc}")
+    tol = GRAD_TOL[dtype]
+    assert rel_err(np.swapaxes(out, 1, 2), out_t.detach().numpy()) < tol
+    assert rel_err(np.swapaxes(dx, 1, 2), tx.grad.numpy()) < tol
+    for name, p in net.named_parameters():
+        assert rel_err(grads[name], p.grad.numpy()) < tol, name
 
 
 # ---------------------------------------------------------------------- the API and bad input
