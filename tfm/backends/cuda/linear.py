@@ -18,14 +18,15 @@ torch.matmul with TF32 off), static figures from ``--family ptx`` (no GPU needed
   products switch to ``gemm_small`` so the grid fills the GPU (``Tuning.min_blocks``).
   Verdict: 4.4-7.7 TFLOP/s (7-12% of the FP32 peak) on the first GPU run
   (results/gpu/gemm.csv): each k step spent 4-5 integer instructions per scalar shared load
-  on 64-bit addresses and negative-index selects (ptx family: 128 FMAs in 2161 PTX
-  instructions at 128 x 128), and each slab's global loads were exposed at a barrier.
+  on 64-bit addresses and negative-index selects (ptx family: 64 FMAs in 162 PTX
+  instructions per k step at 128 x 128), and each slab's global loads waited at a barrier.
 * ``numba_v2`` (default) — 4 x 4 register blocks (rows ``4*ty + r + g*4*TY``) read in 16-byte
   shared loads from 16-byte aligned, padded slabs; the next slab loaded into registers
   while the current one is multiplied, double-buffered slabs (one barrier per k step);
   clamped unconditional global loads; unsigned indices (no wraparound selects). 218
-  registers at 256 threads, 33.8 KB shared memory, no spills; 128 FMAs in 1409 PTX
-  instructions (ptx family). Verdict: not yet measured on a GPU (goal: 40% of FP32 peak).
+  registers at 256 threads, 33.8 KB shared memory, no spills; its k loop issues 64 FMAs in
+  88 PTX instructions (v1: 64 in 162; ptx family). Verdict: not yet measured on a GPU
+  (goal: 40% of FP32 peak).
 """
 
 from __future__ import annotations
