@@ -503,9 +503,29 @@ def family_forward(budget_s: float, smoke: bool, dev: dict) -> list:
     else:
         variants["torch_eager"] = torch_reason
 
+    counts = {}
+
     def check(name, fn):
-        fn()
+        """One call, counting tfm's kernel launches, cuBLAS calls and device allocations."""
+        from tfm.backends.cuda._launch import COUNTS
+
+        allocs = [0]
+        device_array = cuda.device_array
+
+        def counting(*a, **kw):
+            allocs[0] += 1
+            return device_array(*a, **kw)
+
+        before = dict(COUNTS)
+        cuda.device_array = counting
+        try:
+            fn()
+        finally:
+            cuda.device_array = device_array
         sync()
+        if name.startswith("tfm"):
+            counts[name] = {"launches": COUNTS["launches"] - before["launches"],
+                            "cublas_calls": COUNTS["cublas"] - before["cublas"], "allocations": allocs[0]}
         out = outputs[name]
         host = out.cpu().numpy() if hasattr(out, "cpu") else np.asarray(out)
         return rel_err(host, ref64)
@@ -518,6 +538,8 @@ def family_forward(budget_s: float, smoke: bool, dev: dict) -> list:
         _launch.set_launch_mode("direct")
         if pool is not None:
             pool.caching = False
+    for row in rows:
+        row.update(counts.get(row["variant"], {}))
     return rows
 
 
@@ -646,6 +668,9 @@ def summary(results: dict, dev: dict, args, budget: Budget) -> str:
                     extra += f", {100 * row['frac_fp32_peak']:.1f}% of FP32 peak"
                 if "us_per_launch" in row:
                     extra += f", {row['us_per_launch']:.1f} us/launch"
+                if "launches" in row:
+                    extra += (f", {row['launches']} launches + {row['cublas_calls']} cuBLAS calls, "
+                              f"{row['allocations']} allocations per call")
                 if "registers" in row:
                     lines.append(f"- {row['kernel']} {row['variant']}{row['tiling']}: {row['registers']} registers "
                                  f"x {row['threads']} threads, {row['smem_bytes']} B smem, {row['spill_bytes']} B "

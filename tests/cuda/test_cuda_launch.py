@@ -176,3 +176,6 @@ def test_lab_smoke_writes_every_family(tmp_path):
         ours = [r for r in rows if not r["variant"].startswith(("torch", "sdpa", "tfm_cublas"))]
         assert ours and all(r["status"] == "ok" and float(r["median_ms"]) > 0 for r in ours), rows
         assert all(r["reason"] for r in rows if r["status"] != "ok")
+        if family == "forward":  # toy nn.Transformer, 1 + 1 layers: 7 + 12 kernels and 2 final norms;
+            (numba,) = [r for r in rows if r["variant"] == "tfm_numba_direct"]  # split/merge free
+            assert int(numba["launches"]) <= 21 and int(numba["allocations"]) <= 21, numba

@@ -373,10 +373,15 @@ def _fast_launch(name, kernel, grid, block, args, mode) -> None:
     dispatcher.launch(_default_stream(), _launch_config(grid, block), entry.cufunc, *words)
 
 
+# Kernel launches and cuBLAS calls so far in this process (the lab counts them per forward pass).
+COUNTS = {"launches": 0, "cublas": 0}
+
+
 def launch(name: str, kernel, grid, block, *args) -> None:
     """``kernel[grid, block](*args)`` through the launch path of :func:`launch_mode`; in checked
     mode, synchronize and name any failure."""
     _check_config(name, grid, block)
+    COUNTS["launches"] += 1
     try:
         mode = launch_mode()
         if mode == "dispatch" or simulator_enabled():
