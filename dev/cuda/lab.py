@@ -375,8 +375,13 @@ def family_attention(budget_s: float, smoke: bool, dev: dict) -> list:
 
         flops = 4.0 * b * h * n * n * d / (2 if causal else 1)  # QK^T and PV (FlashAttention's count)
         share = max(1.0, left / (len(cases) - i))
+        first = len(rows)
         run_case(rows, base, variants, check, share * 0.9, 1e-4, flops=flops, peak=dev["fp32_peak_gflops"],
                  peer="sdpa_math" if torch is not None else None)
+        mem_eff = [r["median_ms"] for r in rows[first:] if r["variant"] == "sdpa_mem_efficient" and "median_ms" in r]
+        for r in rows[first:]:  # the second peer (3xTF32 on tensor cores: not like for like)
+            if mem_eff and "median_ms" in r:
+                r["speed_vs_sdpa_mem_efficient"] = mem_eff[0] / r["median_ms"]
         del dq, dk, dv, outputs
     return rows
 
