@@ -12,6 +12,10 @@ Kernel modules (the same names as the CPU backend) are imported on first use:
     _launch.py     tile/block sizes (``Tuning``), resource checks, the launch paths
     _memory.py     opt-in caching device allocator (``TFM_CUDA_POOL=1``; imported only then)
     _cublas.py     cuBLAS SGEMM/DGEMM through CuPy's bindings on numba device pointers
+    _views.py      strided views (split heads, head-merged outputs) without numba's slicing
+    _offline.py    compiling kernels for sm_90 without a GPU (PTX test, the lab's ptx family)
+
+The kernel variants kept for comparison are timed by the lab, ``python3 -m dev.cuda.lab``.
 
 Data stays on the device: every method takes and returns numba-cuda device arrays;
 ``asarray`` uploads host arrays and wraps ``__cuda_array_interface__`` objects (CuPy,

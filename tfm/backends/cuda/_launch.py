@@ -87,9 +87,10 @@ def checked_mode() -> bool:
 
 
 def gemm_shared_bytes(bm: int, bn: int, bk: int, itemsize: int) -> int:
-    """Static shared memory of the GEMM kernels at most: two k-major slabs (BK x (BM+1) and
-    BK x (BN+1)), double-buffered in the prefetching variant (``linear.VARIANTS``)."""
-    return 2 * itemsize * bk * ((bm + 1) + (bn + 1))
+    """Static shared memory of the GEMM kernels at most: two k-major slabs, BK x (BM+4) and
+    BK x (BN+4) (v2 pads rows by 4 to keep them 16-byte aligned, v1 by 1), double-buffered
+    in v2 (``linear.GEMM_VERSIONS``)."""
+    return 2 * itemsize * bk * ((bm + 4) + (bn + 4))
 
 
 @dataclass(frozen=True)
