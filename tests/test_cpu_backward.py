@@ -323,3 +323,164 @@ def test_dropout_stream_is_positional(rng):
 def test_dropout_bad_p():
     with pytest.raises(ValueError, match="probability"):
         cpu.dropout(np.ones(3, np.float32), 1.5, 0)
+
+
+# ---------------------------------------------------------------------------- attention
+# (B, H, Nq, Nk, d_k, d_v): awkward lengths (1, 37, 97, 1025), Nq != Nk both ways, d_v != d_k,
+# odd head counts.
+ATTN_SHAPES = [(1, 1, 1, 1, 8, 8), (2, 3, 37, 97, 16, 8), (2, 3, 97, 37, 16, 24),
+               (1, 3, 1025, 1025, 64, 64), (1, 1, 1025, 600, 64, 32), (1, 2, 600, 1025, 32, 64)]
+IMPLS = ["naive", "fused"]
+
+
+def _attn_inputs(rng, shape, dtype, mask_kind):
+    b, h, nq, nk, dk, dv = shape
+    q, k = randn(rng, b, h, nq, dk, dtype=dtype), randn(rng, b, h, nk, dk, dtype=dtype)
+    v, do = randn(rng, b, h, nk, dv, dtype=dtype), randn(rng, b, h, nq, dv, dtype=dtype)
+    mask = None
+    if mask_kind == "padding":  # (B, 1, 1, Nk): each batch row hides its last keys
+        mask = np.ones((b, 1, 1, nk), bool)
+        mask[-1, ..., max(1, nk - nk // 3):] = False
+    elif mask_kind == "full":  # (B, H, Nq, Nk), with fully masked query rows
+        mask = rng.random((b, h, nq, nk)) > 0.4
+        mask[0, 0, : max(1, nq // 5)] = False
+    return q, k, v, do, mask
+
+
+def _assert_grads(got, want, dtype):
+    for g, w, name in zip(got, want, ("dq", "dk", "dv")):
+        assert g.dtype == dtype and g.shape == w.shape, name
+        assert np.all(np.isfinite(g)), name
+        if np.linalg.norm(w) < 1e-12:  # e.g. one key: dS = 0 exactly, any rounding is relative noise
+            assert np.max(np.abs(g)) < 1e-5, name
+        else:
+            assert rel_err(g, w) < TOL[dtype], name
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", ATTN_SHAPES)
+@pytest.mark.parametrize("mask_kind,causal", [(None, False), (None, True), ("padding", False),
+                                              ("full", True)])
+def test_attention_train_and_backward(rng, dtype, impl, shape, mask_kind, causal):
+    q, k, v, do, mask = _attn_inputs(rng, shape, dtype, mask_kind)
+    out, lse = cpu.attention_train(q, k, v, mask, causal, impl)
+    np.testing.assert_array_equal(out, cpu.attention(q, k, v, mask, causal, impl))  # the same forward
+    want_out, want_lse = ref.scaled_dot_product_attention_train(q, k, v, mask=mask, causal=causal)
+    assert lse.dtype == dtype and lse.shape == q.shape[:3]
+    seen = np.isfinite(want_lse)
+    np.testing.assert_array_equal(np.isfinite(lse), seen)  # -inf exactly where no key is visible
+    assert not np.isnan(lse).any() and np.all(lse[~seen] == -np.inf)
+    assert rel_err(lse[seen], want_lse[seen]) < TOL[dtype]
+    got = cpu.attention_backward(q, k, v, out, lse, do, mask, causal, impl)
+    want = ref.scaled_dot_product_attention_backward(q, k, v, want_out, want_lse, do, mask=mask,
+                                                     causal=causal)
+    _assert_grads(got, want, dtype)
+    if mask_kind == "full":  # rows that see nothing pass nothing back
+        assert not got[0][0, 0, : max(1, q.shape[2] // 5)].any()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_backward_small_tiles(rng, impl, causal, monkeypatch):
+    """Many key blocks and query steps, ragged last ones, diagonal chunks (tiles far below n)."""
+    from tfm.backends.cpu import attention as att
+
+    monkeypatch.setattr(att, "BWD_TILE_Q", 16)
+    monkeypatch.setattr(att, "BWD_TILE_K", 24)
+    q, k, v, do, mask = _attn_inputs(rng, (2, 3, 97, 131, 16, 8), np.float32, "padding")
+    out, lse = ref.scaled_dot_product_attention_train(q, k, v, mask=mask, causal=causal)
+    got = att.attention_backward(q, k, v, out, lse, do, mask, causal, impl)
+    want = ref.scaled_dot_product_attention_backward(q, k, v, out, lse, do, mask=mask, causal=causal)
+    _assert_grads(got, want, np.float32)
+
+
+@pytest.mark.parametrize("groups", [1, 2, 3])
+@pytest.mark.parametrize("causal", [False, True])
+def test_fused_backward_key_groups(rng, groups, causal):
+    """Several work items per head (each summing its own dQ) give the same gradients; every
+    output element is written (NaN-poisoned)."""
+    from tfm.backends.cpu import attention as att
+
+    q, k, v, do, _ = _attn_inputs(rng, (1, 3, 300, 1100, 32, 16), np.float32, None)
+    out, lse = att.attention_train(q, k, v, None, causal)
+    dq, dk, dv = (np.full(x.shape, np.nan, np.float32) for x in (q, k, v))
+    part = np.full((groups,) + q.shape if groups > 1 else (1, 1, 1, 1, 1), np.nan, np.float32)
+    keep = np.broadcast_to(att._NO_MASK, q.shape[:3] + (k.shape[2],))
+    att._fused_backward_kernel(q, k, v, out, do, lse, keep, False, causal, dq, dk, dv, part,
+                               (32, 32, 16, 16, 32), 128, 256, groups)
+    if groups > 1:
+        dq = part.sum(axis=0)
+    want = ref.scaled_dot_product_attention_backward(q, k, v, out, lse, do, causal=causal)
+    _assert_grads((dq, dk, dv), want, np.float32)
+
+
+def test_key_groups_rule():
+    from tfm.backends.cpu.attention import _key_groups
+
+    assert _key_groups(8, 2, 8) == 1 and _key_groups(1, 1, 8) == 1  # heads spread evenly
+    assert _key_groups(1, 2, 8) == 2 and _key_groups(3, 2, 8) == 2 and _key_groups(3, 4, 8) == 4
+    assert _key_groups(1, 2, 1) == 1  # one key block cannot be split
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_backward_strided_heads(rng, impl, causal):
+    """q, k, v as split_heads views of one fused projection and dout as a split_heads view
+    (the backward of merge_heads): the same gradients as from contiguous copies."""
+    b, n, h, dh = 2, 97, 3, 16
+    qkv = randn(rng, b, n, 3 * h * dh)
+    q, k, v = (cpu.split_heads(qkv, h, i * h * dh, h * dh) for i in range(3))
+    assert not q.flags.c_contiguous
+    dy = randn(rng, b, n, h * dh)
+    do = cpu.split_heads(dy, h)
+    out, lse = cpu.attention_train(q, k, v, None, causal, impl)
+    got = cpu.attention_backward(q, k, v, out, lse, do, None, causal, impl)
+    copies = [np.ascontiguousarray(x) for x in (q, k, v, do)]
+    again = cpu.attention_backward(*copies[:3], out, lse, copies[3], None, causal, impl)
+    for g, a in zip(got, again):
+        np.testing.assert_array_equal(g, a)
+    # and the fused dQKV through merge_heads_into
+    dqkv = np.full(qkv.shape, np.nan, np.float32)
+    for i, g in enumerate(got):
+        cpu.merge_heads_into(g, dqkv, i * h * dh)
+    want = ref.scaled_dot_product_attention_backward(q, k, v, out, lse, do, causal=causal)
+    assert rel_err(dqkv, np.concatenate([ref.merge_heads(w) for w in want], axis=-1)) < TOL[np.float32]
+
+
+def test_attention_backward_empty(rng):
+    q = randn(rng, 1, 2, 0, 8)
+    k, v = randn(rng, 1, 2, 5, 8), randn(rng, 1, 2, 5, 4)
+    dq, dk, dv = cpu.attention_backward(q, k, v, np.zeros((1, 2, 0, 4), np.float32),
+                                        np.zeros((1, 2, 0), np.float32), np.zeros((1, 2, 0, 4), np.float32))
+    assert dq.shape == q.shape and not dk.any() and not dv.any()
+
+
+@requires_torch
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("mask_kind,causal", [(None, False), (None, True), ("padding", False),
+                                              ("padding", True)])
+def test_attention_backward_against_autograd(rng, impl, mask_kind, causal):
+    """float64 against autograd through PyTorch's SDPA (boolean mask: True = attend, as tfm)."""
+    q, k, v, do, mask = _attn_inputs(rng, (2, 3, 97, 97, 16, 24), np.float64, mask_kind)
+    tq, tk, tv = _t(q, True), _t(k, True), _t(v, True)
+    tmask = None if mask is None else torch.from_numpy(mask)
+    if causal and mask is not None:  # SDPA takes one or the other: fold the triangle into the mask
+        tmask = tmask & torch.ones(97, 97, dtype=torch.bool).tril()
+    tout = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, attn_mask=tmask,
+                                                            is_causal=causal and mask is None)
+    tout.backward(_t(do))
+    out, lse = cpu.attention_train(q, k, v, mask, causal, impl)
+    assert rel_err(out, tout.detach().numpy()) < 1e-12
+    got = cpu.attention_backward(q, k, v, out, lse, do, mask, causal, impl)
+    for g, t in zip(got, (tq, tk, tv)):
+        assert rel_err(g, t.grad.numpy()) < 1e-12
+
+
+def test_attention_lab_variants_match_reference():
+    """dev/cpu/attention_backward.py: every variant it times meets its float64 check."""
+    import importlib
+
+    lab = importlib.import_module("dev.cpu.attention_backward")
+    checks = lab.run_checks(np.random.default_rng(0))
+    assert checks and all(c["ok"] for c in checks)

@@ -139,8 +139,33 @@ class CpuBackend(Backend):
     def merge_heads_into(self, x, out, start):
         _k("attention").merge_heads_into(x, out, start)
 
+    def rnn_layer_train(self, x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity="tanh"):
+        return _k("recurrent").rnn_layer_train(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity)
+
+    def rnn_layer_backward(self, saved, dout, dh_n):
+        return _k("recurrent").rnn_layer_backward(saved, dout, dh_n)
+
+    def lstm_layer_train(self, x, h0, c0, w_ih, w_hh, b_ih, b_hh):
+        return _k("recurrent").lstm_layer_train(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
+
+    def lstm_layer_backward(self, saved, dout, dh_n, dc_n):
+        return _k("recurrent").lstm_layer_backward(saved, dout, dh_n, dc_n)
+
+    def gru_layer_train(self, x, h0, w_ih, w_hh, b_ih, b_hh):
+        return _k("recurrent").gru_layer_train(x, h0, w_ih, w_hh, b_ih, b_hh)
+
+    def gru_layer_backward(self, saved, dout, dh_n):
+        return _k("recurrent").gru_layer_backward(saved, dout, dh_n)
+
     def adam_step(self, param, grad, m, v, step, lr, beta1, beta2, eps, weight_decay=0.0):
         _k("training").adam_step(param, grad, m, v, step, lr, beta1, beta2, eps, weight_decay)
 
     def dropout(self, x, p, seed, offset=0):
         return _k("training").dropout(x, p, seed, offset)
+
+    def attention_train(self, q, k, v, mask=None, causal=False, impl="fused"):
+        return _k("attention").attention_train(q, k, v, mask=mask, causal=causal, impl=impl)
+
+    def attention_backward(self, q, k, v, out, lse, dout, mask=None, causal=False, impl="fused"):
+        return _k("attention").attention_backward(q, k, v, out, lse, dout, mask=mask,
+                                                  causal=causal, impl=impl)

@@ -70,8 +70,9 @@ from ._blas import N as _N
 from ._blas import T as _T
 from ._blas import gemm as _gemm
 from ._threads import single_threaded_blas
+from .fastmath import REDUCE as _REDUCE
 from .fastmath import maxnum
-from .norm import exp2_shift_sum, row_max, softmax_in_place
+from .norm import exp2_shift, exp2_shift_sum, exp_shift_sum, row_max
 
 VARIANTS = {
     "naive": "per (b, h): the full (Nq, Nk) score matrix, then softmax, then P @ V",
@@ -89,6 +90,7 @@ DIAG_ROWS = 128
 # the work (Nk=100 on the busy shared machine: 0.12 ms on one thread, 2.5 ms on two).
 SMALL_FLOPS = 32_000_000
 _LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
 
 
 @njit(cache=True)
@@ -104,9 +106,32 @@ def _mask_row(row, n, keep_mask, has_mask, j0, causal_limit):
 
 
 # ---------------------------------------------------------------------------- kernels
-@njit(cache=True, parallel=True)
+@njit(cache=True)
+def _softmax_lse(row, n):
+    """row[:n] = softmax(row[:n]) in place (``softmax_in_place``'s arithmetic); returns the
+    row's log-sum-exp, -inf (and zeros) for a row with nothing visible."""
+    m = row_max(row, n)
+    if m == -np.inf:
+        row[:n] = 0
+        return -np.inf
+    total = exp_shift_sum(row, n, m)
+    inv = row.dtype.type(1.0 / total)
+    for j in range(n):
+        row[j] *= inv
+    return m + math.log(total)
+
+
+@njit(cache=True)
 def _naive_kernel(q, k, v, mask, has_mask, causal, out, ldq, ldk, ldv, ldo):
-    """prange over (b, h): S = Q K^T / sqrt(d) (Nq, Nk) in full, masked, softmax, S @ V.
+    """``_naive_lse_kernel`` without the log-sum-exp."""
+    _naive_lse_kernel(q, k, v, mask, has_mask, causal, out, ldq, ldk, ldv, ldo,
+                      np.empty((1, 1, 1), q.dtype), False)
+
+
+@njit(cache=True, parallel=True)
+def _naive_lse_kernel(q, k, v, mask, has_mask, causal, out, ldq, ldk, ldv, ldo, lse, save_lse):
+    """prange over (b, h): S = Q K^T / sqrt(d) (Nq, Nk) in full, masked, softmax, S @ V; with
+    ``save_lse`` each row's log-sum-exp goes to lse[b, h, i] (for the backward).
 
     ``ld*``: row strides (elements) of each (b, h) matrix, which may be strided views.
     """
@@ -126,7 +151,9 @@ def _naive_kernel(q, k, v, mask, has_mask, causal, out, ldq, ldk, ldv, ldo):
         for i in range(NQ):
             row = s[i]
             _mask_row(row, NK, mask[b, h, i], has_mask, 0, i if causal else NK)
-            softmax_in_place(row, NK)  # no visible key: zero weights
+            row_lse = _softmax_lse(row, NK)  # no visible key: zero weights
+            if save_lse:
+                lse[b, h, i] = row_lse
         _gemm(_N, _N, DV, NQ, NK, one, v[b, h], ldv, s, NK, zero, out[b, h], ldo)
 
 
@@ -170,8 +197,16 @@ def _fused_block(q, k, v, mask, has_mask, causal, o, ldq, ldk, ldv, ldo, scale, 
     _gemm(_N, _N, DV, rows, tk, one, v[b, h, j0:j1], ldv, s, ld_s, one, o[r0:r1], ldo)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True)
 def _fused_kernel(q, k, v, mask, has_mask, causal, out, ldq, ldk, ldv, ldo, tile_q, tile_k):
+    """``_fused_lse_kernel`` without the log-sum-exp."""
+    _fused_lse_kernel(q, k, v, mask, has_mask, causal, out, ldq, ldk, ldv, ldo, tile_q, tile_k,
+                      np.empty((1, 1, 1), q.dtype), False)
+
+
+@njit(cache=True, parallel=True)
+def _fused_lse_kernel(q, k, v, mask, has_mask, causal, out, ldq, ldk, ldv, ldo, tile_q, tile_k,
+                      lse, save_lse):
     """FlashAttention: per work item, query tiles against key tiles with an online softmax.
 
     Work item = (b, h, pair of query tiles). Under ``causal`` a pair is tiles t and T-1-t, so
@@ -179,7 +214,9 @@ def _fused_kernel(q, k, v, mask, has_mask, causal, out, ldq, ldk, ldv, ldo, tile
     query tile [i0, i1): keys below i0 are visible to all its rows (key tiles, no mask); the
     diagonal block [i0, i1) goes in chunks of ``DIAG_ROWS`` rows, each against keys up to its
     last row, so that only a DIAG_ROWS-wide triangle per chunk is computed and then masked.
-    O accumulates in ``out``; extra memory per item is one (tile_q, tile_k) score tile.
+    O accumulates in ``out``; extra memory per item is one (tile_q, tile_k) score tile. With
+    ``save_lse`` each row's log-sum-exp, (m + log2 l) ln 2 from the running max and sum in
+    log2 units, goes to lse[b, h, i] (-inf for a row with no visible key).
     """
     B, H, NQ, D = q.shape
     NK = k.shape[2]
@@ -225,6 +262,9 @@ def _fused_kernel(q, k, v, mask, has_mask, causal, out, ldq, ldk, ldv, ldo, tile
                 inv = dt(1.0 / l_run[r]) if l_run[r] > 0 else dt(0.0)
                 for d in range(DV):
                     o[r, d] *= inv
+                if save_lse:
+                    lse[b, h, i0 + r] = ((m_run[r] + math.log2(l_run[r])) * _LN2
+                                         if l_run[r] > 0 else -np.inf)
 
 
 # ---------------------------------------------------------------------------- public functions
@@ -252,8 +292,22 @@ def _gemm_rows(x, dtype):
 
 def attention(q, k, v, mask=None, causal=False, impl="fused"):
     """softmax(Q K^T / sqrt(d_k)) V -> (B, H, Nq, Dv) in q's dtype (see the backend docs)."""
+    return _attention(q, k, v, mask, causal, impl, False)[0]
+
+
+def attention_train(q, k, v, mask=None, causal=False, impl="fused"):
+    """(attention(...), lse (B, H, Nq)): each query's log-sum-exp of its scaled scores over its
+    visible keys (-inf where it sees none), in q's dtype; the same kernels, writing lse too."""
+    return _attention(q, k, v, mask, causal, impl, True)
+
+
+def _check_impl(impl):
     if impl not in VARIANTS:
         raise ValueError(f"unknown attention impl {impl!r}; choose one of {', '.join(VARIANTS)}")
+
+
+def _attention(q, k, v, mask, causal, impl, save_lse):
+    _check_impl(impl)
     q, ldq = _gemm_rows(q, q.dtype)
     k, ldk = _gemm_rows(k, q.dtype)
     v, ldv = _gemm_rows(v, q.dtype)
@@ -265,26 +319,37 @@ def attention(q, k, v, mask=None, causal=False, impl="fused"):
     # Contiguous (B, H, Nq, Dv): written head-interleaved instead (rows H * Dv apart, so that
     # merge_heads is free) the fused kernel ran 2-7% slower; the merge copy costs less.
     out = np.empty((b, h, nq, dv), dtype=q.dtype)
+    lse = np.empty((b, h, nq) if save_lse else (1, 1, 1), dtype=q.dtype)
     args = (q, k, v, keep, mask is not None, bool(causal), out, ldq, ldk, ldv, max(dv, 1))
     with single_threaded_blas():  # the backend's one pool is Numba's (_threads)
-        if 2 * b * h * nq * nk * (q.shape[3] + v.shape[3]) < SMALL_FLOPS:
-            # Decoding- or small-model-sized: waking the Numba workers costs more than the work.
-            previous = numba.get_num_threads()
+        with _threads_for(2 * b * h * nq * nk * (q.shape[3] + v.shape[3])):
+            if impl == "naive":
+                _naive_lse_kernel(*args, lse, save_lse)
+            else:
+                _fused_lse_kernel(*args, TILE_Q, TILE_K, lse, save_lse)
+    return out, (lse if save_lse else None)
+
+
+class _threads_for:  # noqa: N801  (used like a function)
+    """Context manager: one Numba thread for work under ``SMALL_FLOPS`` (decoding- or
+    small-model-sized: waking the Numba workers costs more than the work), else all."""
+
+    __slots__ = ("_flops", "_previous")
+
+    def __init__(self, flops):
+        self._flops = flops
+        self._previous = None
+
+    def __enter__(self):
+        if self._flops < SMALL_FLOPS:
+            self._previous = numba.get_num_threads()
             numba.set_num_threads(1)
-            try:
-                _run(impl, args)
-            finally:
-                numba.set_num_threads(previous)
-        else:
-            _run(impl, args)
-    return out
+        return self
 
-
-def _run(impl, args):
-    if impl == "naive":
-        _naive_kernel(*args)
-    else:
-        _fused_kernel(*args, TILE_Q, TILE_K)
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            numba.set_num_threads(self._previous)
+        return False
 
 
 def split_heads(x, n_heads, start=0, width=None):
@@ -312,3 +377,201 @@ def merge_heads_into(x, out, start):
     if not np.may_share_memory(cols, out):
         raise ValueError("merge_heads_into: out's column slice is not a view")
     np.copyto(cols, np.asarray(x).transpose(0, 2, 1, 3))
+
+
+# ---------------------------------------------------------------------------- backward
+# O = P V, P = softmax(S), S = Q K^T / sqrt(d_k). Given dO and the forward's lse (FlashAttention-2,
+# Dao 2023, Algorithm 2):
+#   P = exp(S - lse), dV = P^T dO, dP = dO V^T, D = rowsum(dO * O), dS = P * (dP - D),
+#   dQ = dS K / sqrt(d_k), dK = dS^T Q / sqrt(d_k)
+# Five gemms against the forward's two (2.5x its FLOPs). Both variants run the same block step
+# (``_backward_block``); "naive" makes one block of each (b, h), (Nq, Nk) scores and dP in
+# full; "fused" walks key blocks (dK, dV accumulate over every query step of the block) and
+# query steps (dQ accumulates over the key blocks), with two (tile_q, tile_k) tiles per thread.
+
+# Keys per block and query rows per step of the fused backward (dev/cpu/attention_backward.py).
+BWD_TILE_Q = 256
+BWD_TILE_K = 512
+
+
+@njit(cache=True, fastmath=_REDUCE)
+def _ds_rows(s, dp, drow, i0, rows, tk):
+    """dp[r, :tk] = s[r, :tk] * (dp[r, :tk] - drow[i0 + r]): dS = P (dP - D), in place in dp."""
+    for r in range(rows):
+        p_row = s[r]
+        g_row = dp[r]
+        d = drow[i0 + r]
+        for j in range(tk):
+            g_row[j] = p_row[j] * (g_row[j] - d)
+
+
+@njit(cache=True)
+def _backward_block(q, k, v, do, mask, has_mask, causal, gq, gk, gv, lds, consts, s, dp, ld_s,
+                    lse2, drow, b, h, i0, i1, j0, j1):
+    """One step: query rows [i0, i1) against keys [j0, j1) of head (b, h).
+
+    P is recomputed in the score tile ``s`` from the scores in log2 units (``consts[0]`` =
+    log2(e) / sqrt(d_k) folded into the gemm, as the forward) and lse2 = lse log2(e); masked
+    scores and rows with no visible key (lse = -inf) give P = 0. Then gv[j0:j1] += P^T dO_i,
+    dP = dO_i V_j^T into ``dp``, dS = P (dP - D) in place, gq[i0:i1] += dS K_j / sqrt(d_k),
+    gk[j0:j1] += dS^T Q_i / sqrt(d_k). gq, gk, gv: this head's (N, D) gradients (row strides
+    ``lds[4]``, D, Dv). ``consts``: [log2(e) / sqrt(d_k), 1, 0, 1 / sqrt(d_k)] (gemm's scalars).
+    """
+    ldq, ldk, ldv, ldo, ldgq = lds
+    D = q.shape[3]
+    DV = v.shape[3]
+    rows = i1 - i0
+    tk = j1 - j0
+    # row-major S (rows, tk) is column-major S^T = K_j Q_i^T (as the forward)
+    _gemm(_T, _N, tk, rows, D, consts[0:], k[b, h, j0:], ldk, q[b, h, i0:], ldq, consts[2:], s,
+          ld_s)
+    for r in range(rows):
+        row = s[r]
+        i = i0 + r
+        m = lse2[i]
+        if m == -np.inf:  # no visible key anywhere: P = 0, so dS = 0 and nothing flows
+            row[:tk] = 0
+            continue
+        _mask_row(row, tk, mask[b, h, i], has_mask, j0, i if causal else j1)
+        exp2_shift(row, tk, m)  # masked: 2**-inf = 0
+    # dV_j += P^T dO_i: column-major dV_j^T (Dv, tk) += dO_i^T (Dv, rows) @ P (rows, tk)
+    _gemm(_N, _T, DV, tk, rows, consts[1:], do[b, h, i0:], ldo, s, ld_s, consts[1:], gv[j0:], DV)
+    # dP = dO_i V_j^T: column-major dP^T (tk, rows) = V_j (tk, Dv) @ dO_i^T (Dv, rows)
+    _gemm(_T, _N, tk, rows, DV, consts[1:], v[b, h, j0:], ldv, do[b, h, i0:], ldo, consts[2:], dp,
+          ld_s)
+    _ds_rows(s, dp, drow, i0, rows, tk)
+    # dQ_i += dS K_j / sqrt(d): column-major dQ_i^T (D, rows) += K_j^T (D, tk) @ dS^T (tk, rows)
+    _gemm(_N, _N, D, rows, tk, consts[3:], k[b, h, j0:], ldk, dp, ld_s, consts[1:], gq[i0:], ldgq)
+    # dK_j += dS^T Q_i / sqrt(d): column-major dK_j^T (D, tk) += Q_i^T (D, rows) @ dS (rows, tk)
+    _gemm(_N, _T, D, tk, rows, consts[3:], q[b, h, i0:], ldq, dp, ld_s, consts[1:], gk[j0:], D)
+
+
+@njit(cache=True)
+def _head_rows(o, do, lse, b, h, lse2, drow):
+    """Per query row of head (b, h): lse2 = lse log2(e), drow = D = rowsum(dO * O) (float64 sum)."""
+    for i in range(o.shape[2]):
+        lse2[i] = lse[b, h, i] * _LOG2E
+        acc = 0.0
+        for d in range(o.shape[3]):
+            acc += do[b, h, i, d] * o[b, h, i, d]
+        drow[i] = acc
+
+
+@njit(cache=True, parallel=True)
+def _naive_backward_kernel(q, k, v, o, do, lse, mask, has_mask, causal, dq, dk, dv, lds):
+    """prange over (b, h): one block of all Nq rows against all Nk keys, S and dP in full
+    (two (Nq, Nk) matrices per thread); causal computes everything, then masks."""
+    B, H, NQ, D = q.shape
+    NK = k.shape[2]
+    consts = np.array([_LOG2E / math.sqrt(D), 1.0, 0.0, 1.0 / math.sqrt(D)], q.dtype)
+    for bh in prange(B * H):
+        b = bh // H
+        h = bh % H
+        s = np.empty((NQ, NK), q.dtype)
+        dp = np.empty((NQ, NK), q.dtype)
+        lse2 = np.empty(NQ, q.dtype)
+        drow = np.empty(NQ, q.dtype)
+        _head_rows(o, do, lse, b, h, lse2, drow)
+        gq, gk, gv = dq[b, h], dk[b, h], dv[b, h]
+        gq[:] = 0
+        gk[:] = 0
+        gv[:] = 0
+        _backward_block(q, k, v, do, mask, has_mask, causal, gq, gk, gv, lds, consts, s, dp, NK,
+                        lse2, drow, b, h, 0, NQ, 0, NK)
+
+
+@njit(cache=True, parallel=True)
+def _fused_backward_kernel(q, k, v, o, do, lse, mask, has_mask, causal, dq, dk, dv, dq_part, lds,
+                           tile_q, tile_k, groups):
+    """FlashAttention-2's backward: work item = (b, h, group g of key blocks g, g + groups, ...).
+
+    Per key block [j0, j1): dK_j, dV_j start at zero in the outputs and accumulate over the
+    query steps; each step adds its dQ rows to this item's dQ (the output itself when
+    ``groups`` is 1, else the item's partial ``dq_part[g]``, summed afterwards). Causal: rows
+    below j0 see none of the block's keys (skipped); its diagonal rows go in ``DIAG_ROWS``
+    chunks against keys up to their own last row (as the forward); rows from j1 on see the
+    whole block, unmasked. Extra memory per item: two (tile_q, tile_k) tiles and 2 Nq scalars.
+    """
+    B, H, NQ, D = q.shape
+    NK = k.shape[2]
+    n_kb = (NK + tile_k - 1) // tile_k
+    ld_s = max(min(tile_k, NK), 1)
+    rows_s = max(min(max(tile_q, DIAG_ROWS), NQ), 1)
+    consts = np.array([_LOG2E / math.sqrt(D), 1.0, 0.0, 1.0 / math.sqrt(D)], q.dtype)
+    for item in prange(B * H * groups):
+        bh = item // groups
+        g = item % groups
+        b = bh // H
+        h = bh % H
+        s = np.empty((rows_s, ld_s), q.dtype)
+        dp = np.empty((rows_s, ld_s), q.dtype)
+        lse2 = np.empty(NQ, q.dtype)
+        drow = np.empty(NQ, q.dtype)
+        _head_rows(o, do, lse, b, h, lse2, drow)
+        gq = dq[b, h] if groups == 1 else dq_part[g, b, h]
+        gk, gv = dk[b, h], dv[b, h]
+        gq[:] = 0
+        for jb in range(g, n_kb, groups):
+            j0 = jb * tile_k
+            j1 = min(NK, j0 + tile_k)
+            gk[j0:j1] = 0
+            gv[j0:j1] = 0
+            first_full = 0
+            if causal:
+                for a in range(j0, min(j1, NQ), DIAG_ROWS):
+                    e = min(a + DIAG_ROWS, j1, NQ)  # rows [a, e) see keys up to e - 1 at most
+                    _backward_block(q, k, v, do, mask, has_mask, True, gq, gk, gv, lds, consts, s,
+                                    dp, ld_s, lse2, drow, b, h, a, e, j0, e)
+                first_full = j1
+            for i0 in range(first_full, NQ, tile_q):
+                _backward_block(q, k, v, do, mask, has_mask, False, gq, gk, gv, lds, consts, s, dp,
+                                ld_s, lse2, drow, b, h, i0, min(NQ, i0 + tile_q), j0, j1)
+
+
+def attention_backward(q, k, v, out, lse, dout, mask=None, causal=False, impl="fused"):
+    """(dq, dk, dv) of ``attention`` from its inputs, output, lse (``attention_train``) and dout.
+
+    "fused" never materialises (Nq, Nk): O((Nq + Nk) D) extra memory; "naive" does. Inputs
+    may be strided head views (``split_heads``), as the forward reads them.
+    """
+    _check_impl(impl)
+    dtype = np.asarray(q).dtype
+    q, ldq = _gemm_rows(q, dtype)
+    k, ldk = _gemm_rows(k, dtype)
+    v, ldv = _gemm_rows(v, dtype)
+    dout, ldo = _gemm_rows(dout, dtype)
+    out = np.asarray(out, dtype)
+    lse = np.asarray(lse, dtype)
+    b, h, nq, d = q.shape
+    nk, dv_ = k.shape[2], v.shape[3]
+    dq = np.empty((b, h, nq, d), dtype)
+    dk = np.empty((b, h, nk, d), dtype)
+    dv = np.empty((b, h, nk, dv_), dtype)
+    if min(nq, nk, d, dv_) == 0 or b * h == 0:  # an empty sum: zero gradients, no BLAS call
+        for g in (dq, dk, dv):
+            g[:] = 0
+        return dq, dk, dv
+    keep = np.broadcast_to(_NO_MASK if mask is None else np.asarray(mask, dtype=np.bool_),
+                           (b, h, nq, nk))
+    flops = 5 * b * h * nq * nk * (d + dv_)  # 2.5x the forward's
+    with single_threaded_blas(), _threads_for(flops):
+        common = (q, k, v, out, dout, lse, keep, mask is not None, bool(causal), dq, dk, dv)
+        lds = (ldq, ldk, ldv, ldo, d)
+        if impl == "naive":
+            _naive_backward_kernel(*common, lds)
+        else:
+            groups = _key_groups(b * h, numba.get_num_threads(), -(-nk // BWD_TILE_K))
+            dq_part = np.empty((groups, b, h, nq, d) if groups > 1 else (1, 1, 1, 1, 1), dtype)
+            _fused_backward_kernel(*common, dq_part, lds, BWD_TILE_Q, BWD_TILE_K, groups)
+            if groups > 1:
+                np.sum(dq_part, axis=0, out=dq)
+    return dq, dk, dv
+
+
+def _key_groups(heads, threads, key_blocks):
+    """Work items per head of the fused backward: 1 when the heads alone spread evenly over the
+    threads (or are many), else enough groups of key blocks per head that the item count is a
+    multiple of the thread count (each group then sums its own dQ)."""
+    if threads <= 1 or heads % threads == 0 or heads >= 4 * threads:
+        return 1
+    return max(1, min(key_blocks, threads // math.gcd(heads, threads)))

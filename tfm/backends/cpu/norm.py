@@ -490,3 +490,20 @@ def cross_entropy(logits, targets, weights, label_smoothing=0.0):
     else:
         _cross_entropy_kernel(*args)
     return losses, dz
+
+
+def exp2_shift(row, n, m):
+    """row[:n] = 2**(row[:n] - m) in place, no sum: the backward of fused attention recomputes
+    its weights from the forward's log-sum-exp (``exp2_shift_sum`` without the sum loop)."""
+    row[:n] = np.exp2(row[:n] - m)
+
+
+@overload(exp2_shift)
+def _exp2_shift_impl(row, n, m):
+    in_place = _exp2_shift_f32 if row.dtype == types.float32 else _exp2_shift_f64
+    dt = row.dtype
+
+    def impl(row, n, m):
+        in_place(row, n, dt(m))
+
+    return impl
