@@ -117,12 +117,17 @@ class Adam:
                 slot_grads[prefix + k] = bk.asarray(g, m.dtype)
         self._apply(slot_grads)
 
-    def _apply(self, grads: dict) -> None:
-        """The update from gradients by slot name (backend arrays, as backward returns them)."""
+    def _check_backend(self) -> None:
+        """The moments live on the backend the module had when this optimizer was made."""
         module, bk = self.module, self._backend
         if module.backend is not bk:
             raise ValueError(f"the {type(module).__name__} moved from backend {bk.name!r} to "
                              f"{module.backend.name!r} after this optimizer was made; make a new one")
+
+    def _apply(self, grads: dict) -> None:
+        """The update from gradients by slot name (backend arrays, as backward returns them)."""
+        self._check_backend()
+        module, bk = self.module, self._backend
         slots = module._all_slots()
         step = self.steps + 1
         lr = self.lr_at(step)

@@ -171,6 +171,7 @@ class Seq2Seq(Model):
         if getattr(optimizer, "module", None) is not self:
             raise TypeError(f"optimizer must be a tfm.optim.Adam built for this model "
                             f"(tfm.optim.Adam(model, lr)), got {type(optimizer).__name__}")
+        optimizer._check_backend()
 
         def check(loss):
             if not np.isfinite(loss):
