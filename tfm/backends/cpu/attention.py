@@ -4,58 +4,59 @@ softmax(Q K^T / sqrt(d_k)) V on (B, H, N, D) operands, float32 and float64, with
 boolean mask (True = may attend, broadcast with zero strides, never materialised) and
 top-left-aligned causal masking. Query rows with no visible key return zeros.
 
-Variants (``VARIANTS``), on this project's machine (2-core AMD EPYC VM, Zen 3, AVX2; one
-OpenBLAS thread peaks at 86-90 GFLOP/s on large sgemm, two at ~165), float32, B=1, H=8, d=64,
-2 Numba threads + 1 BLAS thread vs torch.set_num_threads(2), side by side in one process
-against ``torch.nn.functional.scaled_dot_product_attention``, as tfm time / SDPA time:
+Variants (``VARIANTS``), float32, B=1, H=8, d=64, time / the fused kernel's time unless
+named otherwise:
 
-    naive  full (Nq, Nk) scores per (b, h), two BLAS gemms: the reference point; at n=4096 the
-           64 MiB score matrix per head leaves the caches, and causal computes, then masks.
-    fused  512-query x 1024-key tiles, online softmax in log2 units; n=32768 runs in O(n d)
-           memory. Paired tfm/SDPA time per round, median (bootstrap 95% CI), order
-           alternating: n=1024 full 1.008 (0.986-1.031), causal 0.844 (0.815-0.873), 61
-           rounds each; n=4096 full 0.993 (0.973-1.059), 15 rounds, causal 0.979
-           (0.959-1.007), 21 rounds. Level with SDPA without a mask, ahead with one.
+    naive  the full (Nq, Nk) score matrix per (b, h), two BLAS gemms around a row softmax;
+           causal computes every score, then masks. n=4096: 1.95 (1.44-2.23), causal 3.83
+           (3.28-5.63).
+    fused  FlashAttention's online softmax: 512-query x 1024-key tiles, scores in log2 units
+           (2**x), the causal diagonal in 128-row chunks; O((Nq + Nk) d) memory (n=32768 in
+           tests/test_attention.py). tfm.attention / torch SDPA: n=1024 0.96 (0.94-0.99),
+           causal 0.91 (0.81-0.98); n=4096 0.91 (0.82-0.99), causal 0.94 (0.93-0.98).
 
-Where the time goes (n=4096, full, 2 threads): the same loop with only its two gemms runs at
-160 GFLOP/s (~0.92 of the 2-thread sgemm peak); the softmax (row max, exp2, float64 sum)
-adds ~15%. SDPA is built the same way (blocked gemm + vectorised exp; 110-135 GFLOP/s
-here), so the two meet at the gemm ceiling: beating it by more than the softmax share would
-take a faster gemm than OpenBLAS's on K=64 tiles.
+Every figure in this header comes from ``python -m dev.cpu.run_all`` (dev/cpu/attention.py;
+the run: dev/cpu/results/attention.csv and machine.json): a 2-core AMD EPYC VM (family 25,
+model 17, AVX-512; LLVM compiles for znver4), shared with other jobs (1-minute load 6 at the
+start, up to 17 during the run), 2 Numba threads each calling 1-thread OpenBLAS against
+torch.set_num_threads(2). Each is a paired ratio: the variant's time over the baseline's in
+the same interleaved round, median over rounds (7-24 here) with a bootstrap 95% interval.
+Absolute times on this VM move with its load; only such ratios are quoted.
 
-How fused got there. On an earlier 2-core AVX-512 VM (n=4096, full): 128x256 tiles with a
-scalar row max, 0.45x SDPA's speed; max vectorised (llvm.maxnum) 0.53x; 256x1024 tiles
-(fewer, larger gemm calls) 0.85x. A transposed score tile (S^T, column-wise softmax) gave
-no end-to-end gain. On this machine:
-- the exp of the score rows ran scalar (LLVM did not vectorise a loop that also summed in
-  float64); split into an exp loop and a sum loop (``norm.py``), the softmax at n=4096 fell
-  from ~62 to ~42-52 ms of ~300, tfm/SDPA from 1.13-1.25 to 0.94-1.13 (noisy);
-- 2**x instead of exp(x), with log2(e) folded into the Q K^T gemm's alpha (``norm.
-  exp2_shift_sum``): no Cody-Waite reduction, a degree-5 polynomial, 18 vector operations
-  per 8 elements where exp took 23; 0.31 vs 0.45 ns/element alone (predicted ~4% of the
-  kernel: the exp was ~14% of a 1.02 ms 256x1024 tile step);
-- 512-row query tiles (K tile packing amortised over more rows; tile sweep at n=4096:
-  512x1024 0.95 of 256x1024's time, 1024x1024 0.95, 512x512 1.07, 256x256 1.02);
-- causal: the diagonal block in 128-row chunks, each against keys up to its own last row.
-  A whole tile_q x tile_q diagonal block wastes tile_q^2 / 2 masked scores per query tile,
-  25% extra work at n=1024 with 256-row tiles; chunks waste 128^2 / 2 per chunk instead.
-Together, paired against the previous kernel (256x1024 tiles, exp): 0.94 of its time at
-n=1024 full, 0.93 causal; 0.92 at n=4096 full, 0.95 causal.
+How fused got here. The lab keeps the versions in one parametrised kernel with this loop
+structure (v6 has this kernel's settings: 0.93 (0.77-1.04) of its time at n=4096, so the
+frame adds nothing measurable). Time / this kernel's at n=4096, full and causal:
+    v1  128 x 256 tiles, scalar row max, exp and its float64 sum in one loop
+        1.20 (1.10-1.33), 1.15 (0.95-1.23)
+    v2  v1 with the row max as llvm.maxnum (vectorised)   1.00 (0.96-1.40), 1.10 (0.93-1.18)
+    v3  256 x 1024 tiles                                  0.96 (0.80-1.10), 0.98 (0.76-1.12)
+    v4  the exp loop apart from the sum loop              0.93 (0.77-1.10), 0.98 (0.81-1.07)
+    v5  scores in log2 units, 2**x                        1.03 (0.81-1.13), 0.92 (0.75-1.11)
+    v6  512-row query tiles, the causal diagonal in 128-row chunks (a 128-wide masked
+        triangle per chunk; a whole tile_q block computes tile_q^2 / 2 masked scores)
+In this run only v1's scalar row max is measurably slower; v2-v6 lie within the noise of
+a loaded VM. Alone, their pieces do differ: a vectorised row max is 7.3x faster than the
+scalar loop, 2**x 0.89x the time of exp (``fastmath``'s header; dev/cpu/fastmath.py), a
+small share of a kernel that the gemms dominate. Tile sizes (this kernel, n=4096, full;
+time / 512 x 1024's): 256 x 256, 256 x 1024, 512 x 512 and 1024 x 1024 all within 1.01-1.06,
+intervals spanning 1.
+
+Where the time goes (n=4096, full): this kernel takes 1.10 (1.03-1.13) of the time of the
+same loop with only its two gemms (the lab's v6 with the softmax switched off): the softmax
+is ~10% on top of OpenBLAS. SDPA is built the same way (blocked gemm + vectorised exp), so
+the two meet near the gemm ceiling.
 
 Heads in place: ``split_heads`` returns strided views of the fused projection (rows d_model
-or 3 * d_model apart) and the kernels hand gemm those row strides as leading dimensions
-(gemm packs its operands anyway), dropping three split copies per attention block: 0.41 of
-the 0.55 ms of head copies per block at the base model's (8, 128, 512), ~1% of a ~750 ms
-base forward pass (18 blocks); end to end that is below this VM's noise. Writing the output
-head-interleaved as well (so that merge_heads is free) made the fused kernel 2-7% slower
-(PV gemm into rows H * Dv apart; interleaved A/B, n = 1024 and 4096): the output stays
-contiguous and merge_heads copies.
+or 3 * d_model apart) and the kernels hand gemm those row strides as leading dimensions (gemm
+packs its operands anyway), so splitting heads copies nothing. The output stays contiguous
+and merge_heads copies: a head-interleaved output (merge_heads free) was tried and kept out
+in 4583482 (the lab does not repeat that measurement).
 
 Threading: ``prange`` over (batch, head, query-tile) work items, each calling a
 single-threaded BLAS ``?gemm`` (``_threads.single_threaded_blas``): 2 Numba threads x 1 BLAS
-thread. Serial items with 2-thread BLAS and 2 x 2 (oversubscribed) were both many times
-slower (``_threads``). The exp2 of the score tile is a vectorised polynomial
-(``norm.exp2_shift_sum``; float32), not libm.
+thread. At n=1024 one Numba thread calling 2-thread BLAS took 2.98 (1.93-5.95) times as long,
+2 x 2 (oversubscribed) 5.29 (4.14-7.70). The exp2 of the score tile is a vectorised polynomial
+(``fastmath.exp2_le0`` through ``norm.exp2_shift_sum``), not libm.
 """
 
 from __future__ import annotations
@@ -79,7 +80,8 @@ VARIANTS = {
     "fused": "FlashAttention on the CPU: query tiles x key tiles, online softmax, O((Nq+Nk)*D)",
 }
 
-# Tile sizes of the fused kernel (rows of Q, rows of K/V per step); chosen by measurement.
+# Tile sizes of the fused kernel (rows of Q, rows of K/V per step); the lab's tile sweep
+# (header) finds its neighbours no faster.
 TILE_Q = 512
 TILE_K = 1024
 # Causal: rows per chunk of the diagonal block (each chunk computes a DIAG_ROWS-wide
@@ -87,7 +89,8 @@ TILE_K = 1024
 DIAG_ROWS = 128
 # Below this many FLOPs a call runs on one Numba thread (every decoding step; the small
 # preset's B=4, H=4, n=64, d=32 self-attention, 8.4 MFLOP): waking the pool costs more than
-# the work (Nk=100 on the busy shared machine: 0.12 ms on one thread, 2.5 ms on two).
+# the work (one query x 100 keys: 1.41 (1.41-1.42) times as long on two threads as on one;
+# dev/cpu/attention.py, threads).
 SMALL_FLOPS = 32_000_000
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453

@@ -5,18 +5,16 @@ is fused: the residual sum is formed once in the output row, then mean and varia
 passes over a row that sits in L1: the numerically safe form, accumulated in float64) and
 the affine map. Softmax subtracts the row max first, so exp never overflows.
 
-The row primitives here (``maxnum``, ``row_max``, ``exp_shift_sum``) are shared with the
-attention kernels. Reductions are compiled with ``fastmath={"reassoc", "nsz"}`` only (NaN and
-inf keep their IEEE meaning) so that LLVM vectorises them; float32 exp is a polynomial
-(Cephes expf, max relative error 1.2e-7) that vectorises, where libm's expf runs one element
-at a time. LayerNorm(x + r) at 1024 x 512 went from 0.39x to ~1.1x torch's speed with this
-(side by side, shared machine). Softmax reads x twice (max, then exp into out) and the row in
-L1 twice more (sum, scale); with the split exp/sum loops below, (T, 1024) float32 rows went from
-1.13-1.55x torch's time (pytest-benchmark, T = 4096..256) to 0.78-0.99x (AMD EPYC, AVX2,
-side by side, 2 threads).
-Inputs under ``_threads.SMALL_ELEMENTS`` run on the calling thread (``*_rows``): LayerNorm(x + r)
-right after a linear, loaded machine, one thread vs parallel (median / min): 32 x 32 0.026 /
-0.020 ms vs 7.9 / 0.039 ms; 1024 x 512 0.53 / 0.47 ms vs 6.4 / 0.28 ms (a wake-up stall).
+The row primitives here (``row_max``, ``exp_shift_sum``, ``exp2_shift_sum``,
+``softmax_in_place``) are shared with the attention kernels. Reductions are compiled with
+``fastmath={"reassoc", "nsz"}`` only (NaN and inf keep their IEEE meaning) so that LLVM
+vectorises them; float32 exp is ``fastmath.exp_le0``, a polynomial that vectorises, where
+libm's expf runs one element at a time (4.65x its time: ``fastmath``'s header). Softmax reads
+x twice (max, then exp into out) and the row in L1 twice more (sum, scale). tfm against
+PyTorch for LayerNorm(x + r) and softmax at model sizes: ``make bench``
+(tests/benchmarks/test_bench_kernels.py).
+Inputs under ``_threads.SMALL_ELEMENTS`` run on the calling thread (``*_rows``; the rule is
+``_threads``'s).
 """
 
 from __future__ import annotations
@@ -95,10 +93,9 @@ def _exp_shift_f64(row, n, m):
 def exp_shift_sum(row, n, m):
     """row[:n] = exp(row[:n] - m) in place, returns the sum (float64); needs row <= m.
 
-    In @njit code: the exp loop for row's dtype (float32: the polynomial above), then
-    ``_sum_f64``. Fusing the float64 sum into the float32 exp loop kept LLVM from vectorising
-    it: 1.1-1.3 ns/element against 0.55 split (AMD EPYC, AVX2), the softmax share of fused
-    attention ~2x faster.
+    In @njit code: the exp loop for row's dtype (float32: ``fastmath.exp_le0``), then
+    ``_sum_f64`` in a loop of its own. The two in one loop ran 1.05 (1.05-1.05) times as long
+    (dev/cpu/fastmath.py, "exp one loop").
     """
     row[:n] = np.exp(row[:n] - m)
     return float(row[:n].sum())
@@ -114,8 +111,8 @@ def exp2_shift_sum(row, n, m):
     """row[:n] = 2**(row[:n] - m) in place, returns the sum (float64); needs row <= m.
 
     For scores already in log2 units (the fused attention kernel folds log2(e) into the
-    Q K^T gemm's alpha): exp(x) = 2**(x log2 e). Float32: 0.30-0.35 ns/element where
-    ``exp_shift_sum``'s exp takes 0.45-0.50 (AMD EPYC, AVX2; the sum loop adds ~0.08).
+    Q K^T gemm's alpha): exp(x) = 2**(x log2 e). Float32 (``fastmath.exp2_le0``): 0.89
+    (0.89-0.89) of ``exp_shift_sum``'s time (dev/cpu/fastmath.py).
     """
     row[:n] = np.exp2(row[:n] - m)
     return float(row[:n].sum())
