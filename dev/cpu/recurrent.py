@@ -112,6 +112,12 @@ def run_checks(rng) -> list[dict]:
             ok = np.all(np.isnan(acc[:, width:]))  # columns past the block untouched
             check(f"step product {name}, B={batch} H={hidden} width={width}",
                   rel_err(acc[:, :width], want) if ok else np.inf, 1e-5, checks)
+    # The kernels' own buffers (W_hh^T, acc, h_buf) come from Numba's allocator; the step
+    # product's speed depends on their alignment (step_product), so hold it to 64 bytes.
+    w_hhT = rec._permuted_transpose(rng.standard_normal((4 * 37, 37)).astype(np.float32),
+                                    rec._block_permutation(4, 37))
+    check("Numba-allocated W_hh^T: bytes past a 64-byte boundary", float(w_hhT.ctypes.data % 64),
+          0.5, checks)
     return checks
 
 

@@ -20,81 +20,53 @@ Each layer runs in two phases:
    (``_lstm_block`` and its twins, shared by both schedules). No BLAS call runs inside the
    parallel region (no oversubscription).
 
-float32 gates use a rational tanh (Eigen's, |error| < 4e-7) with sigmoid(x) = (1 + tanh(x/2))
-/ 2; libm's scalar expf/tanhf took ~270 us per step at B=8, H=512. The kernels compile with
-``error_model="numpy"``: under Numba's default ("python") every float division checks for a
-zero divisor to raise ZeroDivisionError, and that branch kept LLVM from vectorising the
-rational tanh (8.4 vs 1.5 ns per element; the LSTM gate update of a B=8, H=512 step 220 vs
-~100 us). The only divisions are the tanh's, whose denominator is >= 4.9e-3. float64 uses libm.
+float32 gates use ``fastmath.tanh`` and ``fastmath.sigmoid``: rational forms that vectorise
+(libm's tanhf takes 46x as long: ``fastmath``'s header). The kernels compile with
+``error_model="numpy"``, as the rational tanh does. float64 uses libm.
 
-Measured on this shared 2-core AVX-512 machine while other jobs loaded it (load 2-8), so
-only ratios taken side by side in one process mean anything. float32, I=H=512:
+Verdicts, from ``python -m dev.cpu.run_all`` (dev/cpu/recurrent.py; the run:
+dev/cpu/results/recurrent.csv and machine.json: a 2-core AMD EPYC VM, Zen 4 with AVX-512,
+shared with other jobs, 1-minute load 6 at the start and up to 17 during the run). float32;
+each figure a paired ratio: time / the baseline's time in the same interleaved round, median
+over rounds with a bootstrap 95% interval.
 
-    step product h W_hh^T, (8,512)x(512,2048), one thread, side by side:
-      _hidden_block, 4 k x 4 rows, FMA (kept)   300-334 us  (torch.mm / MKL: 185 us)
-      4 k x 4 rows, separate mul/add            352-413 us  (twice the FP-port work)
-      4 k x 2 rows (previous kernel)            420-463 us
-      8 rows x 4 k / 4 rows x 8 k                no better (too noisy to separate; more
-                                                 live registers)
-      scalar accumulators, 4 columns x 8 rows   2000-3000 us (LLVM's SLP vectoriser left
-                                                 them scalar)
-      OpenBLAS sgemm, one thread (dropped)       410 us  (no faster than ours; packs W
-                                                 every call)
-      plain k-b-j loop (dropped)                 770 us  (one store per multiply-add)
-      unrolled, bounds `n - n % 4` (a fixed bug) 2000 us (LLVM lost the trip count)
-    At B=8 the 4 MB W_hh^T streams from L3 every step: ~185 us at ~22 GB/s is MKL's floor
-    as well, so the step product cannot get much below MKL's on one core.
-    whole layer vs PyTorch 2.13 (MKL, OpenMP), float32, I=H=512, one process, A B C A B C,
-    ms median / min; torch.set_num_threads(2) ("torch2") and (1) ("torch1"); tfm on Numba's
-    2 threads (B=8: one row group, i.e. one thread):
-      kind  B   n    tfm            torch2          tfm/torch2   torch1
-      LSTM  8  128    72.6 /   50.8   533.5 /  24.8  0.14 / 2.04    46.6 /   45.0
-      LSTM 64  128   242.3 /  224.1   133.9 / 128.6  1.81 / 1.74   246.7 /  240.9
-      LSTM  8  512   236.0 /  232.6  8005   / 7991   0.03 / 0.03   187.6 /  185.1
-      LSTM 64  512  1605.9 / 1022.8   616.7 / 584.3  2.60 / 1.75  1009.1 / 1006.0
-      GRU   8  128    57.9 /   53.4   638.6 / 159.6  0.09 / 0.33    56.6 /   54.8
-      GRU  64  128   162.3 /  156.5   172.7 / 140.9  0.94 / 1.11   253.6 /  247.7
-      GRU   8  512   174.6 /  154.0   487.3 / 116.0  0.36 / 1.33   253.6 /  228.5
-      GRU  64  512  1540.6 / 1030.4  3229   / 642.1  0.48 / 1.60  1049.0 / 1047.9
-      RNN   8  128    28.8 /   12.7  2077   /   9.9  0.01 / 1.28    14.0 /   13.7
-      RNN  64  128   110.9 /  108.9  2112   / 2098   0.05 / 0.05    87.8 /   82.4
-      RNN   8  512    44.9 /   44.9    41.7 /  40.8  1.08 / 1.10    47.7 /   41.2
-      RNN  64  512   406.0 /  280.8   245.2 / 234.9  1.66 / 1.20   385.4 /  381.8
-    Against one PyTorch thread this is at parity (B=8) or ahead (B=64, two row groups).
-    Two PyTorch threads are 1.1-2x faster at their best (min): MKL's sgemm uses 512-bit
-    vectors (LLVM emits 256-bit ones here) and both threads share every step's product.
-    Their medians are often 2-300x their minima: a barrier per step waits for a parked
-    thread under load, and this process holds two OpenMP pools (Numba's "omp" layer and
-    PyTorch's) on 2 cores (nn.RNN, B=64, n=128: 2.1 s in all 7 runs with 2 threads, 82 ms
-    with 1). Target "at least as fast as nn.LSTM / nn.GRU with 2 threads": not met at
-    their best; met on medians only because of that fragility.
-    threading, LSTM, wall clock (loaded machine), us per step:
-      row groups (kept), B=8, 2 threads: 935 ms at n=128 vs 2194 ms for a prange over
-      unit blocks inside every step (a barrier per step; later 7800 vs 650 us per step
-      with the fast step product; again with the current kernels at load ~5: 12100-15800
-      vs 1190-1260 us per step, two threads each taking half of the hidden units). A
-      per-step barrier waits for whichever thread the OS has parked; PyTorch (OpenMP, also
-      a barrier per step) suffers the same way under load: there nn.LSTM ran 2-16x slower.
-      One group vs two: 540 vs 650 (B=8), 1000 vs 1125 (B=16), 1870 vs 1940 (B=32): with
-      other jobs on the second core it never paid here, hence MIN_GROUP_ROWS = 8 (B=8 runs
-      on one thread); on an idle machine groups of >= 8 rows should scale.
+    step product h W_hh^T, (8,512)x(512,2048), one thread, unit block by unit block,
+    64-byte-aligned operands; time / ``_hidden_block``'s (217 us a step, 77 GFLOP/s):
+      v1 plain k-b-j loop (a load and a store of acc per multiply-add)  2.03 (2.00-2.05)
+      v2 OpenBLAS sgemm, one thread (packs W every call)                2.40 (2.39-2.42)
+      v3 4 k x 2 rows                                                   1.22 (1.21-1.22)
+      v4 4 k x 4 rows without FMA contraction                           1.02 (1.02-1.03)
+      v5 4 k x 4 rows with FMAs: ``_hidden_block`` (kept)
+      torch.mm, one thread                                              2.04 (2.01-2.08)
+      v5 with W_hh^T and acc 16 bytes past a cache line                 2.12 (2.10-2.13)
+    (the kernels allocate W_hh^T, acc and h_buf in Numba, which aligns them to 64 bytes: a
+    check in dev/cpu/recurrent.py).
 
-Later, on a quiet 2-core AMD EPYC VM (AVX2), side by side in one process, median / min ms,
-I=H=512, float32, one layer:
-    by units (B=8, 2 threads x 2 of the 4 unit blocks per step) against one row group (one
-    thread), n=512:  LSTM 173.9 / 165.6 vs 250.6 / 214.4;  GRU 135.4 / 116.6 vs 178.6 /
-    173.5;  RNN 53.3 / 50.0 vs 53.2 / 51.5 (its step is too small to gain). Predicted: the
-    step product halves (each thread streams 2 of the 4 MB of W_hh^T; the product alone:
-    (8,512)x(512,2048) 346 us, (8,512)x(512,1024) 129 us, one thread), less a barrier per
-    step. pytest-benchmark against nn.LSTM (2 threads), medians: n=128 58 vs 88 ms, 512 217
-    vs 316, 1024 458 vs 579.
-    by rows still wins from B=16 (two groups of 8; n=256): LSTM 164 / 152 vs 270 / 204 by
-    units, GRU 139 / 124 vs 180 / 152, RNN 40 / 36 vs 79 / 76; likewise at B=32 and 64.
-    A barrier per step is fragile on a loaded machine (above: 10x slower at load ~5), so
-    the units schedule is used only where rows would leave a thread idle, and only for
-    steps of >= MIN_SPLIT_STEP_FLOPS: at B=1 the studies measured it 1.5-4.7x slower on
-    small steps (LSTM H=256, RNN H=512 and 1024) before that threshold (its barrier costs
-    ~90 us a step; numbers at the constant).
+    schedules, n=128; time by units / time by rows (one row group), step MFLOP in brackets:
+      LSTM B=1 H=256 (0.5) 1.75 (1.74-1.76)     RNN B=1 H=1024 (2.1) 1.43 (1.42-1.43)
+      GRU B=1 H=512 (3.1) 2.07 (2.03-2.10)      RNN B=8 H=512 (4.2) 1.25 (1.25-1.29)
+      LSTM B=4 H=512 (8.4) 0.65 (0.65-0.65)     LSTM B=1 H=1024 (8.4) 1.06 (0.97-1.10)
+      GRU B=2 H=1024 (12.6) 1.38 (0.88-1.72)    GRU B=8 H=512 (12.6) 0.99 (0.96-1.03)
+      LSTM B=8 H=512 (16.8) 1.26 (1.24-1.28)
+    B=16 (two row groups), by units / by rows: LSTM 0.99 (0.89-1.54), GRU 0.74 (0.58-0.90),
+    RNN 0.93 (0.89-0.99). LSTM B=8 H=512, two row groups of 4 / one of 8: 1.59 (1.28-1.66).
+    In this run, below MIN_SPLIT_STEP_FLOPS the units schedule lost everywhere but at LSTM
+    B=4 (0.65); above it, where the library takes it (B=8), it lost for the LSTM and tied for
+    the GRU. Its barrier per step waits for whichever thread the OS has parked, so it fares
+    worst on a loaded machine like this run's. MIN_GROUP_ROWS and MIN_SPLIT_STEP_FLOPS were
+    set from measurements on a quieter machine that this loaded run neither confirms nor
+    clearly refutes: rerun the lab on a quiet machine before moving them.
+
+    units per block, LSTM B=8 H=512, one thread, time / UNITS=128's: 16 units 2.15
+    (1.92-2.30), 32 1.48 (1.37-1.62), 64 1.14 (0.96-1.28), 512 2.63 (2.32-2.82). The RNN
+    with 128-unit blocks / with RNN_UNITS=512: B=8 1.58 (1.53-1.62), B=64 0.98 (0.56-1.70).
+
+    W_hh -> W_hh^T in unit-block order (``_permuted_transpose``, 16 x 16 tiles, once per
+    call): NumPy's ``ascontiguousarray(w[perm].T)`` takes 1.58 (1.55-1.65) times as long.
+
+Both schedules of each kind come from one factory (``_schedules``) over its block; the
+factory's kernels replaced six written-out ones with bitwise-identical outputs and no
+measurable change in time (``python -m dev.cpu.ab --rev 1d4e43a --only recurrent``).
 """
 
 from __future__ import annotations
@@ -107,23 +79,18 @@ from .fastmath import sigmoid, tanh
 from .linear import linear
 
 # Hidden units per block: 4*128 LSTM gate columns = a 2 KB segment of each W_hh^T row, and
-# a (rows, 512) float32 accumulator that stays in L1. Measured at B=8, H=512, one thread:
-# 753 / 632 / 561 / 500 / 541 us per LSTM step for 16 / 32 / 64 / 128 / 512 units.
+# a (rows, 512) float32 accumulator that stays in L1 (block sizes compared in the header).
 UNITS = 128
-# The RNN's one gate: 512-unit blocks give it the LSTM's 512-column block width. B=8 / 64,
-# H=512, us per step (median, side by side): 185 / 1095 vs 219 / 1260 with 128 units.
+# The RNN's one gate: 512-unit blocks give it the LSTM's 512-column block width (header).
 RNN_UNITS = 4 * UNITS
 
-# Fewest batch rows per thread. At B=8 (LSTM, H=512) two groups of 4 rows took 650 us per
-# step against 540 us for one group of 8 (each group streams the 4 MB W_hh^T every step).
+# Fewest batch rows per thread: each group streams the whole W_hh^T (4 MB at H=512) every
+# step, so a group needs rows enough for its arithmetic to outweigh that (header).
 MIN_GROUP_ROWS = 8
 
-# Fewest FLOPs of a step's product h W_hh^T for the units schedule. Its barrier per step
-# costs ~90 us here (OMP_WAIT_POLICY=PASSIVE, which tfm sets: the threads sleep between
-# parallel regions). n=512, side by side, ms median, rows vs units: LSTM B=1 H=256 (0.5
-# MFLOP a step) 18 vs 65, GRU B=1 H=512 (3.1) 61 vs 151, RNN B=1 H=1024 (2.1) 74 vs 168,
-# RNN B=8 H=512 (4.2) 62 vs 93, LSTM B=4 H=512 (8.4) 143 vs 145, LSTM B=1 H=1024 (8.4)
-# 575 vs 417, GRU B=2 H=1024 (12.6) 451 vs 417, LSTM B=8 H=512 (16.8) 251 vs 174.
+# Fewest FLOPs of a step's product h W_hh^T for the units schedule: a smaller step does
+# not pay for its barrier (with OMP_WAIT_POLICY=PASSIVE, which tfm sets, the threads sleep
+# between parallel regions). The header's schedule table spans this threshold.
 MIN_SPLIT_STEP_FLOPS = 8_000_000
 
 _NONLINEARITIES = {"tanh": 0, "relu": 1}
@@ -131,8 +98,8 @@ _NONLINEARITIES = {"tanh": 0, "relu": 1}
 
 # ------------------------------------------------------------------------------ kernels
 # fastmath={"contract"} here only: fuses each multiply-add into one FMA (one rounding instead
-# of two, so never less accurate; no reassociation, no finite-math assumptions). Step product
-# at B=8, H=512, one thread, side by side: 300-334 us vs 352-413 us without.
+# of two, so never less accurate; no reassociation, no finite-math assumptions); v4 in the
+# header is this loop without it.
 @njit(cache=True, fastmath={"contract"})
 def _hidden_block(h, w_hhT, acc, col0, width):
     """acc[:, :width] = h @ w_hhT[:, col0:col0+width]  (B, width), for one unit block.
@@ -147,8 +114,8 @@ def _hidden_block(h, w_hhT, acc, col0, width):
         row = acc[b]
         for j in range(width):
             row[j] = 0.0
-    # Loop bounds written as `n - 3`: with `n - n % 4` LLVM loses the trip count and the
-    # inner loop ran 4.7x slower (2.0 ms vs 0.42 ms at (8,512)x(512,2048)).
+    # Loop bounds written as `n - 3`: with `n - n % 4` LLVM lost the trip count and the
+    # inner loop ran several times slower (seen when this was written; not in the lab).
     for k in range(0, hidden - 3, 4):
         w0, w1 = w_hhT[k, col0:col0 + width], w_hhT[k + 1, col0:col0 + width]
         w2, w3 = w_hhT[k + 2, col0:col0 + width], w_hhT[k + 3, col0:col0 + width]
@@ -352,9 +319,8 @@ def _vec(b, size, dtype):
 def _permuted_transpose(w, perm):
     """out[k, j] = w[perm[j], k]: (G, H) -> (H, G) in 16 x 16 tiles.
 
-    The 4 MB LSTM W_hh (H=512), side by side: NumPy's ``ascontiguousarray(w[perm].T)``
-    13-25 ms (a strided gather per element; 15% of an n=128, B=8 layer), 32 x 32 tiles with
-    strided stores 8-12 ms, these tiles (contiguous stores) 2.1 ms.
+    Contiguous stores; NumPy's ``ascontiguousarray(w[perm].T)``, a strided gather per
+    element, takes 1.58x as long (header).
     """
     g, hidden = w.shape
     out = np.empty((hidden, g), dtype=w.dtype)
