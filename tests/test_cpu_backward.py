@@ -484,3 +484,115 @@ def test_attention_lab_variants_match_reference():
     lab = importlib.import_module("dev.cpu.attention_backward")
     checks = lab.run_checks(np.random.default_rng(0))
     assert checks and all(c["ok"] for c in checks)
+
+
+# ---------------------------------------------------------------------------- restricted attention
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1, 1, 8, 8), (2, 3, 97, 16, 8), (1, 3, 1025, 64, 32)])
+@pytest.mark.parametrize("window", [1, 5, 64, 100])
+@pytest.mark.parametrize("causal", [False, True])
+def test_restricted_attention_train_and_backward(rng, dtype, shape, window, causal):
+    from tfm.reference import baselines as rb
+
+    b, h, n, dk, dv = shape
+    q, k = randn(rng, b, h, n, dk, dtype=dtype), randn(rng, b, h, n, dk, dtype=dtype)
+    v, do = randn(rng, b, h, n, dv, dtype=dtype), randn(rng, b, h, n, dv, dtype=dtype)
+    out, lse = cpu.restricted_attention_train(q, k, v, window, causal)
+    np.testing.assert_array_equal(out, cpu.restricted_attention(q, k, v, window, causal))
+    want_out, want_lse = rb.restricted_attention_train(q, k, v, window, causal)
+    assert lse.dtype == dtype and rel_err(lse, want_lse) < TOL[dtype]
+    got = cpu.restricted_attention_backward(q, k, v, out, lse, do, window, causal)
+    want = rb.restricted_attention_backward(q, k, v, want_out, want_lse, do, window, causal)
+    _assert_grads(got, want, dtype)
+
+
+@pytest.mark.parametrize("groups", [1, 2, 3])
+def test_restricted_backward_groups(rng, groups):
+    """Several work items per head (own dK, dV partials) give the same gradients."""
+    from tfm.backends.cpu import restricted as rs
+    from tfm.reference import baselines as rb
+
+    q, k, v, do = (randn(rng, 1, 3, 300, 16) for _ in range(4))
+    out, lse = rs.restricted_attention_train(q, k, v, 20)
+    left, right = rs.window_bounds(20, False)
+    dq, dk, dv = (np.full(x.shape, np.nan, np.float32) for x in (q, k, v))
+    parts = [np.full((groups,) + x.shape if groups > 1 else (1, 1, 1, 1, 1), np.nan, np.float32)
+             for x in (k, v)]
+    rs._band_backward(q, k, v, out, do, lse, left, right, rs.query_block(20), dq, dk, dv, *parts,
+                      groups)
+    if groups > 1:
+        dk, dv = parts[0].sum(axis=0), parts[1].sum(axis=0)
+    want = rb.restricted_attention_backward(q, k, v, out, lse, do, 20)
+    _assert_grads((dq, dk, dv), want, np.float32)
+
+
+@requires_torch
+def test_restricted_backward_against_autograd(rng):
+    """float64 against autograd through SDPA with the band as a dense mask."""
+    from tfm.reference.baselines import restricted_window
+
+    q, k, v, do = (randn(rng, 2, 3, 97, 16, dtype=np.float64) for _ in range(4))
+    tq, tk, tv = _t(q, True), _t(k, True), _t(v, True)
+    band = torch.from_numpy(restricted_window(97, 97, 7, False))
+    torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, attn_mask=band).backward(_t(do))
+    out, lse = cpu.restricted_attention_train(q, k, v, 7)
+    for g, t in zip(cpu.restricted_attention_backward(q, k, v, out, lse, do, 7), (tq, tk, tv)):
+        assert rel_err(g, t.grad.numpy()) < 1e-12
+
+
+# ---------------------------------------------------------------------------- conv1d, GLU
+CONV_CASES = [  # (B, N, C_in, C_out, k, dilation, pad_left, pad_right)
+    (1, 1, 1, 1, 1, 1, 0, 0), (2, 37, 5, 7, 3, 1, 1, 1), (3, 97, 16, 9, 3, 4, 8, 0),
+    (2, 37, 6, 4, 5, 2, 0, 8), (1, 20, 3, 5, 3, 30, 30, 30), (2, 1025, 8, 8, 2, 1, 1, 0)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CONV_CASES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv1d_backward(rng, dtype, case, bias):
+    from tfm.reference import baselines as rb
+
+    b, n, c_in, c_out, k, dil, pl, pr = case
+    x, w = randn(rng, b, n, c_in, dtype=dtype), randn(rng, c_out, c_in, k, dtype=dtype)
+    n_out = n + pl + pr - dil * (k - 1)
+    dy = randn(rng, b, n_out, c_out, dtype=dtype)
+    got = cpu.conv1d_backward(x, w, dy, dil, pl, pr, bias)
+    want = rb.conv1d_backward(x, w, dy, dil, pl, pr, bias)
+    assert got[0].shape == x.shape and got[1].shape == w.shape
+    for g, w_ in zip(got[:2], want[:2]):
+        assert g.dtype == dtype and rel_err(g, w_) < TOL[dtype]
+    if bias:
+        assert rel_err(got[2], want[2]) < TOL[dtype]
+    else:
+        assert got[2] is None
+
+
+@requires_torch
+def test_conv1d_backward_against_autograd(rng):
+    x, w, bias = randn(rng, 2, 37, 5, dtype=np.float64), randn(rng, 7, 5, 3, dtype=np.float64), randn(rng, 7, dtype=np.float64)
+    dy = randn(rng, 2, 37 + 4 - 2 * 2, 7, dtype=np.float64)
+    tx, tw, tb = _t(x, True), _t(w, True), _t(bias, True)
+    xp = torch.nn.functional.pad(tx.transpose(1, 2), (3, 1))
+    torch.nn.functional.conv1d(xp, tw, tb, dilation=2).transpose(1, 2).backward(_t(dy))
+    for g, t in zip(cpu.conv1d_backward(x, w, dy, 2, 3, 1, True), (tx, tw, tb)):
+        assert rel_err(g, t.grad.numpy()) < 1e-12
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 2), (37, 10), (3, 97, 130)])
+def test_glu_backward(rng, dtype, shape):
+    from tfm.reference import baselines as rb
+
+    x = randn(rng, *shape, dtype=dtype) * 3
+    dy = randn(rng, *shape[:-1], shape[-1] // 2, dtype=dtype)
+    got = cpu.glu_backward(x, dy)
+    assert got.dtype == dtype and got.shape == x.shape
+    assert rel_err(got, rb.glu_backward(x, dy)) < TOL[dtype]
+
+
+@requires_torch
+def test_glu_backward_against_autograd(rng):
+    x, dy = randn(rng, 3, 37, 10, dtype=np.float64), randn(rng, 3, 37, 5, dtype=np.float64)
+    tx = _t(x, True)
+    torch.nn.functional.glu(tx, dim=-1).backward(_t(dy))
+    assert rel_err(cpu.glu_backward(x, dy), tx.grad.numpy()) < 1e-12

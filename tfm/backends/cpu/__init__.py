@@ -169,3 +169,15 @@ class CpuBackend(Backend):
     def attention_backward(self, q, k, v, out, lse, dout, mask=None, causal=False, impl="fused"):
         return _k("attention").attention_backward(q, k, v, out, lse, dout, mask=mask,
                                                   causal=causal, impl=impl)
+
+    def restricted_attention_train(self, q, k, v, window, causal=False):
+        return _k("restricted").restricted_attention_train(q, k, v, window, causal)
+
+    def restricted_attention_backward(self, q, k, v, out, lse, dout, window, causal=False):
+        return _k("restricted").restricted_attention_backward(q, k, v, out, lse, dout, window, causal)
+
+    def conv1d_backward(self, x, weight, dy, dilation=1, pad_left=0, pad_right=0, bias=True):
+        return _k("conv").conv1d_backward(x, weight, dy, dilation, pad_left, pad_right, bias)
+
+    def glu_backward(self, x, dy):
+        return _k("conv").glu_backward(x, dy)

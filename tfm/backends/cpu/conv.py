@@ -28,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .linear import linear
+from .linear import linear, linear_backward
 from .fastmath import sigmoid
 
 
@@ -86,3 +86,80 @@ def glu(x):
     out = np.empty((x2.shape[0], half), x.dtype)
     _glu(x2, out)
     return out.reshape(x.shape[:-1] + (half,))
+
+
+# ---------------------------------------------------------------------------- backward
+# The forward is Y = X W_cat^T (one gemm) and a shifted sum out[b, t] = bias + sum_a
+# Y[b, t + shift_a, a]. Its backward is the transposed shifted sum, a gather of dy into
+# dY[b, s, a] = dy[b, s - shift_a] (zero where that output row does not exist), then the
+# linear layer's backward through the same one-pool gemm blocks (``linear.linear_backward``):
+# dX = dY W_cat, dW_cat = dY^T X (both one product over all B*N rows).
+
+
+@njit(cache=True, fastmath=False, parallel=True)
+def _shifted_gather(dy, shifts, dy_taps):
+    """dy_taps[b, s, a] = dy[b, s - shifts[a]] where that output row exists, else 0."""
+    batch, n, n_taps, c_out = dy_taps.shape
+    n_out = dy.shape[1]
+    for row in prange(batch * n):
+        b, s = row // n, row % n
+        for a in range(n_taps):
+            t = s - shifts[a]
+            dst = dy_taps[b, s, a]
+            if 0 <= t < n_out:
+                src = dy[b, t]
+                for c in range(c_out):
+                    dst[c] = src[c]
+            else:
+                for c in range(c_out):
+                    dst[c] = 0
+
+
+def conv1d_backward(x, weight, dy, dilation: int = 1, pad_left: int = 0, pad_right: int = 0,
+                    bias: bool = True):
+    """(dx (B, N, C_in), dweight (C_out, C_in, k), dbias (C_out,) or None) of ``conv1d``."""
+    x = np.ascontiguousarray(x)
+    dtype = x.dtype
+    batch, n, c_in = x.shape
+    c_out, _, k = weight.shape
+    n_out = n + pad_left + pad_right - dilation * (k - 1)
+    dy = np.ascontiguousarray(dy, dtype).reshape(batch, n_out, c_out)
+    shifts = np.array([j * dilation - pad_left for j in range(k)], dtype=np.int64)
+    active = [j for j in range(k) if max(0, -shifts[j]) < min(n_out, n - shifts[j])]
+    dweight = np.zeros((c_out, c_in, k), dtype)  # taps that only read padding get zeros
+    dbias = dy.sum(axis=(0, 1), dtype=np.float64).astype(dtype) if bias else None
+    if not active or batch * n == 0:
+        return np.zeros_like(x), dweight, dbias
+    w = np.asarray(weight, dtype)[:, :, active]  # (C_out, C_in, A)
+    w_cat = np.ascontiguousarray(w.transpose(2, 0, 1)).reshape(len(active) * c_out, c_in)  # (A*C_out, C_in)
+    dy_taps = np.empty((batch, n, len(active), c_out), dtype)
+    _shifted_gather(dy, shifts[active], dy_taps)
+    dx, dw_cat, _ = linear_backward(x.reshape(batch * n, c_in), w_cat,
+                                    dy_taps.reshape(batch * n, len(active) * c_out), bias=False)
+    dweight[:, :, active] = dw_cat.reshape(len(active), c_out, c_in).transpose(1, 2, 0)
+    return dx.reshape(batch, n, c_in), dweight, dbias
+
+
+@njit(cache=True, fastmath=False, error_model="numpy", parallel=True)
+def _glu_backward(x2, dy2, dx2):
+    """da = dy * sigmoid(b), db = dy * a * sigmoid(b) * (1 - sigmoid(b)) for x = [a, b]."""
+    rows, half = dy2.shape
+    one = x2.dtype.type(1.0)
+    for r in prange(rows):
+        a, g, d = x2[r, :half], x2[r, half:], dy2[r]
+        da, db = dx2[r, :half], dx2[r, half:]
+        for j in range(half):
+            sg = sigmoid(g[j])
+            da[j] = d[j] * sg
+            db[j] = d[j] * a[j] * sg * (one - sg)
+
+
+def glu_backward(x, dy):
+    """dx of GLU(x) = a * sigmoid(b), x = [a, b] on the last axis."""
+    x = np.ascontiguousarray(x)
+    half = x.shape[-1] // 2
+    x2 = x.reshape(-1, x.shape[-1])
+    dy2 = np.ascontiguousarray(dy, x.dtype).reshape(-1, half)
+    dx = np.empty_like(x2)
+    _glu_backward(x2, dy2, dx)
+    return dx.reshape(x.shape)
