@@ -103,6 +103,7 @@ def fused_tiles(tuning, dk: int, dv: int, itemsize: int, version: int = 1) -> tu
     return bq, bk, ty, tx
 
 
+@lru_cache(maxsize=1024)
 def fused_plan(tuning, dk: int, dv: int, itemsize: int) -> tuple:
     """(version, tiles): ``tuning.attn_version`` where its tiles fit, else v1, whose tiles
     shrink further (v2's 4-wide blocks fit d = 64 in float32 at the default 16 x 8 threads;

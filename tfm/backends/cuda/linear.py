@@ -286,6 +286,7 @@ def placeholder(dtype):
     return cuda.to_device(np.zeros(1, dtype=dtype))
 
 
+@lru_cache(maxsize=1024)
 def pick_gemm_tiles(tuning, z: int, m: int, n: int, itemsize: int = 4) -> tuple:
     """The large tile when it still gives ``tuning.min_blocks`` blocks, else the small one;
     BK halved until the slabs fit in 48 KB of shared memory for this itemsize (float64)."""
@@ -335,7 +336,7 @@ def linear(x, weight, bias, tuning, gemm_impl: str = "numba", act=None):
     x = contiguous(x, tuning)
     lead = tuple(x.shape)[:-1]
     k = tuple(x.shape)[-1]
-    m = int(np.prod(lead)) if lead else 1
+    m = math.prod(lead)
     n = weight.shape[0]
     dtype = np.dtype(x.dtype)
     out = cuda.device_array((m, n), dtype=dtype)
@@ -436,7 +437,7 @@ def add(a, b, tuning):
     out = cuda.device_array(tuple(a.shape), dtype=a.dtype)
     n = out.size
     launch("add", _add_kernel(), grid_1d(n, tuning.elem_threads),
-           tuning.elem_threads, a.reshape(n), b.reshape(n), out.reshape(n))
+           tuning.elem_threads, c_view(a, (n,)), c_view(b, (n,)), c_view(out, (n,)))
     return out
 
 
@@ -444,7 +445,7 @@ def activation(x, kind, tuning):
     out = cuda.device_array(tuple(x.shape), dtype=x.dtype)
     n = out.size
     launch(f"activation[{kind}]", _unary_kernel(np.dtype(x.dtype), ACTIVATIONS[kind]),
-           grid_1d(n, tuning.elem_threads), tuning.elem_threads, x.reshape(n), out.reshape(n))
+           grid_1d(n, tuning.elem_threads), tuning.elem_threads, c_view(x, (n,)), c_view(out, (n,)))
     return out
 
 
@@ -453,5 +454,5 @@ def cast(x, dtype, tuning):
     out = cuda.device_array(tuple(x.shape), dtype=dtype)
     n = out.size
     launch("cast", _cast_kernel(), grid_1d(n, tuning.elem_threads), tuning.elem_threads,
-           x.reshape(n), out.reshape(n))
+           c_view(x, (n,)), c_view(out, (n,)))
     return out

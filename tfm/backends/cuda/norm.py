@@ -24,6 +24,7 @@ import numpy as np
 from numba import cuda
 
 from ._launch import launch, numba_dtype
+from ._views import c_view
 
 VARIANTS = {"rowblock": "one block per row, shared-memory tree reductions"}
 
@@ -126,10 +127,10 @@ def layer_norm(x, gamma, beta, eps, residual, tuning):
     rows = x.size // d
     out = cuda.device_array(tuple(x.shape), dtype=x.dtype)
     nt = _threads(tuning, d)
-    x2 = x.reshape(rows, d)
+    x2 = c_view(x, (rows, d))
     kern = _layer_norm_kernel(np.dtype(x.dtype), nt, residual is not None)
-    launch("layer_norm", kern, rows, nt, x2, x2 if residual is None else residual.reshape(rows, d),
-           gamma, beta, np.dtype(x.dtype).type(eps), out.reshape(rows, d))
+    launch("layer_norm", kern, rows, nt, x2, x2 if residual is None else c_view(residual, (rows, d)),
+           gamma, beta, np.dtype(x.dtype).type(eps), c_view(out, (rows, d)))
     return out
 
 
@@ -224,7 +225,7 @@ def _rowwise(x, tuning, log):
     d = tuple(x.shape)[-1]
     rows = x.size // d
     out = cuda.device_array(tuple(x.shape), dtype=x.dtype)
-    run_softmax(x.reshape(rows, d), out.reshape(rows, d), tuning, log=log)
+    run_softmax(c_view(x, (rows, d)), c_view(out, (rows, d)), tuning, log=log)
     return out
 
 
