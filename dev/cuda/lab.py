@@ -413,6 +413,7 @@ def family_launch(budget_s: float, smoke: bool, dev: dict) -> list:
         base["driver"] = dev["device"]
     reps = 200
     kernel = _add_kernel()
+    t0 = time.monotonic()
     with ctx:
         def path(mode):
             def fn():
@@ -439,6 +440,44 @@ def family_launch(budget_s: float, smoke: bool, dev: dict) -> list:
     for row in rows:
         if "median_ms" in row:
             row["us_per_launch"] = row["median_ms"] * 1e3 / reps
+    if offline:
+        rows += host_forward(budget_s * 0.8 - (time.monotonic() - t0), smoke)
+    return rows
+
+
+def host_forward(budget_s: float, smoke: bool) -> list:
+    """Without a GPU: the host side of a base forward pass per launch path (driver stubbed,
+    device memory made up, nothing computed): what the launch paths cost a whole model."""
+    import torch
+
+    import tfm
+    from tfm.backends.cuda import CudaBackend, _launch, _offline
+
+    cfg = dict(d_model=16, nhead=2, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=24) \
+        if smoke else dict(d_model=512, nhead=8, num_encoder_layers=6, num_decoder_layers=6, dim_feedforward=2048)
+    b, n = (2, 5) if smoke else (8, 128)
+    base = {"kernel": "forward (host side only)", "config": "toy" if smoke else "base", "B": b, "n": n,
+            "driver": "stubbed (no GPU): host side only"}
+    rows = []
+    with _offline.offline(stub_launch=True, fake_memory=True):
+        torch.manual_seed(0)
+        module = torch.nn.Transformer(**cfg, dropout=0.0, batch_first=True).eval()
+        model = tfm.from_torch(module, backend=CudaBackend(gemm="numba"))
+        src = np.zeros((b, n, cfg["d_model"]), np.float32)
+        ds, dt = _offline.fake_device_array(src.shape, src.dtype, ptr=1 << 30), \
+            _offline.fake_device_array(src.shape, src.dtype, ptr=1 << 31)
+
+        def path(mode):
+            def fn():
+                _launch.set_launch_mode(mode)
+                model(ds, dt, tgt_is_causal=True)
+            return fn
+
+        try:
+            run_case(rows, base, {m: path(m) for m in _launch.LAUNCH_MODES}, lambda name, fn: (fn(), 0.0)[1],
+                     max(1.0, budget_s), 1.0, peer="dispatch", wait=lambda: None)
+        finally:
+            _launch.set_launch_mode("direct")
     return rows
 
 

@@ -33,10 +33,13 @@ Launch paths (``LAUNCH_MODES``; ``TFM_CUDA_LAUNCH`` or :func:`set_launch_mode` c
   ``LaunchConfig``. The first launch of each overload compares this marshalling with
   numba's and falls back to ``overload`` (with a warning) if they ever differ.
 
-Host cost per launch of a 3-argument kernel, ``python3 -m dev.cuda.lab --out DIR --family
-launch`` without a GPU (compiled for sm_90, the final driver call stubbed) on the 2-core
-development VM, two runs: dispatch 22 and 89 us, overload 23 and 64 us, direct 6.4 us both
-times. On a GPU the same command adds the real cuLaunchKernel: not yet measured on a GPU.
+Host cost, ``python3 -m dev.cuda.lab --out DIR --family launch`` without a GPU (kernels
+compiled for sm_90, the driver call stubbed, device memory made up) on the shared 2-core
+development VM, medians of three runs whose load varied: per launch of a 3-argument kernel,
+dispatch 22-89 us, overload 23-73 us, direct 6.4-6.6 us; per base-config forward pass
+(nn.Transformer, B=8, n=128, Numba GEMM, host side only) dispatch 47 ms, overload 35 ms,
+direct 17 ms (last run). On a GPU the same command adds the real cuLaunchKernel and
+allocations: not yet measured on a GPU.
 """
 
 from __future__ import annotations

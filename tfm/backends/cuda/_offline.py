@@ -44,10 +44,13 @@ class _FakeCufunc:
 
 
 @contextlib.contextmanager
-def offline(cc=CC, stub_launch: bool = False):
+def offline(cc=CC, stub_launch: bool = False, fake_memory: bool = False):
     """Within the block, kernels compile for ``cc`` with no device present. With
     ``stub_launch``, compiled kernels also "launch": everything numba and tfm do on the host
-    runs, the final driver call is a no-op (host-side timing of the launch paths)."""
+    runs, the final driver call is a no-op (host-side timing of the launch paths). With
+    ``fake_memory`` too, device allocations and uploads return made-up device arrays,
+    downloads return zeros and ``CudaBackend`` starts: a whole model's forward pass then runs
+    its host side only (nothing is computed)."""
     root, libdevice = toolkit()
     if root is None:
         raise RuntimeError("no CUDA toolkit with libNVVM and libdevice found (set CUDA_HOME)")
@@ -79,12 +82,40 @@ def offline(cc=CC, stub_launch: bool = False):
             patch(codegen.CUDACodeLibrary, "get_cufunc", lambda self: _FakeCufunc())
             patch(dispatcher._Kernel, "bind", lambda self: None)
             patch(dispatcher, "launch", lambda *args: None)
+        if stub_launch and fake_memory:
+            _fake_memory(patch)
         yield
     finally:
         for obj, name, value in reversed(saved):
             setattr(obj, name, value)
         if old_home is None:
             os.environ.pop("CUDA_HOME", None)
+
+
+def _fake_memory(patch) -> None:
+    import itertools
+
+    import numpy as np
+    from numba import cuda
+    from numba.cuda.cudadrv import devicearray
+
+    import tfm.backends.cuda as backend
+
+    addresses = itertools.count(1 << 32, 1 << 28)  # disjoint made-up blocks
+
+    def device_array(shape, dtype=np.float64, *args, **kwargs):
+        return fake_device_array((shape,) if isinstance(shape, int) else tuple(shape), dtype, ptr=next(addresses))
+
+    def to_device(ary, *args, **kwargs):
+        ary = np.asarray(ary)
+        return fake_device_array(ary.shape, ary.dtype, ptr=next(addresses))
+
+    patch(cuda, "device_array", device_array)
+    patch(cuda, "to_device", to_device)
+    patch(cuda, "synchronize", lambda: None)
+    patch(devicearray.DeviceNDArray, "copy_to_host", lambda self, *a, **k: np.zeros(self.shape, self.dtype))
+    patch(devicearray.DeviceNDArray, "__getitem__", lambda self, item: self._do_getitem(item))  # no context
+    patch(backend, "cuda_unavailable_reason", lambda: None)
 
 
 def ptxas_path():
