@@ -231,3 +231,28 @@ def test_registers_are_checked_on_the_first_launch(stubbed, monkeypatch):
     with pytest.raises(_launch.CudaLaunchError, match="600 registers per thread x 128 threads"):
         _launch.launch(name, kernel, grid, block, *args)
     assert not stubbed
+
+
+def test_a_whole_forward_pass_launches_through_the_direct_path(monkeypatch):
+    """Host side of a toy nn.Transformer forward on made-up device memory: every kernel the
+    model launches (21 for 1 + 1 layers) goes through the cached direct path, with its
+    marshalling verified against numba's on the first launch, in each launch mode."""
+    torch = pytest.importorskip("torch")
+
+    import tfm
+    from tfm.backends.cuda import CudaBackend, _launch
+
+    for name, fresh in (("_OVERLOADS", {}), ("_CONFIGS", {}), ("_STREAM", []), ("_mode", None)):
+        monkeypatch.setattr(_launch, name, fresh)
+    with _offline.offline(stub_launch=True, fake_memory=True):
+        torch.manual_seed(0)
+        module = torch.nn.Transformer(16, 2, 1, 1, 24, dropout=0.0, batch_first=True).eval()
+        model = tfm.from_torch(module, backend=CudaBackend(gemm="numba"))
+        x = _offline.fake_device_array((2, 5, 16), np.float32, ptr=1 << 30)
+        for mode in ("direct", "overload", "dispatch"):
+            _launch.set_launch_mode(mode)
+            before = _launch.COUNTS["launches"]
+            out = model(x, x, tgt_is_causal=True)
+            assert out.shape == (2, 5, 16) and _launch.COUNTS["launches"] - before == 21
+    entries = list(_launch._OVERLOADS.values())
+    assert len(entries) >= 6 and all(e.verified and e.mode == "direct" for e in entries)
