@@ -12,7 +12,8 @@ full product would take the host too long) and then times the variants interleav
 median and interquartile range. Families and their peers:
 
 * ``gemm``      tfm's Numba GEMM (each version, each tiling of ``linear.TILINGS``), tfm's
-                cuBLAS path (CuPy's raw sgemm), torch.matmul (TF32 off); FP32 peak fraction.
+                cuBLAS path (CuPy's raw sgemm) and the first GPU run's (``cupy.matmul`` through
+                __cuda_array_interface__), torch.matmul (TF32 off); FP32 peak fraction.
 * ``attention`` tfm's fused kernel (each version, each tiling of ``attention.TILINGS``) and
                 naive kernel, PyTorch SDPA's math backend (cuBLAS, FP32 on CUDA cores with
                 TF32 off) and memory-efficient backend (float32 as 3xTF32 on tensor cores,
@@ -259,8 +260,9 @@ def family_gemm(budget_s: float, smoke: bool, dev: dict) -> list:
 
         try:
             variants["tfm_cublas"] = tfm_variant(CudaBackend(gemm="cupy"), "tfm_cublas")
+            variants["cupy_matmul_v0"] = cupy_matmul_v0(dx, dw, outputs)
         except ValueError as exc:
-            variants["tfm_cublas"] = str(exc)
+            variants["tfm_cublas"] = variants["cupy_matmul_v0"] = str(exc)
         if torch is not None:
             tx, tw = torch.as_tensor(x, device="cuda"), torch.as_tensor(w, device="cuda")
 
@@ -287,6 +289,18 @@ def family_gemm(budget_s: float, smoke: bool, dev: dict) -> list:
                  flops=2.0 * m * n * k, peak=dev["fp32_peak_gflops"],
                  peer="torch_matmul" if torch is not None else None)
     return rows
+
+
+def cupy_matmul_v0(dx, dw, outputs):
+    """The cuBLAS path of the first GPU run, kept to time against: CuPy arrays made from the
+    numba arrays through __cuda_array_interface__, ``cupy.matmul``, and the result wrapped
+    back with ``cuda.as_cuda_array`` (which synchronises on CuPy's stream every call)."""
+    import cupy as cp
+    from numba import cuda
+
+    def fn():
+        outputs["cupy_matmul_v0"] = cuda.as_cuda_array(cp.asarray(dx) @ cp.asarray(dw).T)
+    return fn
 
 
 def attention_rows_reference(q, k, v, rows, causal):
