@@ -71,12 +71,18 @@ measurable change in time (``python -m dev.cpu.ab --rev 1d4e43a --only recurrent
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 from numba import get_num_threads, njit, prange, types
 from numba.extending import overload
 
+from ._blas import N as _N
+from ._blas import T as _T
+from ._blas import gemm
+from ._threads import single_threaded_blas
 from .fastmath import sigmoid, tanh
-from .linear import linear
+from .linear import SMALL_FLOPS, linear
 
 # Hidden units per block: 4*128 LSTM gate columns = a 2 KB segment of each W_hh^T row, and
 # a (rows, 512) float32 accumulator that stays in L1 (block sizes compared in the header).
@@ -244,8 +250,86 @@ def _cell_block_impl(n_gates, h_prev, w_hhT, acc, xw, state, h_next, out, r0, t,
     return impl
 
 
-def _schedules(name: str, n_gates: int):
-    """The two schedule kernels of one cell kind, (by_rows, by_units), over its block.
+# The training forwards' blocks: the same step, and what backpropagation through time needs
+# kept per step in PyTorch's gate-major layout (gate q of unit u at column q*H + u, whatever
+# the block permutation of W_hh^T), so that the backward reads W_hh and W_ih as they are. The
+# state is a tuple: the LSTM's (c, gates, cells), the GRU's (b_hn, gates, hn). The RNN keeps
+# nothing beyond its outputs (act' is a function of h_t), so it trains on ``_rnn_block``.
+@njit(cache=True, fastmath=False, error_model="numpy")
+def _lstm_train_block(h_prev, w_hhT, acc, xw, state, h_next, out, r0, t, u0, w):
+    c, gates, cells = state  # (B, H) in place, (B, N, 4H) i f g o activated, (B, N, H) c_t
+    hidden = c.shape[1]
+    col0 = 4 * u0
+    _hidden_block(h_prev, w_hhT, acc, col0, 4 * w)
+    for b in range(h_prev.shape[0]):
+        a_row, x_row = acc[b], xw[r0 + b, t, col0:col0 + 4 * w]
+        c_row, h_row = c[r0 + b, u0:u0 + w], h_next[b, u0:u0 + w]
+        o_row, s_row = out[r0 + b, t, u0:u0 + w], cells[r0 + b, t, u0:u0 + w]
+        g_all = gates[r0 + b, t]
+        gi, gf = g_all[u0:u0 + w], g_all[hidden + u0:hidden + u0 + w]
+        gg, go = g_all[2 * hidden + u0:2 * hidden + u0 + w], g_all[3 * hidden + u0:3 * hidden + u0 + w]
+        for u in range(w):
+            i = sigmoid(a_row[u] + x_row[u])
+            f = sigmoid(a_row[w + u] + x_row[w + u])
+            g = tanh(a_row[2 * w + u] + x_row[2 * w + u])
+            o = sigmoid(a_row[3 * w + u] + x_row[3 * w + u])
+            cc = f * c_row[u] + i * g
+            c_row[u] = cc
+            hh = o * tanh(cc)
+            h_row[u] = hh
+            o_row[u] = hh
+            gi[u], gf[u], gg[u], go[u] = i, f, g, o
+            s_row[u] = cc
+
+
+@njit(cache=True, fastmath=False, error_model="numpy")
+def _gru_train_block(h_prev, w_hhT, acc, xw, state, h_next, out, r0, t, u0, w):
+    b_hn, gates, hn = state  # (H,), (B, N, 3H) r z n activated, (B, N, H) W_hn h_{t-1} + b_hn
+    hidden = b_hn.shape[0]
+    col0 = 3 * u0
+    _hidden_block(h_prev, w_hhT, acc, col0, 3 * w)
+    for b in range(h_prev.shape[0]):
+        a_row, x_row = acc[b], xw[r0 + b, t, col0:col0 + 3 * w]
+        hp_row, bn = h_prev[b, u0:u0 + w], b_hn[u0:u0 + w]
+        h_row, o_row = h_next[b, u0:u0 + w], out[r0 + b, t, u0:u0 + w]
+        g_all, hn_row = gates[r0 + b, t], hn[r0 + b, t, u0:u0 + w]
+        gr, gz, gn = (g_all[u0:u0 + w], g_all[hidden + u0:hidden + u0 + w],
+                      g_all[2 * hidden + u0:2 * hidden + u0 + w])
+        for u in range(w):
+            r = sigmoid(a_row[u] + x_row[u])
+            z = sigmoid(a_row[w + u] + x_row[w + u])
+            hnu = a_row[2 * w + u] + bn[u]
+            nn = tanh(x_row[2 * w + u] + r * hnu)
+            hh = nn + z * (hp_row[u] - nn)
+            h_row[u] = hh
+            o_row[u] = hh
+            gr[u], gz[u], gn[u] = r, z, nn
+            hn_row[u] = hnu
+
+
+_TRAIN_BLOCKS = {4: _lstm_train_block, 3: _gru_train_block}
+
+
+def _train_block(n_gates, h_prev, w_hhT, acc, xw, state, h_next, out, r0, t, u0, w):
+    """The training block step of the cell with ``n_gates`` gates; @njit code only."""
+    raise NotImplementedError("_train_block is only callable from @njit code")
+
+
+@overload(_train_block, prefer_literal=True)
+def _train_block_impl(n_gates, h_prev, w_hhT, acc, xw, state, h_next, out, r0, t, u0, w):
+    if not isinstance(n_gates, types.IntegerLiteral):
+        return None
+    block = _TRAIN_BLOCKS[n_gates.literal_value]
+
+    def impl(n_gates, h_prev, w_hhT, acc, xw, state, h_next, out, r0, t, u0, w):
+        block(h_prev, w_hhT, acc, xw, state, h_next, out, r0, t, u0, w)
+
+    return impl
+
+
+def _schedules(name: str, n_gates: int, cell=_cell_block):
+    """The two schedule kernels of one cell kind, (by_rows, by_units), over its block
+    (``cell``: ``_cell_block``, or ``_train_block`` for the training forwards).
 
     By rows: each thread runs all n steps for its own row group (no barriers). By units:
     every step's unit blocks are shared out over the threads (one parallel region, i.e. one
@@ -268,8 +352,8 @@ def _schedules(name: str, n_gates: int):
             for t in range(n):
                 for blk in range(n_blocks):
                     u0 = blk * units
-                    _cell_block(n_gates, h_buf[t % 2], w_hhT, acc, xw, state, h_buf[(t + 1) % 2],
-                                out, r0, t, u0, min(units, hidden - u0))
+                    cell(n_gates, h_buf[t % 2], w_hhT, acc, xw, state, h_buf[(t + 1) % 2],
+                         out, r0, t, u0, min(units, hidden - u0))
             h_n[r0:r1] = h_buf[n % 2]
         return h_n
 
@@ -283,8 +367,8 @@ def _schedules(name: str, n_gates: int):
         for t in range(n):
             for blk in prange(n_blocks):
                 u0 = blk * units
-                _cell_block(n_gates, h_buf[t % 2], w_hhT, acc[blk], xw, state,
-                            h_buf[(t + 1) % 2], out, 0, t, u0, min(units, hidden - u0))
+                cell(n_gates, h_buf[t % 2], w_hhT, acc[blk], xw, state,
+                     h_buf[(t + 1) % 2], out, 0, t, u0, min(units, hidden - u0))
         return h_buf[n % 2].copy()
 
     kernels = []
@@ -298,6 +382,236 @@ def _schedules(name: str, n_gates: int):
 _rnn_by_rows, _rnn_by_units = _schedules("rnn", 1)
 _lstm_by_rows, _lstm_by_units = _schedules("lstm", 4)
 _gru_by_rows, _gru_by_units = _schedules("gru", 3)
+_lstm_train_by_rows, _lstm_train_by_units = _schedules("lstm_train", 4, _train_block)
+_gru_train_by_rows, _gru_train_by_units = _schedules("gru_train", 3, _train_block)
+
+
+# ------------------------------------------------------------------------------ BPTT kernels
+# Backpropagation through time mirrors the forward: phase 2 runs first, in reverse, then
+# phase 1's backward. The reverse sweep carries dh (and the LSTM's dc) from step t + 1 to t:
+#     dh_t = dout_t + dgh_{t+1} W_hh (+ dh_{t+1} z_{t+1} for the GRU),
+# and turns it, unit by unit, into the gate-input gradients dgi_t, dgh_t (B, G) (the same
+# array but for the GRU, whose r gates W_hn h). The product's output columns are hidden
+# units and its inner dimension the G gate rows of W_hh as PyTorch stores it, so a unit
+# block reads every gate of step t + 1 and writes only its own units' gates of step t:
+# the forward's structure exactly, with W_hh (G, H) in the place of W_hh^T (H, G), and the
+# same two schedules (a thread's rows through all steps; or every step's unit blocks shared
+# out, a barrier per step). All gradients are in gate-major layout, so the weight gradients
+# after the sweep are three plain products over all B*N steps (``_weight_grads``).
+@njit(cache=True, fastmath=False, error_model="numpy")
+def _dh_recurrent(da_next, w_hh, acc, dh_n, r0, u0, w, first):
+    """acc[:, :w] = the recurrent part of dh_t on units [u0, u0 + w): da_{t+1} W_hh, or dh_n
+    at the last step."""
+    if first:
+        for b in range(da_next.shape[0]):
+            acc[b, :w] = dh_n[r0 + b, u0:u0 + w]
+    else:
+        _hidden_block(da_next, w_hh, acc, u0, w)
+
+
+# One reverse step of one unit block [u0, u0 + w) for the batch rows r0 .. r0 + len(da_next):
+# ``saved`` is the kind's tuple (below), ``carry`` (B, H) the state that crosses steps at
+# these units (the LSTM's dc, the GRU's dh z; unused by the RNN); dgi, dgh (B, N, G).
+@njit(cache=True, fastmath=False, error_model="numpy")
+def _rnn_bptt_block(da_next, w_hh, acc, saved, dout, dh_n, carry, dgi, dgh, r0, t, u0, w, first):
+    out, relu = saved
+    one, zero = acc.dtype.type(1), acc.dtype.type(0)
+    _dh_recurrent(da_next, w_hh, acc, dh_n, r0, u0, w, first)
+    for b in range(da_next.shape[0]):
+        a_row, d_row = acc[b], dout[r0 + b, t, u0:u0 + w]
+        h_row, g_row = out[r0 + b, t, u0:u0 + w], dgi[r0 + b, t, u0:u0 + w]
+        if relu:  # act' from h_t itself: [h_t > 0], 1 - h_t^2
+            for u in range(w):
+                g_row[u] = a_row[u] + d_row[u] if h_row[u] > zero else zero
+        else:
+            for u in range(w):
+                hh = h_row[u]
+                g_row[u] = (a_row[u] + d_row[u]) * (one - hh * hh)
+
+
+@njit(cache=True, fastmath=False, error_model="numpy")
+def _lstm_bptt_block(da_next, w_hh, acc, saved, dout, dh_n, carry, dgi, dgh, r0, t, u0, w, first):
+    gates, cells, c0 = saved  # (B, N, 4H) i f g o, (B, N, H) c_t, (B, H)
+    hidden = w_hh.shape[1]
+    one = acc.dtype.type(1)
+    _dh_recurrent(da_next, w_hh, acc, dh_n, r0, u0, w, first)
+    for b in range(da_next.shape[0]):
+        a_row, d_row = acc[b], dout[r0 + b, t, u0:u0 + w]
+        dc_row, c_row = carry[r0 + b, u0:u0 + w], cells[r0 + b, t, u0:u0 + w]
+        cp_row = cells[r0 + b, t - 1, u0:u0 + w] if t > 0 else c0[r0 + b, u0:u0 + w]
+        g_all, d_all = gates[r0 + b, t], dgi[r0 + b, t]
+        gi, gf = g_all[u0:u0 + w], g_all[hidden + u0:hidden + u0 + w]
+        gg, go = g_all[2 * hidden + u0:2 * hidden + u0 + w], g_all[3 * hidden + u0:3 * hidden + u0 + w]
+        di, df = d_all[u0:u0 + w], d_all[hidden + u0:hidden + u0 + w]
+        dg, do = d_all[2 * hidden + u0:2 * hidden + u0 + w], d_all[3 * hidden + u0:3 * hidden + u0 + w]
+        for u in range(w):
+            i, f, g, o = gi[u], gf[u], gg[u], go[u]
+            tc = tanh(c_row[u])  # recomputed: the same function as the forward's, so equal
+            dh = a_row[u] + d_row[u]
+            dc = dc_row[u] + dh * o * (one - tc * tc)
+            di[u] = dc * g * i * (one - i)
+            df[u] = dc * cp_row[u] * f * (one - f)
+            dg[u] = dc * i * (one - g * g)
+            do[u] = dh * tc * o * (one - o)
+            dc_row[u] = dc * f  # dc_{t-1}
+
+
+@njit(cache=True, fastmath=False, error_model="numpy")
+def _gru_bptt_block(da_next, w_hh, acc, saved, dout, dh_n, carry, dgi, dgh, r0, t, u0, w, first):
+    gates, hn, out, h0 = saved  # (B, N, 3H) r z n, (B, N, H) W_hn h + b_hn, h_1..h_n, h_0
+    hidden = w_hh.shape[1]
+    one = acc.dtype.type(1)
+    _dh_recurrent(da_next, w_hh, acc, dh_n, r0, u0, w, first)
+    for b in range(da_next.shape[0]):
+        a_row, d_row, z_carry = acc[b], dout[r0 + b, t, u0:u0 + w], carry[r0 + b, u0:u0 + w]
+        hp_row = out[r0 + b, t - 1, u0:u0 + w] if t > 0 else h0[r0 + b, u0:u0 + w]
+        hn_row, g_all = hn[r0 + b, t, u0:u0 + w], gates[r0 + b, t]
+        gr, gz = g_all[u0:u0 + w], g_all[hidden + u0:hidden + u0 + w]
+        gn = g_all[2 * hidden + u0:2 * hidden + u0 + w]
+        i_all, h_all = dgi[r0 + b, t], dgh[r0 + b, t]
+        ir, iz, i_n = (i_all[u0:u0 + w], i_all[hidden + u0:hidden + u0 + w],
+                       i_all[2 * hidden + u0:2 * hidden + u0 + w])
+        hr, hz, h_n = (h_all[u0:u0 + w], h_all[hidden + u0:hidden + u0 + w],
+                       h_all[2 * hidden + u0:2 * hidden + u0 + w])
+        for u in range(w):
+            r, z, nn = gr[u], gz[u], gn[u]
+            dh = a_row[u] + z_carry[u] + d_row[u]
+            da_n = dh * (one - z) * (one - nn * nn)
+            da_r = da_n * hn_row[u] * r * (one - r)
+            da_z = dh * (hp_row[u] - nn) * z * (one - z)
+            ir[u], iz[u], i_n[u] = da_r, da_z, da_n
+            hr[u], hz[u], h_n[u] = da_r, da_z, da_n * r
+            z_carry[u] = dh * z  # h_{t-1}'s direct share of dh_t
+
+
+_BPTT_BLOCKS = {1: _rnn_bptt_block, 4: _lstm_bptt_block, 3: _gru_bptt_block}
+
+
+def _bptt_block(n_gates, da_next, w_hh, acc, saved, dout, dh_n, carry, dgi, dgh, r0, t, u0, w, first):
+    """The reverse block step of the cell with ``n_gates`` gates; @njit code only."""
+    raise NotImplementedError("_bptt_block is only callable from @njit code")
+
+
+@overload(_bptt_block, prefer_literal=True)
+def _bptt_block_impl(n_gates, da_next, w_hh, acc, saved, dout, dh_n, carry, dgi, dgh, r0, t, u0, w, first):
+    if not isinstance(n_gates, types.IntegerLiteral):
+        return None
+    block = _BPTT_BLOCKS[n_gates.literal_value]
+
+    def impl(n_gates, da_next, w_hh, acc, saved, dout, dh_n, carry, dgi, dgh, r0, t, u0, w, first):
+        block(da_next, w_hh, acc, saved, dout, dh_n, carry, dgi, dgh, r0, t, u0, w, first)
+
+    return impl
+
+
+@njit(cache=True, fastmath=False)
+def _dh0_block(da_first, w_hh, acc, carry, add_carry, dh0, r0, u0, w):
+    """dh_0 on units [u0, u0 + w): da_1 W_hh (+ the GRU's carried dh_1 z_1)."""
+    _hidden_block(da_first, w_hh, acc, u0, w)
+    for b in range(da_first.shape[0]):
+        row, a_row, c_row = dh0[r0 + b, u0:u0 + w], acc[b], carry[r0 + b, u0:u0 + w]
+        for u in range(w):
+            row[u] = a_row[u] + c_row[u] if add_carry else a_row[u]
+
+
+def _bptt_schedules(name: str, n_gates: int):
+    """The reverse sweep of one cell kind on the forward's two schedules, (by_rows, by_units).
+
+    Both fill dgi, dgh (B, N, G) and dh0 (B, H); ``carry`` (B, H) enters as the LSTM's dc_n
+    (zeros for the GRU) and leaves as dc_0. ``units``: hidden units per block, the width of
+    the product's output.
+    """
+
+    def by_rows(dgi, dgh, w_hh, saved, dout, dh_n, carry, dh0, units, starts):
+        batch, n, gates = dgi.shape
+        hidden = w_hh.shape[1]
+        n_blocks = (hidden + units - 1) // units
+        for grp in prange(starts.shape[0] - 1):
+            r0, r1 = starts[grp], starts[grp + 1]
+            acc = np.empty((r1 - r0, units), dtype=dgi.dtype)
+            for s in range(n):
+                t = n - 1 - s
+                da_next = dgh[r0:r1, min(t + 1, n - 1)]
+                for blk in range(n_blocks):
+                    u0 = blk * units
+                    _bptt_block(n_gates, da_next, w_hh, acc, saved, dout, dh_n, carry, dgi, dgh,
+                                r0, t, u0, min(units, hidden - u0), s == 0)
+            for blk in range(n_blocks):
+                u0 = blk * units
+                _dh0_block(dgh[r0:r1, 0], w_hh, acc, carry, n_gates == 3, dh0, r0, u0,
+                           min(units, hidden - u0))
+
+    def by_units(dgi, dgh, w_hh, saved, dout, dh_n, carry, dh0, units):
+        batch, n, gates = dgi.shape
+        hidden = w_hh.shape[1]
+        n_blocks = (hidden + units - 1) // units
+        acc = np.empty((n_blocks, batch, units), dtype=dgi.dtype)
+        for s in range(n):
+            t = n - 1 - s
+            da_next = dgh[:, min(t + 1, n - 1)]
+            for blk in prange(n_blocks):
+                u0 = blk * units
+                _bptt_block(n_gates, da_next, w_hh, acc[blk], saved, dout, dh_n, carry, dgi, dgh,
+                            0, t, u0, min(units, hidden - u0), s == 0)
+        for blk in prange(n_blocks):
+            u0 = blk * units
+            _dh0_block(dgh[:, 0], w_hh, acc[blk], carry, n_gates == 3, dh0, 0, u0,
+                       min(units, hidden - u0))
+
+    kernels = []
+    for fn in (by_rows, by_units):
+        fn.__name__ = fn.__qualname__ = f"_{name}_bptt_{fn.__name__}"
+        kernels.append(njit(cache=True, fastmath=False, error_model="numpy", parallel=True)(fn))
+    return tuple(kernels)
+
+
+_rnn_bptt_by_rows, _rnn_bptt_by_units = _bptt_schedules("rnn", 1)
+_lstm_bptt_by_rows, _lstm_bptt_by_units = _bptt_schedules("lstm", 4)
+_gru_bptt_by_rows, _gru_bptt_by_units = _bptt_schedules("gru", 3)
+
+
+@njit(cache=True)
+def _weight_grad_item(item, parts, x, h_prev, w_ih, dgi, dgh, dx, dw_ih, dw_hh, db_ih, db_hh):
+    """Item ``item`` of 3 * parts: part ``item % parts`` of product ``item // parts``, each a
+    single-threaded gemm over all M = B*N steps (rows of the gate gradients):
+    0: dx = dgi W_ih (row blocks);  1: dW_ih = dgi^T x;  2: dW_hh = dgh^T h_prev (blocks of
+    gate rows, with their biases' column sums, in float64: M terms each)."""
+    m, g = dgi.shape
+    one = np.ones(1, dgi.dtype)
+    zero = np.zeros(1, dgi.dtype)
+    product, p = item // parts, item % parts
+    if product == 0:
+        d_in = x.shape[1]
+        r0, r1 = p * m // parts, (p + 1) * m // parts
+        if r1 > r0:  # row-major dx (r, I) is column-major (I, r) = W_ih^T (I, G) @ dgi^T (G, r)
+            gemm(_N, _N, d_in, r1 - r0, g, one, w_ih, d_in, dgi[r0], g, zero, dx[r0], d_in)
+        return
+    da, src = (dgi, x) if product == 1 else (dgh, h_prev)
+    dw, db = (dw_ih, db_ih) if product == 1 else (dw_hh, db_hh)
+    k = src.shape[1]
+    g0, g1 = p * g // parts, (p + 1) * g // parts
+    if g1 > g0:  # column-major dW^T block (k, c) = src^T (k, M) @ da[:, g0:g1] (M, c)
+        gemm(_N, _T, k, g1 - g0, m, one, src, k, da[0, g0:], g, zero, dw[g0], k)
+        acc = np.zeros(g1 - g0, np.float64)
+        for i in range(m):
+            row = da[i]
+            for j in range(g0, g1):
+                acc[j - g0] += row[j]
+        for j in range(g0, g1):
+            db[j] = acc[j - g0]
+
+
+@njit(cache=True)
+def _weight_grads_serial(x, h_prev, w_ih, dgi, dgh, dx, dw_ih, dw_hh, db_ih, db_hh):
+    for item in range(3):
+        _weight_grad_item(item, 1, x, h_prev, w_ih, dgi, dgh, dx, dw_ih, dw_hh, db_ih, db_hh)
+
+
+@njit(cache=True, parallel=True)
+def _weight_grads_parallel(x, h_prev, w_ih, dgi, dgh, dx, dw_ih, dw_hh, db_ih, db_hh, parts):
+    # 3 * parts items of about equal FLOPs when I = H; a static schedule gives each thread 3.
+    for item in prange(3 * parts):
+        _weight_grad_item(item, parts, x, h_prev, w_ih, dgi, dgh, dx, dw_ih, dw_hh, db_ih, db_hh)
 
 
 # ------------------------------------------------------------------------------ wrappers
@@ -405,3 +719,184 @@ def gru_layer(x, h0, w_ih, w_hh, b_ih, b_hh):
     else:
         h_n = _gru_by_rows(xw, h0, w_hhT, b_hn, out, UNITS, starts)
     return out, h_n
+
+
+# ------------------------------------------------------------------------------ training
+# The training forwards keep, per step, what the reverse sweep needs (the ``*Saved`` tuples,
+# opaque to the layers); the backwards run the sweep on the schedule the forward would pick
+# and then the weight gradients as three products over all steps.
+class RNNSaved(NamedTuple):
+    x: np.ndarray  # (B, N, I)
+    h0: np.ndarray  # (B, H)
+    w_ih: np.ndarray  # (H, I)
+    w_hh: np.ndarray  # (H, H)
+    out: np.ndarray  # (B, N, H): h_1 .. h_n
+    relu: bool
+
+
+class LSTMSaved(NamedTuple):
+    x: np.ndarray  # (B, N, I)
+    h0: np.ndarray  # (B, H)
+    c0: np.ndarray  # (B, H)
+    w_ih: np.ndarray  # (4H, I)
+    w_hh: np.ndarray  # (4H, H)
+    out: np.ndarray  # (B, N, H)
+    gates: np.ndarray  # (B, N, 4H): i, f, g, o after their sigmoid / tanh
+    cells: np.ndarray  # (B, N, H): c_1 .. c_n
+
+
+class GRUSaved(NamedTuple):
+    x: np.ndarray  # (B, N, I)
+    h0: np.ndarray  # (B, H)
+    w_ih: np.ndarray  # (3H, I)
+    w_hh: np.ndarray  # (3H, H)
+    out: np.ndarray  # (B, N, H)
+    gates: np.ndarray  # (B, N, 3H): r, z, n after their sigmoid / tanh
+    hn: np.ndarray  # (B, N, H): W_hn h_{t-1} + b_hn, the term r gates
+
+
+# Every array the training kernels must fill comes from here (the tests swap in a NaN fill,
+# so an element a kernel leaves unwritten cannot pass).
+_alloc = np.empty
+
+
+def _weights(w_ih, w_hh, dtype):
+    return np.ascontiguousarray(w_ih, dtype), np.ascontiguousarray(w_hh, dtype)
+
+
+def rnn_layer_train(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity="tanh"):
+    """``rnn_layer`` -> (out, h_n, RNNSaved): its outputs are all the backward needs."""
+    x = _host(x)
+    h0 = _host(h0, x.dtype)
+    out, h_n = rnn_layer(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity)
+    relu = _NONLINEARITIES[nonlinearity] == 1
+    return out, h_n, RNNSaved(x, h0, *_weights(w_ih, w_hh, x.dtype), out, relu)
+
+
+def lstm_layer_train(x, h0, c0, w_ih, w_hh, b_ih, b_hh):
+    """``lstm_layer`` that also keeps its gates and cell states -> (out, h_n, c_n, LSTMSaved)."""
+    x = _host(x)
+    h0 = _host(h0, x.dtype)
+    c0 = _host(c0, x.dtype)
+    c = c0.copy()  # the cell state, updated in place
+    batch, n, _ = x.shape
+    hidden = h0.shape[1]
+    bias = _vec(b_ih, 4 * hidden, x.dtype) + _vec(b_hh, 4 * hidden, x.dtype)
+    xw, w_hhT = _prepare(x, h0, w_ih, w_hh, bias, 4)
+    out = _alloc((batch, n, hidden), x.dtype)
+    gates = _alloc((batch, n, 4 * hidden), x.dtype)
+    cells = _alloc((batch, n, hidden), x.dtype)
+    state = (c, gates, cells)
+    starts = _row_schedule(batch, hidden, UNITS, 4)
+    if starts is None:
+        h_n = _lstm_train_by_units(xw, h0, w_hhT, state, out, UNITS)
+    else:
+        h_n = _lstm_train_by_rows(xw, h0, w_hhT, state, out, UNITS, starts)
+    saved = LSTMSaved(x, h0, c0, *_weights(w_ih, w_hh, x.dtype), out, gates, cells)
+    return out, h_n, c, saved
+
+
+def gru_layer_train(x, h0, w_ih, w_hh, b_ih, b_hh):
+    """``gru_layer`` that also keeps its gates and W_hn h + b_hn -> (out, h_n, GRUSaved)."""
+    x = _host(x)
+    h0 = _host(h0, x.dtype)
+    batch, n, _ = x.shape
+    hidden = h0.shape[1]
+    b_ih = _vec(b_ih, 3 * hidden, x.dtype)
+    b_hh = _vec(b_hh, 3 * hidden, x.dtype)
+    bias = b_ih.copy()
+    bias[:2 * hidden] += b_hh[:2 * hidden]
+    xw, w_hhT = _prepare(x, h0, w_ih, w_hh, bias, 3)
+    out = _alloc((batch, n, hidden), x.dtype)
+    gates = _alloc((batch, n, 3 * hidden), x.dtype)
+    hn = _alloc((batch, n, hidden), x.dtype)
+    state = (np.ascontiguousarray(b_hh[2 * hidden:]), gates, hn)
+    starts = _row_schedule(batch, hidden, UNITS, 3)
+    if starts is None:
+        h_n = _gru_train_by_units(xw, h0, w_hhT, state, out, UNITS)
+    else:
+        h_n = _gru_train_by_rows(xw, h0, w_hhT, state, out, UNITS, starts)
+    return out, h_n, GRUSaved(x, h0, *_weights(w_ih, w_hh, x.dtype), out, gates, hn)
+
+
+def _cotangent(name, c, shape, dtype):
+    """A cotangent as a contiguous array of ``dtype``; None is zeros; the shape is checked."""
+    if c is None:
+        return np.zeros(shape, dtype)
+    c = np.asarray(c)
+    if tuple(c.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(c.shape)}")
+    return np.ascontiguousarray(c, dtype)
+
+
+# Hidden units per block of the reverse sweep's product dgh W_hh (G-deep, its output the
+# block's units). By rows: one block of all units (the forward's 512-column accumulator);
+# by units: the hidden units shared out in blocks of BPTT_SPLIT_UNITS.
+BPTT_UNITS = 512
+BPTT_SPLIT_UNITS = 128
+
+
+def _backward(n_gates, kernels, saved_args, x, h0, w_ih, w_hh, out, dout, dh_n, carry, gru):
+    """The reverse sweep (``kernels`` = the kind's (by_rows, by_units)), then dx, dW_ih,
+    dW_hh, db_ih, db_hh over all steps -> (dx, dh0, dw_ih, dw_hh, db_ih, db_hh)."""
+    dtype = x.dtype
+    batch, n, d_in = x.shape
+    hidden = h0.shape[1]
+    g = n_gates * hidden
+    dout = _cotangent("dout", dout, out.shape, dtype)
+    dh_n = _cotangent("dh_n", dh_n, h0.shape, dtype)
+    if n == 0:  # nothing to sweep: the final state is the initial one
+        return (np.zeros(x.shape, dtype), dh_n, np.zeros((g, d_in), dtype),
+                np.zeros((g, hidden), dtype), np.zeros(g, dtype), np.zeros(g, dtype))
+    dgi = _alloc((batch, n, g), dtype)
+    dgh = _alloc((batch, n, g), dtype) if gru else dgi
+    dh0 = _alloc((batch, hidden), dtype)
+    by_rows, by_units = kernels
+    starts = _row_schedule(batch, hidden, BPTT_SPLIT_UNITS, n_gates)
+    if starts is None:
+        by_units(dgi, dgh, w_hh, saved_args, dout, dh_n, carry, dh0, BPTT_SPLIT_UNITS)
+    else:
+        by_rows(dgi, dgh, w_hh, saved_args, dout, dh_n, carry, dh0, BPTT_UNITS, starts)
+    m = batch * n
+    h_prev = np.concatenate((h0[:, None], out[:, :-1]), axis=1).reshape(m, hidden)  # (B*N, H)
+    dx = _alloc((m, d_in), dtype)
+    dw_ih = _alloc((g, d_in), dtype)
+    dw_hh = _alloc((g, hidden), dtype)
+    db_ih = _alloc(g, dtype)
+    db_hh = _alloc(g, dtype)
+    args = (x.reshape(m, d_in), h_prev, w_ih, dgi.reshape(m, g), dgh.reshape(m, g),
+            dx, dw_ih, dw_hh, db_ih, db_hh)
+    parts = get_num_threads()
+    with single_threaded_blas():
+        if parts == 1 or 2 * m * g * (2 * d_in + hidden) < SMALL_FLOPS:
+            _weight_grads_serial(*args)
+        else:
+            _weight_grads_parallel(*args, parts)
+    return dx.reshape(x.shape), dh0, dw_ih, dw_hh, db_ih, db_hh
+
+
+def rnn_layer_backward(saved, dout, dh_n):
+    """Backpropagation through time of ``rnn_layer_train`` -> (dx, dh0, dw_ih, dw_hh, db_ih,
+    db_hh); None cotangents are zeros."""
+    x, h0, w_ih, w_hh, out, relu = saved
+    carry = np.zeros(h0.shape, x.dtype)  # never read: the RNN carries nothing but dh
+    return _backward(1, (_rnn_bptt_by_rows, _rnn_bptt_by_units), (out, relu), x, h0, w_ih, w_hh,
+                     out, dout, dh_n, carry, False)
+
+
+def lstm_layer_backward(saved, dout, dh_n, dc_n):
+    """-> (dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh) of ``lstm_layer_train``."""
+    x, h0, c0, w_ih, w_hh, out, gates, cells = saved
+    dc = _cotangent("dc_n", dc_n, c0.shape, x.dtype).copy()  # dc_n in, dc_0 out
+    dx, dh0, dw_ih, dw_hh, db_ih, db_hh = _backward(
+        4, (_lstm_bptt_by_rows, _lstm_bptt_by_units), (gates, cells, c0), x, h0, w_ih, w_hh,
+        out, dout, dh_n, dc, False)
+    return dx, dh0, dc, dw_ih, dw_hh, db_ih, db_hh
+
+
+def gru_layer_backward(saved, dout, dh_n):
+    """-> (dx, dh0, dw_ih, dw_hh, db_ih, db_hh) of ``gru_layer_train``."""
+    x, h0, w_ih, w_hh, out, gates, hn = saved
+    carry = np.zeros(h0.shape, x.dtype)  # dh_{t+1} z_{t+1}: zero after the last step
+    return _backward(3, (_gru_bptt_by_rows, _gru_bptt_by_units), (gates, hn, out, h0), x, h0,
+                     w_ih, w_hh, out, dout, dh_n, carry, True)
