@@ -480,6 +480,12 @@ def test_vjp_of_something_else():
         tfm.vjp("attention", np.ones(3))
     with pytest.raises(TypeError, match="cannot be called with these arguments"):
         tfm.vjp(Linear(3, 2, backend="numpy"), np.ones((1, 1, 3)), np.ones(3), np.ones(3))
+    with pytest.raises(TypeError, match="Transformer cannot be called with these arguments: got an unexpected"):
+        tfm.vjp(tfm.Transformer(_config(), backend="numpy"), np.ones((1, 2), int), np.ones((1, 2), int), bogus=1)
+    with pytest.raises(TypeError, match=r"differentiate the tfm layer inside the TorchConv1d, its \.layer"):
+        from tfm.interop.conv import TorchConv1d
+
+        tfm.vjp(TorchConv1d(tfm.Conv1d(2, 2, 3, backend="numpy")), np.ones((1, 2, 5)))
 
 
 def test_vjp_checks_inputs_like_the_call(rng):

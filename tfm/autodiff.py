@@ -64,7 +64,7 @@ def _rule(f):
         if not hasattr(f, "_vjp"):
             raise TypeError(f"tfm.vjp: a {type(f).__name__} has no public call to differentiate; "
                             f"differentiate the model or layer that contains it")
-        return f._vjp, inspect.signature(f.__call__)
+        return f._vjp, inspect.signature(f._vjp)  # each module's _vjp takes its call's arguments
     layer = getattr(f, "layer", None)
     if isinstance(layer, Module):  # tfm.from_torch's wrappers of recurrent and conv layers
         raise TypeError(f"tfm.vjp: differentiate the tfm layer inside the {type(f).__name__}, "
