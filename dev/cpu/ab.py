@@ -1,15 +1,16 @@
 """The CPU kernels of the working tree against the same kernels at a git revision, side by side.
 
-    python -m dev.cpu.ab --rev REV [--only recurrent,attention,norm,conv,restricted] [--out DIR]
+    python -m dev.cpu.ab --rev REV [--new NEW] [--only recurrent,attention,norm,conv,restricted]
+                         [--out DIR]
 
 For a change that must not alter what the kernels compute nor slow them down (a refactor):
-``tfm/backends/cpu/*.py`` as of REV is loaded next to the working tree's (as the package
-``tfm.backends._cpu_at_REV``), every workload below runs on both in one process,
-interleaved, and
+``tfm/backends/cpu/*.py`` as of REV is loaded next to the working tree's, or next to NEW's
+(each revision as the package ``tfm.backends._cpu_at_<hash>``), every workload below runs on
+both in one process, interleaved, and
 
 - the outputs must be bitwise identical (the run fails otherwise);
-- the time ratio working tree / REV per round, median with its bootstrap 95% interval, goes
-  to DIR/ab.csv (default dev/cpu/results).
+- the time ratio new / REV per round, median with its bootstrap 95% interval, goes to
+  DIR/ab.csv (default dev/cpu/results).
 
 Not part of ``run_all``: it answers "did this change cost anything", for one change.
 """
@@ -122,13 +123,19 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     p.add_argument("--rev", required=True, help="the git revision to compare with (e.g. HEAD~2)")
+    p.add_argument("--new", default=None, help="a git revision in place of the working tree")
     p.add_argument("--only", default=",".join(WORKLOADS), help="comma-separated kernel families")
     p.add_argument("--budget", type=float, default=3.0, help="seconds of timing per workload")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = p.parse_args(argv)
 
     sha, old = load_revision(args.rev)
-    new = {name: importlib.import_module(f"tfm.backends.cpu.{name}") for name in old}
+    if args.new is None:
+        new_label = "working tree"
+        new = {name: importlib.import_module(f"tfm.backends.cpu.{name}") for name in old}
+    else:
+        new_sha, new = load_revision(args.new)
+        new_label = f"at {new_sha}"
     rng = np.random.default_rng(0)
     rows = []
     for family in args.only.split(","):
@@ -136,7 +143,7 @@ def main(argv=None) -> int:
             a, b = _as_tuple(run(new)), _as_tuple(run(old))
             same = len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
             print(f"{label}: outputs {'identical' if same else 'DIFFER'}")
-            times = interleave({"working tree": lambda: run(new), f"at {sha}": lambda: run(old)},
+            times = interleave({new_label: lambda: run(new), f"at {sha}": lambda: run(old)},
                                budget_s=args.budget, min_rounds=7)
             got = compare(family, label, times, f"at {sha}",
                           {name: {"identical": same} for name in times})
