@@ -55,12 +55,15 @@ import math
 
 import numba
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
 from ._blas import N as _N
 from ._blas import T as _T
 from ._blas import gemm
 from ._threads import SMALL_ELEMENTS, single_threaded_blas
+from .fastmath import REDUCE as _REDUCE
+from .fastmath import exp_le0
 
 ACTIVATIONS = ("relu", "gelu")
 _RELU, _GELU, _IDENTITY = 0, 1, 2
@@ -245,11 +248,12 @@ def _dw_block(x, dy, dw, db, has_bias, n0, n1):
     if has_bias:
         acc = np.zeros(n1 - n0, np.float64)  # float64: M terms per column
         for i in range(m):
-            row = dy[i]
-            for j in range(n0, n1):
-                acc[j - n0] += row[j]
-        for j in range(n0, n1):
-            db[j] = acc[j - n0]
+            row = dy[i, n0:n1]
+            for j in range(n1 - n0):
+                acc[j] += row[j]
+        out = db[n0:n1]
+        for j in range(n1 - n0):
+            out[j] = acc[j]
 
 
 @njit(cache=True, parallel=True)
@@ -306,23 +310,53 @@ def linear_backward(x, weight, dy, bias=True):
     return dx.reshape(x.shape), dw, (db if bias else None)
 
 
-@njit(cache=True)
+# Abramowitz & Stegun 7.1.26: erf(z) = 1 - t (a1 + t (a2 + ... + t a5)) exp(-z^2), t = 1 / (1 + p z),
+# z >= 0, |error| <= 1.5e-7: plain arithmetic and one exp, so a float32 loop vectorises (libm's
+# erf and exp are opaque scalar calls).
+_AS_P = 0.3275911
+_AS_A = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
+
+
+@njit(inline="always", fastmath=_REDUCE, error_model="numpy")
+def _gelu_grad_f32(v):
+    """Phi(v) + v phi(v) for float32 v: erf by A&S 7.1.26 sharing exp(-v^2 / 2) with phi."""
+    f = np.float32
+    z = abs(v) * f(1.0 / math.sqrt(2.0))
+    t = f(1.0) / (f(1.0) + f(_AS_P) * z)
+    poly = t * (f(_AS_A[0]) + t * (f(_AS_A[1]) + t * (f(_AS_A[2]) + t * (f(_AS_A[3]) + t * f(_AS_A[4])))))
+    e = exp_le0(f(-0.5) * v * v)  # exp(-z^2) = sqrt(2 pi) phi(v)
+    erf_abs = f(1.0) - poly * e
+    cdf = f(0.5) + f(0.5) * (erf_abs if v >= f(0.0) else -erf_abs)
+    return cdf + v * e * f(1.0 / math.sqrt(2.0 * math.pi))
+
+
+def _gelu_grad(v):
+    """Phi(v) + v phi(v): inside kernels, the A&S form for float32, libm's erf for float64."""
+    return 0.5 * (1 + math.erf(v / math.sqrt(2.0))) + v * math.exp(-0.5 * v * v) / math.sqrt(2 * math.pi)
+
+
+@overload(_gelu_grad)
+def _gelu_grad_impl(v):
+    if v == types.float32:
+        return lambda v: _gelu_grad_f32(v)
+    return lambda v: (0.5 * (1.0 + math.erf(v * (1.0 / math.sqrt(2.0))))
+                      + v * math.exp(-0.5 * v * v) * (1.0 / math.sqrt(2.0 * math.pi)))
+
+
+@njit(cache=True, fastmath=_REDUCE, error_model="numpy")
 def _activation_backward_range(x, dy, dx, i0, i1, act):
     """dx[i0:i1] of act at x (flat views): relu: dy where x > 0; gelu (exact):
     dy * (Phi(x) + x phi(x)), Phi the normal CDF, phi its density."""
     zero = x.dtype.type(0.0)
+    # Loops over slices, indices from 0: indexed from a runtime start instead (range(i0, i1)),
+    # the same loop ran ~35x slower (18 vs 0.5 ns per element, ReLU, float32).
+    xs, gs, out = x[i0:i1], dy[i0:i1], dx[i0:i1]
     if act == _RELU:
-        for i in range(i0, i1):
-            dx[i] = dy[i] if x[i] > zero else zero
+        for i in range(xs.shape[0]):
+            out[i] = gs[i] if xs[i] > zero else zero
     else:
-        half = x.dtype.type(0.5)
-        inv_sqrt2 = x.dtype.type(1.0 / math.sqrt(2.0))
-        inv_sqrt2pi = x.dtype.type(1.0 / math.sqrt(2.0 * math.pi))
-        for i in range(i0, i1):
-            v = x[i]
-            cdf = half * (1 + math.erf(v * inv_sqrt2))
-            pdf = inv_sqrt2pi * math.exp(-half * v * v)
-            dx[i] = dy[i] * (cdf + v * pdf)
+        for i in range(xs.shape[0]):
+            out[i] = gs[i] * _gelu_grad(xs[i])
 
 
 @njit(cache=True, parallel=True)

@@ -328,23 +328,25 @@ def _layer_norm_backward_rows(dy, x, residual, has_residual, gamma, mean, rstd, 
     for i in range(r0, r1):
         mu = mean[i]
         rs = rstd[i]
+        xr, gr, out = x[i], dy[i], dx[i]  # row views: inner loops indexed from 0
+        rr = residual[i] if has_residual else x[i]
         g_sum = 0.0
         gx_sum = 0.0
         for j in range(d):
-            z = x[i, j] + residual[i, j] if has_residual else x[i, j]
+            z = xr[j] + rr[j] if has_residual else xr[j]
             xhat = (z - mu) * rs
-            g = dy[i, j] * gamma[j]
+            g = gr[j] * gamma[j]
             g_sum += g
             gx_sum += g * xhat
         a = g_sum / d
         b = gx_sum / d
         for j in range(d):
-            z = x[i, j] + residual[i, j] if has_residual else x[i, j]
+            z = xr[j] + rr[j] if has_residual else xr[j]
             xhat = (z - mu) * rs
-            g = dy[i, j] * gamma[j]
-            dx[i, j] = rs * (g - a - xhat * b)
-            dgamma[j] += dy[i, j] * xhat
-            dbeta[j] += dy[i, j]
+            g = gr[j] * gamma[j]
+            out[j] = rs * (g - a - xhat * b)
+            dgamma[j] += gr[j] * xhat
+            dbeta[j] += gr[j]
 
 
 @njit(cache=True, parallel=True)
@@ -384,19 +386,20 @@ def _softmax_backward_rows(y, dy, dx, log, r0, r1):
     n = y.shape[1]
     zero = y.dtype.type(0.0)
     for i in range(r0, r1):
+        yr, gr, out = y[i], dy[i], dx[i]  # row views: inner loops indexed from 0
         s = 0.0
         if log:
             for j in range(n):
-                s += dy[i, j]
+                s += gr[j]
             sd = y.dtype.type(s)
             for j in range(n):
-                dx[i, j] = dy[i, j] - _exp(min(y[i, j], zero)) * sd  # y <= 0: a log-probability
+                out[j] = gr[j] - _exp(min(yr[j], zero)) * sd  # y <= 0: a log-probability
         else:
             for j in range(n):
-                s += dy[i, j] * y[i, j]
+                s += gr[j] * yr[j]
             sd = y.dtype.type(s)
             for j in range(n):
-                dx[i, j] = y[i, j] * (dy[i, j] - sd)
+                out[j] = yr[j] * (gr[j] - sd)
 
 
 def _exp(x):
