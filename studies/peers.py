@@ -2,8 +2,8 @@
 
 Pairs on either device: fused attention (tfm.attention) against
 torch.nn.functional.scaled_dot_product_attention; the base-config encoder-decoder stack
-(tfm.from_torch(nn.Transformer) -> tfm.EncoderDecoder) against nn.Transformer itself, both
-returning to the host; one LSTM and one GRU layer (the backend's kernels fed nn.LSTM /
+(tfm.from_torch(nn.Transformer) -> tfm.EncoderDecoder; the tiny preset on the smoke grid)
+against nn.Transformer itself, both returning to the host; one LSTM and one GRU layer (the backend's kernels fed nn.LSTM /
 nn.GRU's weights) against nn.LSTM / nn.GRU; a k=3 'same' convolution against nn.Conv1d
 (each side in its own layout: tfm (B, N, C), PyTorch (B, C, N)). On a GPU (``--backend
 cuda``) SDPA runs with each of its math and memory-efficient backends
@@ -26,6 +26,8 @@ import sys
 import numpy as np
 import pandas as pd
 
+from tfm import TransformerConfig
+
 from ._common import grid_name, make_study, ok, parser, run_main
 from ._report import prose
 
@@ -36,7 +38,8 @@ GRIDS = {
                     rnn=[(16, 128, 256), (8, 128, 512)], conv=[(8, 512, 512)], budget_s=1.0),
     "quick": dict(att_n=(256, 1024), att_bh=(1, 8), model=[(1, 32)], rnn=[(8, 64, 256)], conv=[(8, 128, 256)],
                   budget_s=0.2),
-    "smoke": dict(att_n=(13,), att_bh=(1, 2), model=[(2, 4)], rnn=[(2, 5, 8)], conv=[(2, 5, 8)], budget_s=0.01,
+    "smoke": dict(att_n=(13,), att_bh=(1, 2), model=[(2, 4)], config="tiny", rnn=[(2, 5, 8)], conv=[(2, 5, 8)],
+                  budget_s=0.01,
                   gemm=[(9, 12, 10)], sdpa_n={"math": (13,), "mem_efficient": (13,)}),
     # An H100/H200: attention at B=4, H=16, d=64; SDPA's math backend materialises the
     # (n, n) scores (4 GiB per score tensor at n=4096, 64 GiB at n=16384), so it stops at 4096.
@@ -75,8 +78,9 @@ def cases(grid: str, backend: str) -> list[dict]:
     else:
         out += [{"pair": "attention vs SDPA", "b": b, "h": h, "n": n, "d": 64, "causal": c}
                 for c in (False, True) for n in g["att_n"]]
-    out += [{"pair": "base forward vs nn.Transformer", "b": b_, "n": n, "d": 512, "causal": True}
-            for b_, n in g["model"]]
+    config = g.get("config", "base")
+    out += [{"pair": f"{config} forward vs nn.Transformer", "b": b_, "n": n,
+             "d": getattr(TransformerConfig, config)().d_model, "causal": True} for b_, n in g["model"]]
     out += [{"pair": f"{kind} vs nn.{kind.upper()}", "b": b_, "n": n, "d": d, "causal": True}
             for kind in ("lstm", "gru") for b_, n, d in g["rnn"]]
     out += [{"pair": "conv1d vs nn.Conv1d", "b": b_, "n": n, "d": d, "causal": False} for b_, n, d in g["conv"]]
@@ -160,7 +164,7 @@ def _model(case, bk, tp, rng, backend):
 
     torch = tp.torch
     b, n = case["b"], case["n"]
-    c = tfm.TransformerConfig.base()
+    c = getattr(tfm.TransformerConfig, case["pair"].split()[0])()
     torch.manual_seed(0)
     peer = torch.nn.Transformer(c.d_model, c.n_heads, c.n_encoder_layers, c.n_decoder_layers, c.d_ff,
                                 dropout=0.0, batch_first=True).eval()
@@ -243,7 +247,7 @@ def measure(case: dict, ctx) -> dict:
     if pair.startswith("gemm"):
         fa, fb, peer_host, flops, peer_arith, ours_arith, sync_b = _gemm(case, bk, tp, rng, backend)
     else:
-        build_pair = (_attention if pair.startswith("attention") else _model if pair.startswith("base")
+        build_pair = (_attention if pair.startswith("attention") else _model if "forward vs" in pair
                       else _conv if pair.startswith("conv1d") else _recurrent)
         fa, fb, peer_host, flops, peer_arith = build_pair(case, bk, tp, rng, backend)
     try:
