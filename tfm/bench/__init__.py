@@ -1,10 +1,11 @@
 """Measurement harness: timing, memory, machine fingerprint and ceilings, fits, study runner.
 
     timing   time_call (compile time apart, repeats to a budget, median + spread), time_pair (A B A B)
-    memory   peak_memory: tracemalloc peak and RSS high-water of one call
+             and paired_ratio (median per-round ratio, bootstrap 95% interval), time_once
+    memory   peak_memory: tracemalloc peak and RSS high-water of one call; device_memory on a GPU
     machine  fingerprint(), measure_ceilings(): sgemm GFLOP/s and copy bandwidth (host, device)
     fit      loglog_slope: power-law exponent over the asymptotic range with a 95% interval
-    layers   make_layer: one timed layer of each kind in the paper's Table 1, with its cost model
+    layers   make_layer: one timed layer of each kind in the Table 1 registry (tfm.table1), with its cost
     study    Study, run_study: grid -> tidy table, resumable, NaN rows with reasons
     deps     one-hop dependency structure by perturbing real kernels; path lengths by BFS
 
