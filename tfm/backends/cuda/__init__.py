@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from functools import lru_cache
 
 import numpy as np
 
@@ -122,7 +123,10 @@ def _resolve_gemm(gemm: str) -> str:
     return "numba"
 
 
+@lru_cache(maxsize=None)
 def _k(module: str):
+    """A kernel module, imported on first use (importlib per call cost ~7% of a forward pass's
+    host time)."""
     return importlib.import_module(f"{__name__}.{module}")
 
 

@@ -182,13 +182,19 @@ def grid_1d(n: int, threads: int) -> tuple:
     return (max(1, cdiv(n, threads)),)
 
 
+_CHECKED = set()  # (grid, block) pairs already validated: shapes repeat from one pass to the next
+
+
 def _check_config(name, grid, block):
+    if (grid, block) in _CHECKED:
+        return
     g = grid if isinstance(grid, tuple) else (grid,)
     b = block if isinstance(block, tuple) else (block,)
     if len(g) > 3 or len(b) > 3 or min(g) < 1 or min(b) < 1 or math.prod(b) > MAX_THREADS_PER_BLOCK:
         raise CudaLaunchError(f"{name}: invalid launch configuration grid={g} block={b}")
     if len(g) > 1 and max(g[1:]) > 65535:
         raise CudaLaunchError(f"{name}: grid={g} exceeds 65535 blocks in y or z")
+    _CHECKED.add((grid, block))
 
 
 def check_resources(name: str, regs_per_thread: int, max_threads: int, threads: int) -> None:

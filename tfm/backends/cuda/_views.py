@@ -69,8 +69,8 @@ def strided_view(base, shape, strides, offset: int = 0):
     the view inside ``base``'s memory; a non-zero offset needs a contiguous ``base``."""
     if offset and not base.is_c_contiguous():
         raise ValueError(f"an offset view needs a contiguous base array, got strides {tuple(base.strides)}")
-    shape = tuple(int(s) for s in shape)
-    strides = tuple(int(s) for s in strides)
+    shape = tuple(map(int, shape))
+    strides = tuple(map(int, strides))
     if simulator_enabled():
         from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
 
