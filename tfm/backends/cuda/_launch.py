@@ -35,11 +35,12 @@ Launch paths (``LAUNCH_MODES``; ``TFM_CUDA_LAUNCH`` or :func:`set_launch_mode` c
 
 Host cost, ``python3 -m dev.cuda.lab --out DIR --family launch`` without a GPU (kernels
 compiled for sm_90, the driver call stubbed, device memory made up) on the shared 2-core
-development VM, medians of three runs whose load varied: per launch of a 3-argument kernel,
-dispatch 22-89 us, overload 23-73 us, direct 6.4-6.6 us; per base-config forward pass
-(nn.Transformer, B=8, n=128, Numba GEMM, host side only) dispatch 47 ms, overload 35 ms,
-direct 17 ms (last run). On a GPU the same command adds the real cuLaunchKernel and
-allocations: not yet measured on a GPU.
+development VM (load average 8-10 from other jobs: noisy), medians of four runs: per launch
+of a 3-argument kernel, dispatch 22-89 us, overload 23-73 us, direct 6.1-6.6 us; per
+base-config forward pass (nn.Transformer, B=8, n=128, Numba GEMM, host side only, last run
+after the view and lookup savings of the same day) dispatch 43 ms, overload 34 ms, direct
+12.6 ms. On a GPU the same command adds the real cuLaunchKernel and allocations: not yet
+measured on a GPU.
 """
 
 from __future__ import annotations
