@@ -62,6 +62,20 @@ def check_int(name: str, value, minimum: int = 1) -> int:
     return int(value)
 
 
+def check_dropout(p) -> float:
+    """A dropout probability in [0, 1) (1 would drop everything)."""
+    if isinstance(p, (bool, np.bool_)) or not isinstance(p, (int, float, np.floating)) or not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout must be a probability in [0, 1), got {p!r}")
+    return float(p)
+
+
+def check_label_smoothing(eps) -> float:
+    """PyTorch's label_smoothing: a number in [0, 1]."""
+    if isinstance(eps, (bool, np.bool_)) or not isinstance(eps, (int, float, np.floating)) or not 0.0 <= eps <= 1.0:
+        raise ValueError(f"label_smoothing must be a number in [0, 1], got {eps!r}")
+    return float(eps)
+
+
 def check_bool(name: str, value) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")

@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import ClassVar
 
+from ._checks import check_dropout
+
 ACTIVATIONS = ("relu", "gelu")
 NORM_POSITIONS = ("post", "pre")
 DTYPES = ("float32", "float64")
@@ -45,9 +47,7 @@ class ModelConfig:
                     raise ValueError(f"{name} must be {what} integer, got {value!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
-                or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be a probability in [0, 1), got {self.dropout!r}")
+        check_dropout(self.dropout)
         self._check()
 
     def _check(self) -> None:

@@ -4,7 +4,8 @@ Every class is a :class:`~tfm.layers.module.Module`: it holds its parameters und
 PyTorch's state-dict names (``tfm.from_torch`` copies weights as they are), runs on any
 backend (``backend=`` "numpy", "cpu" or "cuda"; ``layer.to(...)`` moves it), saves and
 loads itself, and offers ``forward`` on backend arrays (what models call) beside a public
-call that checks host inputs and returns host arrays. Sequences are batch-first
+call that checks host inputs and returns host arrays, and ``forward_train``/``backward``
+for training (``tfm.vjp`` differentiates the public call). Sequences are batch-first
 (B, N, features). One module per family, as in the backends:
 
     linear.py       Linear, FeedForward (eq. 2)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import math
 
-from .._checks import check_int, check_token_ids
-from .module import Module, check_dropout, xavier_uniform
+from .._checks import check_dropout, check_int, check_token_ids
+from .module import Module, xavier_uniform
 
 __all__ = ["Embedding", "TransformerEmbedding"]
 

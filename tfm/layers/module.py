@@ -82,7 +82,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .._checks import check_dtype
+from .._checks import check_dropout, check_dtype
 from ..backends import Backend, get_backend
 
 __all__ = ["Module"]
@@ -166,13 +166,6 @@ class DropoutStream:
 
     def __repr__(self) -> str:
         return f"DropoutStream(seed={self.seed}, offset={self.offset})"
-
-
-def check_dropout(p) -> float:
-    """A dropout probability in [0, 1)."""
-    if isinstance(p, (bool, np.bool_)) or not isinstance(p, (int, float, np.floating)) or not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout must be a probability in [0, 1), got {p!r}")
-    return float(p)
 
 
 # ---------------------------------------------------------------------- the base class

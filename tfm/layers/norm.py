@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._checks import check_features, check_int
+from .._checks import check_dropout, check_features, check_int
 from ..config import NORM_POSITIONS
-from .module import Module, check_dropout, ones, zeros
+from .module import Module, ones, zeros
 
 __all__ = ["LayerNorm", "ResidualNorm"]
 

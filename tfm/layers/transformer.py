@@ -15,10 +15,11 @@ PyTorch-style padding masks); the public calls take padding masks, True = paddin
 
 from __future__ import annotations
 
-from .._checks import check_bool, check_features, check_int, check_padding_mask, check_same_batch
+from .._checks import (check_bool, check_dropout, check_features, check_int, check_padding_mask,
+                       check_same_batch)
 from .attention import HasAttention, MultiHeadAttention, key_mask
 from .linear import FeedForward
-from .module import Module, check_dropout
+from .module import Module
 from .norm import LayerNorm, ResidualNorm
 
 __all__ = ["Decoder", "DecoderLayer", "Encoder", "EncoderLayer"]

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._checks import check_generation_args, check_padding_mask, check_same_batch, check_token_ids
+from .._checks import (check_generation_args, check_label_smoothing, check_padding_mask, check_same_batch,
+                       check_token_ids)
 from ..layers.module import Init, Module, normal, ones, uniform, xavier_uniform, zeros  # noqa: F401
 
 __all__ = ["Init", "Model", "Seq2Seq", "greedy", "normal", "ones", "uniform", "xavier_uniform", "zeros"]
@@ -114,9 +115,7 @@ class Seq2Seq(Model):
         if tgt.shape[1] < 2:
             raise ValueError(f"tgt_ids must have at least 2 positions (tgt_ids[:, :-1] goes in, "
                              f"tgt_ids[:, 1:] is predicted), got shape {tgt.shape}")
-        if isinstance(label_smoothing, (bool, np.bool_)) or \
-                not isinstance(label_smoothing, (int, float, np.floating)) or not 0.0 <= label_smoothing <= 1.0:
-            raise ValueError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
+        label_smoothing = check_label_smoothing(label_smoothing)
         src_pad = check_padding_mask("src_pad_mask", src_pad_mask, *src.shape)
         tgt_pad = check_padding_mask("tgt_pad_mask", tgt_pad_mask, *tgt.shape)
         keep = np.ones(tgt[:, 1:].shape) if tgt_pad is None else ~tgt_pad[:, 1:]
@@ -126,7 +125,7 @@ class Seq2Seq(Model):
                              "there is no target to take a loss over")
         weights = keep.reshape(-1).astype(np.float64) / count
         return (src, np.ascontiguousarray(tgt[:, :-1]), src_pad, None if tgt_pad is None else tgt_pad[:, :-1],
-                np.ascontiguousarray(tgt[:, 1:]).reshape(-1), weights, float(label_smoothing))
+                np.ascontiguousarray(tgt[:, 1:]).reshape(-1), weights, label_smoothing)
 
     def _forward_loss(self, src_ids, tgt_ids, label_smoothing, src_pad_mask, tgt_pad_mask):
         """-> (mean token cross-entropy, its gradient with respect to the logits, saved)."""
