@@ -35,7 +35,7 @@ from tfm.backends.cpu.fastmath import maxnum
 from tfm.backends.cpu.norm import exp2_shift_sum, exp_shift_sum, row_max
 from tfm.reference import scaled_dot_product_attention as reference
 
-from .common import check, compare, interleave, main, print_rows, rel_err
+from .common import check, compare, interleave, main, print_rows, rel_err, torch_threads
 from .fastmath import _exp_one_loop, _max_scalar
 
 # Versions of the fused kernel, oldest first: (tile_q, tile_k, causal diagonal rows per chunk
@@ -326,16 +326,11 @@ def threads(rng, quick, checks) -> list[dict]:
 def versus_sdpa(rng, quick, checks) -> list[dict]:
     """tfm.attention (fused) against torch's SDPA, alternating, same threads; the quoted
     figure is the median of the per-round ratios tfm / SDPA with its bootstrap interval."""
-    try:
-        import torch
-        import torch.nn.functional as F
-    except ImportError as exc:
-        print(f"  (no PyTorch: {exc})")
-        return []
-    threads = torch.get_num_threads()
-    torch.set_num_threads(numba.get_num_threads())
     rows = []
-    try:
+    with torch_threads(numba.get_num_threads()) as torch:
+        if torch is None:
+            return rows
+        sdpa = torch.nn.functional.scaled_dot_product_attention
         for n in (1024,) if quick else (1024, 4096):
             q, k, v = _qkv(rng, n, n)
             tq, tk, tv = (torch.from_numpy(x) for x in (q, k, v))
@@ -348,7 +343,7 @@ def versus_sdpa(rng, quick, checks) -> list[dict]:
 
                 def sdpa_run():
                     with torch.inference_mode():
-                        outs["torch SDPA"] = F.scaled_dot_product_attention(tq, tk, tv, is_causal=causal).numpy()
+                        outs["torch SDPA"] = sdpa(tq, tk, tv, is_causal=causal).numpy()
 
                 budget = 1.0 if quick else (10.0 if n > 2048 else 3.0)
                 times = interleave({"tfm fused": tfm_run, "torch SDPA": sdpa_run}, budget_s=budget,
@@ -359,8 +354,6 @@ def versus_sdpa(rng, quick, checks) -> list[dict]:
                 got = compare("attention", f"vs SDPA, {label}", times, "torch SDPA", extra)
                 print_rows(got)
                 rows += got
-    finally:
-        torch.set_num_threads(threads)
     return rows
 
 

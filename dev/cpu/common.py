@@ -10,6 +10,7 @@ baseline's time in the same round); the quoted figure is the median of those rat
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import platform
@@ -20,6 +21,24 @@ from typing import Callable
 import numpy as np
 
 BOOTSTRAP = 2000  # resamples per interval
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """PyTorch on ``n`` threads inside the block (the previous count restored after), or None
+    where it is not installed (the reason printed): the peer rows are then left out."""
+    try:
+        import torch
+    except ImportError as exc:
+        print(f"  (no PyTorch: {exc})")
+        yield None
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield torch
+    finally:
+        torch.set_num_threads(previous)
 
 
 def rel_err(out, ref) -> float:

@@ -21,7 +21,7 @@ from tfm.backends.cpu._blas import gemm
 from tfm.backends.cpu._threads import single_threaded_blas
 from tfm.reference import baselines as ref
 
-from .common import aligned, check, compare, interleave, main, print_rows, rel_err
+from .common import aligned, check, compare, interleave, main, print_rows, rel_err, torch_threads
 
 # Step-product variants, versions 1..N: acc = h @ W_hh^T[:, block], one unit block at a time
 # (as the kernels do), (8, 512) x (512, 2048) per step, one thread.
@@ -112,45 +112,35 @@ def run_checks(rng) -> list[dict]:
             ok = np.all(np.isnan(acc[:, width:]))  # columns past the block untouched
             check(f"step product {name}, B={batch} H={hidden} width={width}",
                   rel_err(acc[:, :width], want) if ok else np.inf, 1e-5, checks)
-    # The kernels' own buffers (W_hh^T, acc, h_buf) come from Numba's allocator; the step
-    # product's speed depends on their alignment (step_product), so hold it to 64 bytes.
+    # The kernels' own buffers (W_hh^T, acc, h_buf) come from Numba's allocator, which aligns
+    # arrays to 32 bytes: on a cache line or half-way into one (step_product times both).
     w_hhT = rec._permuted_transpose(rng.standard_normal((4 * 37, 37)).astype(np.float32),
                                     rec._block_permutation(4, 37))
-    check("Numba-allocated W_hh^T: bytes past a 64-byte boundary", float(w_hhT.ctypes.data % 64),
+    check("Numba-allocated W_hh^T: bytes past a 32-byte boundary", float(w_hhT.ctypes.data % 32),
           0.5, checks)
     return checks
 
 
 def step_product(rng, quick, checks) -> list[dict]:
-    """The versions on 64-byte-aligned operands, and the library's loop with its operands 16
-    bytes past a cache line (how far alignment alone moves the step)."""
+    """The versions on 64-byte-aligned operands, and the library's loop with its operands 32
+    bytes past a cache line, where Numba's allocator may put the kernels' own buffers (it
+    promises 32-byte alignment): how far alignment alone moves the step."""
     batch, hidden, block = 8, 512, 4 * rec.UNITS
-    h, w, w_off = aligned((batch, hidden)), aligned((hidden, 4 * hidden)), aligned((hidden, 4 * hidden), offset=16)
+    h, w, w_off = aligned((batch, hidden)), aligned((hidden, 4 * hidden)), aligned((hidden, 4 * hidden), offset=32)
     h[:] = rng.standard_normal((batch, hidden))
     w[:] = rng.uniform(-hidden ** -0.5, hidden ** -0.5, (hidden, 4 * hidden))
     w_off[:] = w
     accs = {name: aligned((batch, block)) for name in _STEP}
     fns = {name: (lambda fn=fn, acc=accs[name]: _step_product(fn, h, w, acc, block))
            for name, fn in _STEP.items()}
-    off = "v5, W and acc 16 bytes off a cache line"
-    accs[off] = aligned((batch, block), offset=16)
+    off = "v5, W and acc 32 bytes off a cache line"
+    accs[off] = aligned((batch, block), offset=32)
     fns[off] = lambda: _step_product(rec._hidden_block, h, w_off, accs[off], block)
-    try:
-        import torch
-
-        th, tw = torch.from_numpy(h), torch.from_numpy(w)
-        fns["torch.mm, 1 thread"] = lambda: torch.mm(th, tw)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-    except ImportError as exc:
-        print(f"  (no PyTorch row: {exc})")
-        torch = None
-    try:
-        with single_threaded_blas():
-            times = interleave(fns, budget_s=0.5 if quick else 3.0, min_rounds=20, max_rounds=3000)
-    finally:
+    with torch_threads(1) as torch, single_threaded_blas():
         if torch is not None:
-            torch.set_num_threads(threads)
+            th, tw = torch.from_numpy(h), torch.from_numpy(w)
+            fns["torch.mm, 1 thread"] = lambda: torch.mm(th, tw)
+        times = interleave(fns, budget_s=0.5 if quick else 3.0, min_rounds=20, max_rounds=3000)
     want = h.astype(np.float64) @ w[:, -block:].astype(np.float64)  # the last block computed
     for name, acc in accs.items():
         check(f"step product {name}, after timing", rel_err(acc, want), 1e-5, checks)
