@@ -455,7 +455,11 @@ def family_launch(budget_s: float, smoke: bool, dev: dict) -> list:
         if "median_ms" in row:
             row["us_per_launch"] = row["median_ms"] * 1e3 / reps
     if offline:
-        rows += host_forward(budget_s * 0.8 - (time.monotonic() - t0), smoke)
+        try:
+            rows += host_forward(budget_s * 0.8 - (time.monotonic() - t0), smoke)
+        except Exception as exc:  # the model's own code: a row, the kernel rows above stand
+            rows.append({"kernel": "forward (host side only)", "variant": "*", "status": "failed",
+                         "reason": f"{type(exc).__name__}: {exc}"[:300]})
     return rows
 
 
@@ -713,6 +717,7 @@ def install_pool() -> None:
 def summary(results: dict, dev: dict, args, budget: Budget) -> str:
     lines = [f"# CUDA lab: {dev['device']}", "",
              f"`python3 -m dev.cuda.lab --out {args.out} --budget-s {args.budget_s:g}"
+             + ("" if args.family == ",".join(GPU_FAMILIES) else f" --family {args.family}")
              + (" --smoke" if args.smoke else "") + f"` ({budget.elapsed():.0f} s; FP32 peak "
              f"{dev['fp32_peak_gflops']:.0f} GFLOP/s from {dev['sms']} SMs at {dev['clock_mhz']:.0f} MHz)", ""]
     for family, rows in results.items():

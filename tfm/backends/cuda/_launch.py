@@ -33,14 +33,14 @@ Launch paths (``LAUNCH_MODES``; ``TFM_CUDA_LAUNCH`` or :func:`set_launch_mode` c
   ``LaunchConfig``. The first launch of each overload compares this marshalling with
   numba's and falls back to ``overload`` (with a warning) if they ever differ.
 
-Host cost, ``python3 -m dev.cuda.lab --out DIR --family launch`` without a GPU (kernels
-compiled for sm_90, the driver call stubbed, device memory made up) on the shared 2-core
-development VM (load average 8-10 from other jobs: noisy), medians of four runs: per launch
-of a 3-argument kernel, dispatch 22-89 us, overload 23-73 us, direct 6.1-6.6 us; per
-base-config forward pass (nn.Transformer, B=8, n=128, Numba GEMM, host side only, last run
-after the view and lookup savings of the same day) dispatch 43 ms, overload 34 ms, direct
-12.6 ms. On a GPU the same command adds the real cuLaunchKernel and allocations: not yet
-measured on a GPU.
+Host cost: ``python3 -m dev.cuda.lab --out dev/cuda/host --family ptx,launch`` without a
+GPU (kernels compiled for sm_90, the driver call stubbed, device memory made up; committed
+output in dev/cuda/host/) on the shared 2-core development VM at load average 8.6: per
+launch of a 3-argument kernel, dispatch 62 us, overload 64 us, direct 6.0 us; per
+base-config forward pass (nn.Transformer, B=8, n=128, Numba GEMM, host side only) dispatch
+72 ms, overload 55 ms, direct 24 ms: direct 3.0x faster than dispatch (quieter runs the same
+day: 37-47, 26-35 and 12-17 ms, the same ratio). On a GPU the same families add the real
+cuLaunchKernel and allocations: not yet measured on a GPU.
 """
 
 from __future__ import annotations

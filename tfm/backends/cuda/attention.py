@@ -9,7 +9,8 @@ Variants (``VARIANTS``; versions in ``ATTN_VERSIONS``, chosen by ``Tuning.attn_v
 tilings each version is timed at in ``TILINGS``). Every verdict comes from
 ``python3 -m dev.cuda.lab --out DIR --family attention`` (B=4, H=16, d=64, n = 1024, 4096,
 16384, against SDPA's math and memory-efficient backends), and the static figures from
-``python3 -m dev.cuda.lab --out DIR --family ptx`` (no GPU needed).
+``python3 -m dev.cuda.lab --out DIR --family ptx`` (no GPU needed; committed output in
+dev/cuda/host/).
 
 * ``naive`` — the O(n^2)-memory reference point: the batched GEMM (``linear.gemm``) writes
   the scaled (B*H, Nq, Nk) scores, the row softmax (``norm.softmax_kernel``) applies

@@ -3,7 +3,8 @@
 Variants (``VARIANTS``; the Numba GEMM's versions in ``GEMM_VERSIONS``, chosen by
 ``Tuning.gemm_version``, each timed at the ``TILINGS``). Verdicts come from
 ``python3 -m dev.cuda.lab --out DIR --family gemm`` (base-model shapes and 4096^3, against
-torch.matmul with TF32 off), static figures from ``--family ptx`` (no GPU needed).
+torch.matmul with TF32 off), static figures from ``--family ptx`` (no GPU needed; committed
+output in dev/cuda/host/).
 
 * ``cupy`` (the default where CuPy imports and passes the backend's self-check) — cuBLAS
   SGEMM/DGEMM called through CuPy's raw bindings on the numba arrays' device pointers
