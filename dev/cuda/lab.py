@@ -120,11 +120,23 @@ def device_row() -> dict:
     sms = int(dev.MULTIPROCESSOR_COUNT)
     try:
         clock_khz = int(dev.CLOCK_RATE)
-    except Exception:  # deprecated in newer drivers: then no peak, ratios still stand
-        clock_khz = 0
+    except Exception:  # deprecated in newer drivers: ask nvidia-smi for the maximum SM clock
+        clock_khz = _smi_max_clock_khz()
     lanes = FP32_LANES_PER_SM.get(tuple(dev.compute_capability))
     peak = sms * lanes * 2 * clock_khz / 1e6 if lanes and clock_khz else math.nan
     return {"device": name, "sms": sms, "clock_mhz": clock_khz / 1e3, "fp32_peak_gflops": peak}
+
+
+def _smi_max_clock_khz() -> int:
+    """Maximum SM clock from nvidia-smi, or 0 (then no peak column; the ratios still stand)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=clocks.max.sm", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout
+        return int(float(out.split()[0]) * 1000)
+    except Exception:
+        return 0
 
 
 def rel_err(out, ref) -> float:
