@@ -78,14 +78,16 @@ def _name(f) -> str:
 
 
 def _is_float_array(a) -> bool:
+    """A float array of at least one dimension (scalars are options, not inputs)."""
     if a is None or isinstance(a, (Module, str, bool, int, float)):
         return False
     if is_device_array(a):
-        return np.dtype(a.dtype).kind == "f"
+        return np.dtype(a.dtype).kind == "f" and len(a.shape) > 0
     try:
-        return np.asarray(a).dtype.kind == "f"
+        a = np.asarray(a)
     except Exception:  # not array-like: the call's own checks say what is wrong
         return False
+    return a.dtype.kind == "f" and a.ndim > 0
 
 
 def _check_cotangent(cotangent, out, where: str = "cotangent"):
