@@ -229,7 +229,7 @@ def check_layers(bk, grid, rng, emit) -> None:
             try:
                 other = CudaBackend(tuning=bk.tuning, gemm=gemm)
             except ValueError as exc:  # CuPy absent
-                emit(f"linear_{gemm}", f"{m}x{k} @ {k}x{n}", False, math.nan, 2e-5, f"unavailable: {exc}")
+                emit(f"linear_{gemm}", f"{m}x{k} @ {k}x{n}", False, math.nan, 2e-5, str(exc), status="unavailable")
                 continue
             got = other.to_numpy(other.linear(other.asarray(x), other.asarray(w)))
             emit(f"linear_{gemm}", f"{m}x{k} @ {k}x{n}", False, rel_err(got, want), 2e-5, "vs float64 NumPy")
@@ -279,11 +279,12 @@ def check_model(bk, grid, rng, emit) -> None:
 def section_correctness(run: Run, bk, grid: dict, seed: int) -> None:
     rows: list[dict] = []
 
-    def emit(check, size, causal, err, tol, note):
+    def emit(check, size, causal, err, tol, note, status="ok"):
+        """One row; ``status`` "unavailable" (e.g. no cuBLAS under the simulator) is not a failure."""
         rows.append({"check": check, "size": size, "causal": causal, "rel_err": err, "tol": tol,
-                     "passed": bool(err <= tol), "note": note})
-        run.say(f"  {check:<24} {size:<28} causal={causal!s:<5} rel_err {err:.2e} "
-                f"{'ok' if err <= tol else 'FAIL'}")
+                     "passed": bool(err <= tol), "status": status, "note": note})
+        mark = "unavailable" if status == "unavailable" else ("ok" if err <= tol else "FAIL")
+        run.say(f"  {check:<24} {size:<28} causal={causal!s:<5} rel_err {err:.2e} {mark}")
         run.write_csv("correctness", pd.DataFrame(rows))
 
     rng = np.random.default_rng(seed)
@@ -294,7 +295,7 @@ def section_correctness(run: Run, bk, grid: dict, seed: int) -> None:
             raise
         except Exception as exc:  # noqa: BLE001 - one part failing keeps the others
             traceback.print_exc()
-            emit(part.__name__, "", False, math.nan, 0.0, f"error: {type(exc).__name__}: {exc}"[:400])
+            emit(part.__name__, "", False, math.nan, 0.0, f"{type(exc).__name__}: {exc}"[:400], status="error")
 
 
 def section_studies(run: Run, smoke: bool, names, scratch: Path) -> None:
@@ -381,8 +382,9 @@ def summary_markdown(run: Run) -> str:
                   _md(smoke, ["op", "dtype", "shape", "rel_err", "tol", "passed", "seconds", "reason"])]
     corr = run.tables.get("correctness")
     if corr is not None:
-        lines += ["## Correctness at real sizes", "", f"{int(corr['passed'].sum())} of {len(corr)} passed.", "",
-                  _md(corr)]
+        lines += ["## Correctness at real sizes", "",
+                  f"{int(corr['passed'].sum())} of {len(corr)} passed, {_wrong(corr)} failed, "
+                  f"{int((corr['status'] == 'unavailable').sum())} unavailable here.", "", _md(corr)]
     st = run.tables.get("studies")
     if st is not None:
         lines += ["## Studies on the GPU (rows in results/gpu/studies.csv; the report draws them)", ""]
@@ -395,9 +397,10 @@ def summary_markdown(run: Run) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _wrong(smoke: pd.DataFrame) -> int:
-    """Smoke rows that failed (a kernel the backend lacks is ``unavailable``, not wrong)."""
-    return int(((smoke["status"] != "unavailable") & ~smoke["passed"].astype(bool)).sum())
+def _wrong(table: pd.DataFrame) -> int:
+    """Smoke or correctness rows that failed (what the backend or machine lacks is
+    ``unavailable``, not wrong)."""
+    return int(((table["status"] != "unavailable") & ~table["passed"].astype(bool)).sum())
 
 
 # ------------------------------------------------------------------------------ main
@@ -459,7 +462,7 @@ def main(argv=None) -> int:
     failed = [s for s in run.sections if s["status"] == "error"]
     smoke = run.tables.get("smoke")
     corr = run.tables.get("correctness")
-    wrong = (0 if smoke is None else _wrong(smoke)) + (0 if corr is None else int((~corr["passed"].astype(bool)).sum()))
+    wrong = sum(_wrong(t) for t in (smoke, corr) if t is not None)
     return 1 if failed or wrong else 0
 
 

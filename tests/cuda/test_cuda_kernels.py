@@ -147,6 +147,12 @@ def test_write_rows_in_place(bk, rng, dtype):
     bk.write_rows(cache, bk.asarray(src), 2)
     host[:, :, 2:6] = src
     np.testing.assert_array_equal(bk.to_numpy(cache), host)
+    # the filled part as a view (what the KV cache hands to attention), not a copy
+    filled = bk.leading_rows(cache, 6)
+    assert filled.shape == (2, 3, 6, 4) and tuple(filled.strides) == tuple(cache.strides)
+    np.testing.assert_array_equal(bk.to_numpy(filled), host[:, :, :6])
+    bk.write_rows(cache, bk.asarray(src[:, :, :1]), 5)
+    assert bk.to_numpy(filled)[0, 0, 5, 0] == src[0, 0, 0, 0]  # shares the cache's memory
 
 
 def test_asarray_passes_device_arrays_through_and_casts_on_device(bk, rng):

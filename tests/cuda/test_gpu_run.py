@@ -57,7 +57,9 @@ def test_make_gpu_check_smoke_on_a_clone_without_venv(tmp_path):
     assert smoke.loc[done, "passed"].all() and smoke.loc[~done, "reason"].str.contains("NotImplementedError").all()
     assert done[[not c.method.endswith(("_train", "_backward")) for c in CASES]].all()  # every forward runs
     correct = pd.read_csv(out / "correctness.csv")
-    assert correct["passed"].all()
+    usable = correct["status"] == "ok"
+    assert correct.loc[usable, "passed"].all()
+    assert set(correct.loc[~usable, "check"]) <= {"linear_cupy"}  # the simulator has no cuBLAS
     assert {"attention_fused", "attention_naive", "linear_numba", "lstm", "gru", "conv1d_dilated_causal",
             "restricted_attention", "encoder_decoder_forward"} <= set(correct["check"])
     studies = pd.read_csv(out / "studies.csv")
@@ -75,7 +77,7 @@ def test_make_gpu_check_smoke_on_a_clone_without_venv(tmp_path):
 def test_budget_turns_sections_into_reasoned_rows(tmp_path):
     from studies import gpu
 
-    assert gpu.main(["--out", str(tmp_path), "--smoke", "--budget-s", "2", "--studies", "peers,scaling"]) == 0
+    assert gpu.main(["--out", str(tmp_path), "--smoke", "--budget-s", "10", "--studies", "peers,scaling"]) == 0
     summary = (tmp_path / "SUMMARY.md").read_text()
     assert "| smoke | over_budget |" in summary and "| correctness | over_budget |" in summary
     studies = pd.read_csv(tmp_path / "studies.csv")
@@ -87,7 +89,7 @@ def test_stale_files_of_an_earlier_run_are_removed(tmp_path):
     from studies import gpu
 
     (tmp_path / "smoke.csv").write_text("op\nfrom an earlier run\n")
-    gpu.main(["--out", str(tmp_path), "--smoke", "--budget-s", "2", "--studies", ""])
+    gpu.main(["--out", str(tmp_path), "--smoke", "--budget-s", "10", "--studies", ""])
     assert not (tmp_path / "smoke.csv").exists()  # the section did not run: no old file passes for its output
 
 

@@ -118,6 +118,10 @@ class Backend(ABC):
     def write_rows(self, dst, src, start: int) -> None:
         """In place: ``dst[:, :, start:start+n] = src`` for (B, H, n, D) blocks (KV cache)."""
 
+    def leading_rows(self, x, n: int):
+        """``x[:, :, :n]`` of a (B, H, N, D) array as a view (the filled part of a KV cache)."""
+        return x[:, :, :n]
+
     # ------------------------------------------------------------------ baselines (issue 3)
     def restricted_attention(self, q, k, v, window: int, causal: bool = False):
         """Each query attends to at most ``window`` neighbouring keys, at O(window*N*D) cost.

@@ -41,7 +41,7 @@ class KVCache:
         start, self.length = self.length, self.length + k.shape[2]
         self._bk.write_rows(self.k, k, start)
         self._bk.write_rows(self.v, v, start)
-        return self.k[:, :, :self.length], self.v[:, :, :self.length]
+        return self._bk.leading_rows(self.k, self.length), self._bk.leading_rows(self.v, self.length)
 
 
 class HasAttention:

@@ -256,6 +256,13 @@ class CudaBackend(Backend):
     def write_rows(self, dst, src, start):
         _k("attention").write_rows(dst, src, start, self.tuning)
 
+    def leading_rows(self, x, n):
+        # numba's x[:, :, :n] walks the view's contiguous extents in Python (one per (b, h)
+        # row block) at every decoding step; the view's strides are x's own.
+        from ._views import strided_view
+
+        return strided_view(x, (*x.shape[:2], int(n), x.shape[3]), x.strides)
+
     # ------------------------------------------------------------------ baselines
     def restricted_attention(self, q, k, v, window, causal=False):
         return _k("restricted").restricted_attention(q, k, v, window, causal, self.tuning)
