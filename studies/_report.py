@@ -105,7 +105,7 @@ class GpuRun:
             why = ("the committed GPU run is in an older format without `studies.csv`" if self.files else
                    "no GPU run is committed" + (f" ({self.host_reason})" if self.host_reason else ""))
             return None, f"No GPU rows: {why}; see *The GPU run* below."
-        df = self.studies[self.studies["study"] == name].dropna(axis=1, how="all")
+        df = self.studies[self.studies["study"] == name]
         if df.empty:
             return None, f"No GPU rows: the GPU run has no rows for `{name}`."
         good = ok(df)

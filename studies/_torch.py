@@ -2,7 +2,9 @@
 
 On the CPU PyTorch runs as many threads as Numba. On a GPU TF32 is switched off for
 matrix products and cuDNN, so every PyTorch product computes in FP32 unless a row says
-otherwise (SDPA's memory-efficient backend, see ``SDPA_BACKENDS``).
+otherwise (SDPA's memory-efficient backend, see ``SDPA_BACKENDS``). Under Numba's CUDA
+simulator there is no device for PyTorch: it runs on the host, so that such a run still
+checks tfm's side of every pair against PyTorch's output (its times mean nothing anyway).
 """
 
 from __future__ import annotations
@@ -47,8 +49,12 @@ def peer(backend: str) -> Peer:
     except ImportError as exc:
         raise Skip(f"PyTorch is not installed: {exc}") from None
     if backend == "cuda":
-        if not torch.cuda.is_available():
+        from ._common import SIMULATOR
+
+        if not torch.cuda.is_available() and not SIMULATOR:
             raise Skip(f"PyTorch {torch.__version__} has no usable CUDA device") from None
+        if not torch.cuda.is_available():  # the simulator: PyTorch on the host (module docstring)
+            return Peer(torch, "cpu", None)
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
         return Peer(torch, "cuda", torch.cuda.synchronize)

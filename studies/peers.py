@@ -110,6 +110,8 @@ def _attention(case, bk, tp, rng, backend):
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         choice, arithmetic = SDPA_BACKENDS[which]
+        if tp.device != "cuda":  # PyTorch on the host (the CUDA simulator): its CPU kernels
+            arithmetic = ARITHMETIC[f"torch {tp.device}"]
 
         def fb():
             with torch.inference_mode(), sdpa_kernel(getattr(SDPBackend, choice)):
@@ -351,11 +353,15 @@ def _table(t: pd.DataFrame) -> pd.DataFrame:
                                          zip(t["ratio_paired"], t["ratio_ci_low"], t["ratio_ci_high"])]
     else:
         out["ratio"] = t["ratio"]
-    out["GFLOP/s tfm / peer"] = [f"{a:.0f} / {b:.0f}" for a, b in zip(t["tfm_gflops"], t["torch_gflops"])]
+    def both(a_col, b_col, fmt):
+        return [" / ".join(fmt.format(v) if np.isfinite(v) else "n/a" for v in pair)
+                for pair in zip(t[a_col], t[b_col])]
+
+    out["GFLOP/s tfm / peer"] = both("tfm_gflops", "torch_gflops", "{:.3g}")
     if {"frac_peak", "torch_frac_peak"} <= set(t.columns):
-        out["of FP32 peak tfm / peer"] = [f"{a:.1%} / {b:.1%}" for a, b in zip(t["frac_peak"], t["torch_frac_peak"])]
+        out["of FP32 peak tfm / peer"] = both("frac_peak", "torch_frac_peak", "{:.1%}")
     if {"frac_sgemm", "torch_frac_sgemm"} <= set(t.columns):
-        out["of sgemm tfm / peer"] = [f"{a:.0%} / {b:.0%}" for a, b in zip(t["frac_sgemm"], t["torch_frac_sgemm"])]
+        out["of sgemm tfm / peer"] = both("frac_sgemm", "torch_frac_sgemm", "{:.0%}")
     out["rel_err"] = t["rel_err"]
     return out
 
