@@ -70,14 +70,15 @@ def cases(grid: str, backend: str) -> list[dict]:
     gpu = backend == "cuda"
     out = []
     if gpu:
-        for sdpa, ns in g["sdpa_n"].items():
+        for sdpa, ns in g.get("sdpa_n", {"math": g.get("att_n", ()), "mem_efficient": g.get("att_n", ())}).items():
             out += [{"pair": f"attention vs SDPA ({sdpa})", "b": b, "h": h, "n": n, "d": 64, "causal": c}
                     for c in (False, True) for n in ns]
         out += [{"pair": f"gemm ({impl}) vs {peer}", "b": 1, "n": m, "d": k, "d_out": nn, "causal": False}
-                for m, k, nn in g["gemm"] for impl in ("default", "numba") for peer in ("cupy", "torch.matmul")]
+                for m, k, nn in g.get("gemm", ()) for impl in ("default", "numba") for peer in ("cupy", "torch.matmul")]
     else:
+        att_n = g.get("att_n") or sorted(set().union(*g["sdpa_n"].values()))
         out += [{"pair": "attention vs SDPA", "b": b, "h": h, "n": n, "d": 64, "causal": c}
-                for c in (False, True) for n in g["att_n"]]
+                for c in (False, True) for n in att_n]
     config = g.get("config", "base")
     out += [{"pair": f"{config} forward vs nn.Transformer", "b": b_, "n": n,
              "d": getattr(TransformerConfig, config)().d_model, "causal": True} for b_, n in g["model"]]

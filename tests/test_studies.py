@@ -214,9 +214,10 @@ def test_study_modules_expose_their_parts(name):
     assert hasattr(mod, "section") or (isinstance(mod.INTRO, str) and callable(mod.results)), name
     assert mod.NAME == name and "smoke" in mod.GRIDS
     assert ("gpu" in mod.GRIDS) == (name in GPU_STUDIES), name
-    args = mod.arg_parser().parse_args(["--backend", "cuda", "--grid", "gpu" if name in GPU_STUDIES else "smoke"])
-    study = mod.build(args)
-    assert study.options["backend"] == "cuda" and len(study.cases) > 0
+    for grid in mod.GRIDS:  # every grid builds on every backend
+        for backend in ("cpu", "cuda"):
+            study = mod.build(mod.arg_parser().parse_args(["--backend", backend, "--grid", grid]))
+            assert study.options == {"backend": backend, "grid": grid} and len(study.cases) > 0, (grid, backend)
     for derive in getattr(mod, "DERIVED", {}).values():
         assert derive(pd.DataFrame({"status": []})).empty  # no rows: an empty table, not an error
 
