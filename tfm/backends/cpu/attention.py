@@ -8,43 +8,44 @@ Variants (``VARIANTS``), float32, B=1, H=8, d=64, time / the fused kernel's time
 named otherwise:
 
     naive  the full (Nq, Nk) score matrix per (b, h), two BLAS gemms around a row softmax;
-           causal computes every score, then masks. n=4096: 1.95 (1.44-2.23), causal 3.83
-           (3.28-5.63).
+           causal computes every score, then masks. n=4096: 1.91 (1.87-1.96), causal 3.82
+           (3.76-3.94).
     fused  FlashAttention's online softmax: 512-query x 1024-key tiles, scores in log2 units
            (2**x), the causal diagonal in 128-row chunks; O((Nq + Nk) d) memory (n=32768 in
-           tests/test_attention.py). tfm.attention / torch SDPA: n=1024 0.96 (0.94-0.99),
-           causal 0.91 (0.81-0.98); n=4096 0.91 (0.82-0.99), causal 0.94 (0.93-0.98).
+           tests/test_attention.py). tfm.attention / torch SDPA: n=1024 1.10 (0.83-1.31),
+           causal 0.87 (0.72-1.00); n=4096 1.10 (0.89-1.40), causal 0.95 (0.90-0.96): level
+           with SDPA without a mask, at or ahead of it with the causal one, within this
+           run's noise.
 
 Every figure in this header comes from ``python -m dev.cpu.run_all`` (dev/cpu/attention.py;
 the run: dev/cpu/results/attention.csv and machine.json): a 2-core AMD EPYC VM (family 25,
-model 17, AVX-512; LLVM compiles for znver4), shared with other jobs (1-minute load 6 at the
-start, up to 17 during the run), 2 Numba threads each calling 1-thread OpenBLAS against
+model 17, AVX-512; LLVM compiles for znver4), shared with other jobs (1-minute load 5-9
+during the run), 2 Numba threads each calling 1-thread OpenBLAS against
 torch.set_num_threads(2). Each is a paired ratio: the variant's time over the baseline's in
-the same interleaved round, median over rounds (7-24 here) with a bootstrap 95% interval.
+the same interleaved round, median over rounds (7-20 here) with a bootstrap 95% interval.
 Absolute times on this VM move with its load; only such ratios are quoted.
 
 How fused got here. The lab keeps the versions in one parametrised kernel with this loop
-structure (v6 has this kernel's settings: 0.93 (0.77-1.04) of its time at n=4096, so the
-frame adds nothing measurable). Time / this kernel's at n=4096, full and causal:
+structure; v6 has this kernel's settings (1.02 (0.97-1.02) of its time at n=4096: the frame
+costs nothing measurable). Time / this kernel's at n=4096, full and causal:
     v1  128 x 256 tiles, scalar row max, exp and its float64 sum in one loop
-        1.20 (1.10-1.33), 1.15 (0.95-1.23)
-    v2  v1 with the row max as llvm.maxnum (vectorised)   1.00 (0.96-1.40), 1.10 (0.93-1.18)
-    v3  256 x 1024 tiles                                  0.96 (0.80-1.10), 0.98 (0.76-1.12)
-    v4  the exp loop apart from the sum loop              0.93 (0.77-1.10), 0.98 (0.81-1.07)
-    v5  scores in log2 units, 2**x                        1.03 (0.81-1.13), 0.92 (0.75-1.11)
+                                                          1.30 (1.28-1.34), 1.22 (1.18-1.27)
+    v2  v1 with the row max as llvm.maxnum (vectorised)   1.16 (1.14-1.19), 1.13 (1.09-1.42)
+    v3  256 x 1024 tiles (fewer, larger gemms)            1.09 (1.08-1.10), 1.16 (1.09-1.49)
+    v4  the exp loop apart from the sum loop              1.06 (1.05-1.08), 1.08 (1.06-1.28)
+    v5  scores in log2 units (log2(e) folded into the Q K^T gemm's alpha), 2**x
+                                                          1.06 (1.05-1.07), 1.15 (1.07-1.22)
     v6  512-row query tiles, the causal diagonal in 128-row chunks (a 128-wide masked
         triangle per chunk; a whole tile_q block computes tile_q^2 / 2 masked scores)
-In this run only v1's scalar row max is measurably slower; v2-v6 lie within the noise of
-a loaded VM. Alone, their pieces do differ: a vectorised row max is 7.3x faster than the
-scalar loop, 2**x 0.89x the time of exp (``fastmath``'s header; dev/cpu/fastmath.py), a
-small share of a kernel that the gemms dominate. Tile sizes (this kernel, n=4096, full;
-time / 512 x 1024's): 256 x 256, 256 x 1024, 512 x 512 and 1024 x 1024 all within 1.01-1.06,
-intervals spanning 1.
+                                                          1.02 (0.97-1.02), 0.97 (0.86-1.01)
+Tile sizes (this kernel, n=4096, full; time / 512 x 1024's): 256 x 256 1.05 (1.05-1.13),
+256 x 1024 1.06 (1.05-1.18), 512 x 512 0.96 (0.85-0.98), 1024 x 1024 0.99 (0.97-1.02):
+512 x 512 is worth a look when the tiles are next tuned.
 
-Where the time goes (n=4096, full): this kernel takes 1.10 (1.03-1.13) of the time of the
+Where the time goes (n=4096, full): this kernel takes 1.14 (1.11-1.21) of the time of the
 same loop with only its two gemms (the lab's v6 with the softmax switched off): the softmax
-is ~10% on top of OpenBLAS. SDPA is built the same way (blocked gemm + vectorised exp), so
-the two meet near the gemm ceiling.
+adds ~14% to OpenBLAS's gemms. SDPA is built the same way (blocked gemm + vectorised exp),
+so the two meet near the gemm ceiling.
 
 Heads in place: ``split_heads`` returns strided views of the fused projection (rows d_model
 or 3 * d_model apart) and the kernels hand gemm those row strides as leading dimensions (gemm
@@ -54,9 +55,9 @@ in 4583482 (the lab does not repeat that measurement).
 
 Threading: ``prange`` over (batch, head, query-tile) work items, each calling a
 single-threaded BLAS ``?gemm`` (``_threads.single_threaded_blas``): 2 Numba threads x 1 BLAS
-thread. At n=1024 one Numba thread calling 2-thread BLAS took 2.98 (1.93-5.95) times as long,
-2 x 2 (oversubscribed) 5.29 (4.14-7.70). The exp2 of the score tile is a vectorised polynomial
-(``fastmath.exp2_le0`` through ``norm.exp2_shift_sum``), not libm.
+thread. At n=1024 one Numba thread calling 2-thread BLAS took 8.4 (7.8-8.8) times as long,
+2 x 2 (oversubscribed) 11.2 (10.5-12.2). The exp2 of the score tile is a vectorised
+polynomial (``fastmath.exp2_le0`` through ``norm.exp2_shift_sum``), not libm.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ TILE_K = 1024
 DIAG_ROWS = 128
 # Below this many FLOPs a call runs on one Numba thread (every decoding step; the small
 # preset's B=4, H=4, n=64, d=32 self-attention, 8.4 MFLOP): waking the pool costs more than
-# the work (one query x 100 keys: 1.41 (1.41-1.42) times as long on two threads as on one;
+# the work (one query x 100 keys: 1.47 (1.47-1.47) times as long on two threads as on one;
 # dev/cpu/attention.py, threads).
 SMALL_FLOPS = 32_000_000
 _LOG2E = 1.4426950408889634

@@ -25,17 +25,17 @@ time / the kept form's time (paired interleaved rounds, median, bootstrap 95% in
 2-core AMD EPYC VM (Zen 4, AVX-512) that machine.json there describes):
 
     exp of 1024-score rows, then their float64 sum (0.62 ns per element, the row copy included):
-        libm expf                      4.65 (4.63-4.67)
+        libm expf                      4.37 (4.36-4.37)
         exp_le0 and the sum in one loop 1.05 (1.05-1.05): LLVM vectorises that loop here too
         exp2_le0 on log2-unit scores   0.89 (0.89-0.89)
-    tanh (0.35 ns per element): libm tanhf 46.0 (45.8-46.2); the rational form compiled
-        under Numba's default error model 10.9 (10.8-11.0)
-    sigmoid (0.44 ns per element): 1 / (1 + libm expf(-x)) 8.58 (8.54-8.61)
-    row max (0.07 ns per element): a compare-and-select loop 7.26 (7.26-7.27)
+    tanh (0.38 ns per element): libm tanhf 123 (121-132); the rational form compiled under
+        Numba's default error model 10.7 (10.4-10.9)
+    sigmoid (0.38 ns per element): 1 / (1 + libm expf(-x)) 6.18 (6.18-6.19)
+    row max (0.07 ns per element): a compare-and-select loop 7.15 (7.14-7.15)
 
 The rational tanh compiles with ``error_model="numpy"``: under Numba's default ("python")
 every float division checks for a zero divisor to raise ZeroDivisionError, and that branch
-keeps LLVM from vectorising it (the 10.9x above; its denominator is >= 4.9e-3, so the check
+keeps LLVM from vectorising it (the 10.7x above; its denominator is >= 4.9e-3, so the check
 never fires). ``exp_le0``/``exp2_le0`` are inlined into their callers' loops, which compile
 with ``REDUCE``.
 """

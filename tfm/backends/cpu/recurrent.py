@@ -21,52 +21,57 @@ Each layer runs in two phases:
    parallel region (no oversubscription).
 
 float32 gates use ``fastmath.tanh`` and ``fastmath.sigmoid``: rational forms that vectorise
-(libm's tanhf takes 46x as long: ``fastmath``'s header). The kernels compile with
+(libm's tanhf takes 123x as long: ``fastmath``'s header). The kernels compile with
 ``error_model="numpy"``, as the rational tanh does. float64 uses libm.
 
 Verdicts, from ``python -m dev.cpu.run_all`` (dev/cpu/recurrent.py; the run:
 dev/cpu/results/recurrent.csv and machine.json: a 2-core AMD EPYC VM, Zen 4 with AVX-512,
-shared with other jobs, 1-minute load 6 at the start and up to 17 during the run). float32;
-each figure a paired ratio: time / the baseline's time in the same interleaved round, median
-over rounds with a bootstrap 95% interval.
+shared with other jobs, 1-minute load 5-9 during the run). float32; each figure a paired
+ratio: time / the baseline's time in the same interleaved round, median over rounds with a
+bootstrap 95% interval.
 
     step product h W_hh^T, (8,512)x(512,2048), one thread, unit block by unit block,
-    64-byte-aligned operands; time / ``_hidden_block``'s (217 us a step, 77 GFLOP/s):
-      v1 plain k-b-j loop (a load and a store of acc per multiply-add)  2.03 (2.00-2.05)
-      v2 OpenBLAS sgemm, one thread (packs W every call)                2.40 (2.39-2.42)
-      v3 4 k x 2 rows                                                   1.22 (1.21-1.22)
-      v4 4 k x 4 rows without FMA contraction                           1.02 (1.02-1.03)
+    64-byte-aligned operands; time / ``_hidden_block``'s (224 us a step, 75 GFLOP/s):
+      v1 plain k-b-j loop (a load and a store of acc per multiply-add)  2.06 (1.95-2.31)
+      v2 OpenBLAS sgemm, one thread (packs W every call)                2.50 (2.44-2.63)
+      v3 4 k x 2 rows                                                   1.24 (1.21-1.27)
+      v4 4 k x 4 rows without FMA contraction                           1.11 (1.11-1.12)
       v5 4 k x 4 rows with FMAs: ``_hidden_block`` (kept)
-      torch.mm, one thread                                              2.04 (2.01-2.08)
-      v5 with W_hh^T and acc 16 bytes past a cache line                 2.12 (2.10-2.13)
-    (the kernels allocate W_hh^T, acc and h_buf in Numba, which aligns them to 64 bytes: a
-    check in dev/cpu/recurrent.py).
+      torch.mm, one thread                                              2.35 (2.25-2.46)
+      v5 with W_hh^T and acc 32 bytes past a cache line                 2.13 (2.10-2.15)
+    The last row matters: Numba's allocator aligns arrays to 32 bytes (a check in the lab),
+    so the kernels' own W_hh^T, acc and h_buf start on a cache line or half-way into one,
+    as each allocation falls. Those timings can move by up to that factor from one call to
+    the next; 64-byte-aligned buffers in the kernels would pin them (not done here).
 
     schedules, n=128; time by units / time by rows (one row group), step MFLOP in brackets:
-      LSTM B=1 H=256 (0.5) 1.75 (1.74-1.76)     RNN B=1 H=1024 (2.1) 1.43 (1.42-1.43)
-      GRU B=1 H=512 (3.1) 2.07 (2.03-2.10)      RNN B=8 H=512 (4.2) 1.25 (1.25-1.29)
-      LSTM B=4 H=512 (8.4) 0.65 (0.65-0.65)     LSTM B=1 H=1024 (8.4) 1.06 (0.97-1.10)
-      GRU B=2 H=1024 (12.6) 1.38 (0.88-1.72)    GRU B=8 H=512 (12.6) 0.99 (0.96-1.03)
-      LSTM B=8 H=512 (16.8) 1.26 (1.24-1.28)
-    B=16 (two row groups), by units / by rows: LSTM 0.99 (0.89-1.54), GRU 0.74 (0.58-0.90),
-    RNN 0.93 (0.89-0.99). LSTM B=8 H=512, two row groups of 4 / one of 8: 1.59 (1.28-1.66).
-    In this run, below MIN_SPLIT_STEP_FLOPS the units schedule lost everywhere but at LSTM
-    B=4 (0.65); above it, where the library takes it (B=8), it lost for the LSTM and tied for
-    the GRU. Its barrier per step waits for whichever thread the OS has parked, so it fares
-    worst on a loaded machine like this run's. MIN_GROUP_ROWS and MIN_SPLIT_STEP_FLOPS were
-    set from measurements on a quieter machine that this loaded run neither confirms nor
-    clearly refutes: rerun the lab on a quiet machine before moving them.
+      LSTM B=1 H=256 (0.5) 1.28 (1.12-1.56)     RNN B=1 H=1024 (2.1) 1.33 (1.23-1.36)
+      GRU B=1 H=512 (3.1) 1.18 (1.11-1.22)      RNN B=8 H=512 (4.2) 1.60 (1.51-2.09)
+      LSTM B=4 H=512 (8.4) 1.09 (0.96-1.12)     LSTM B=1 H=1024 (8.4) 1.81 (1.22-1.93)
+      GRU B=2 H=1024 (12.6) 1.21 (0.90-1.33)    GRU B=8 H=512 (12.6) 1.46 (0.81-2.01)
+      LSTM B=8 H=512 (16.8) 1.01 (0.69-1.35)
+    B=16 (two row groups), by units / by rows: LSTM 1.85 (1.14-1.96), GRU 1.14 (1.00-2.46),
+    RNN 1.29 (1.23-1.42). LSTM B=8 H=512, two row groups of 4 / one of 8: 1.07 (1.02-1.15).
+    Below MIN_SPLIT_STEP_FLOPS the units schedule lost, as the threshold intends; above it,
+    where the library takes it (B < 16 on 2 threads), it tied or lost in this run, with wide
+    intervals. Its barrier per step waits for whichever thread the OS has parked, so it
+    fares worst on a loaded machine like this run's; the threshold was set from
+    measurements on a quieter machine that this run does not confirm: rerun the lab on a
+    quiet machine before moving MIN_SPLIT_STEP_FLOPS or MIN_GROUP_ROWS.
 
-    units per block, LSTM B=8 H=512, one thread, time / UNITS=128's: 16 units 2.15
-    (1.92-2.30), 32 1.48 (1.37-1.62), 64 1.14 (0.96-1.28), 512 2.63 (2.32-2.82). The RNN
-    with 128-unit blocks / with RNN_UNITS=512: B=8 1.58 (1.53-1.62), B=64 0.98 (0.56-1.70).
+    units per block, LSTM B=8 H=512, one thread, time / UNITS=128's: 16 units 2.16
+    (1.97-3.13), 32 1.45 (1.13-1.77), 64 1.22 (1.04-1.45), 512 1.24 (0.87-1.45). The RNN
+    with 128-unit blocks / with RNN_UNITS=512: B=8 1.65 (1.40-1.89), B=64 1.30 (1.25-1.41).
 
     W_hh -> W_hh^T in unit-block order (``_permuted_transpose``, 16 x 16 tiles, once per
-    call): NumPy's ``ascontiguousarray(w[perm].T)`` takes 1.58 (1.55-1.65) times as long.
+    call): NumPy's ``ascontiguousarray(w[perm].T)`` takes 1.47 (1.22-2.04) times as long.
 
-Both schedules of each kind come from one factory (``_schedules``) over its block; the
-factory's kernels replaced six written-out ones with bitwise-identical outputs and no
-measurable change in time (``python -m dev.cpu.ab --rev 1d4e43a --only recurrent``).
+Both schedules of each kind come from one factory (``_schedules``) over its block. The
+factory's kernels replaced six written-out ones (``python -m dev.cpu.ab --rev 1d4e43a --new
+34dd8e8``, dev/cpu/results/ab.csv, load ~10): outputs bitwise identical on all 16 workloads;
+time 0.93-1.11 of before, 12 of the 16 intervals spanning 1, one below it, three above it
+(RNN B=8 and B=16 at H=512, a 1-ms float64 LSTM): no difference this loaded machine can
+tell from its noise; a quiet rerun should confirm.
 """
 
 from __future__ import annotations
@@ -634,7 +639,7 @@ def _permuted_transpose(w, perm):
     """out[k, j] = w[perm[j], k]: (G, H) -> (H, G) in 16 x 16 tiles.
 
     Contiguous stores; NumPy's ``ascontiguousarray(w[perm].T)``, a strided gather per
-    element, takes 1.58x as long (header).
+    element, takes 1.47x as long (header).
     """
     g, hidden = w.shape
     out = np.empty((hidden, g), dtype=w.dtype)
