@@ -17,9 +17,7 @@ from pathlib import Path
 from . import attention, fastmath, recurrent
 from .common import machine, parse_out, run_family, write_machine
 
-FAMILIES = {"fastmath": (fastmath.PARTS, fastmath.run_checks),
-            "recurrent": (recurrent.PARTS, recurrent.run_checks),
-            "attention": (attention.PARTS, attention.run_checks)}
+FAMILIES = {"fastmath": fastmath, "recurrent": recurrent, "attention": attention}
 
 
 def summary(out: Path, info: dict, seconds: float) -> str:
@@ -40,6 +38,7 @@ def summary(out: Path, info: dict, seconds: float) -> str:
             checks = list(csv.DictReader(f))
         worst = max(float(c["rel_err"]) / float(c["tol"]) for c in checks)
         lines += [f"## {family}", "",
+                  *(f"- {name}: {what}" for name, what in FAMILIES[family].VARIANTS.items()), "",
                   f"{len(checks)} correctness checks passed (largest error {worst:.2f} of its "
                   f"tolerance; `{family}_check.csv`).", "",
                   "| comparison | variant | median ms | ratio (95% CI) | baseline | rounds |",
@@ -57,8 +56,8 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     info = machine()
     write_machine(out, info)
-    for family, (parts, checks) in FAMILIES.items():
-        run_family(family, parts, checks, out, quick)
+    for family, module in FAMILIES.items():
+        run_family(family, module.PARTS, module.run_checks, out, quick)
     seconds = time.perf_counter() - start
     (out / "SUMMARY.md").write_text(summary(out, info, seconds) + "\n")
     print(f"wrote {out / 'SUMMARY.md'} ({seconds / 60:.1f} minutes)")
