@@ -408,7 +408,7 @@ def test_fused_backward_key_groups(rng, groups, causal):
     part = np.full((groups,) + q.shape if groups > 1 else (1, 1, 1, 1, 1), np.nan, np.float32)
     keep = np.broadcast_to(att._NO_MASK, q.shape[:3] + (k.shape[2],))
     att._fused_backward_kernel(q, k, v, out, do, lse, keep, False, causal, dq, dk, dv, part,
-                               (32, 32, 16, 16, 32), 128, 256, groups)
+                               (32, 32, 16, 16, 32), 128, 256, 64, groups)
     if groups > 1:
         dq = part.sum(axis=0)
     want = ref.scaled_dot_product_attention_backward(q, k, v, out, lse, do, causal=causal)

@@ -51,8 +51,10 @@ VARIANTS = {
                         "dS = P (dP - D))",
 }
 B, H, D = 1, 8, 64
+# (query rows per step, keys per block[, causal diagonal rows per chunk]); the first: the library's
 TILES = ((att.BWD_TILE_Q, att.BWD_TILE_K), (128, 512), (256, 256), (256, 1024), (512, 512),
-         (512, 1024), (128, 256))
+         (512, 1024), (128, 256), (att.BWD_TILE_Q, att.BWD_TILE_K, 128),
+         (att.BWD_TILE_Q, att.BWD_TILE_K, 32))
 _LOG2E = 1.4426950408889634
 
 
@@ -113,6 +115,31 @@ def _lab_kernel(q, k, v, o, do, lse, causal, dq, dk, dv, tile_q, tile_k, gemms, 
                            min(nq, i0 + tile_q), j0, j1, gemms, elementwise)
 
 
+@njit(cache=True, parallel=True)
+def _square_kernel(a, b, c, calls):
+    """``calls`` single-threaded (n, n) x (n, n) sgemms spread over the threads (each item its
+    own output): the same threading as the attention kernels, on the shape gemm likes best."""
+    n = a.shape[0]
+    consts = np.array([1.0, 0.0], a.dtype)
+    for item in prange(calls):
+        gemm(_N, _N, n, n, n, consts[0:], a, n, b, n, consts[1:], c[item % c.shape[0]], n)
+
+
+def _square(flops, n=512):
+    """Square sgemms of about ``flops`` FLOPs in total, threaded as the kernels are."""
+    rng = np.random.default_rng(1)
+    a, b = (rng.standard_normal((n, n)).astype(np.float32) for _ in range(2))
+    threads = numba.get_num_threads()
+    calls = max(threads, int(round(flops / (2 * n ** 3) / threads)) * threads)
+    c = np.empty((threads, n, n), np.float32)
+
+    def run():
+        with single_threaded_blas():
+            _square_kernel(a, b, c, calls)
+
+    return run, calls * 2 * n ** 3
+
+
 def _lab(q, k, v, o, lse, do, causal, grads, tiles=(att.BWD_TILE_Q, att.BWD_TILE_K), gemms=True,
          elementwise=True):
     def run():
@@ -124,18 +151,24 @@ def _lab(q, k, v, o, lse, do, causal, grads, tiles=(att.BWD_TILE_Q, att.BWD_TILE
 
 
 def _library(q, k, v, o, lse, do, causal, impl="fused", tiles=None):
-    """The library's backward (at other tile sizes when ``tiles`` is given)."""
+    """The library's backward (at other tile sizes when ``tiles`` is given: query rows per
+    step, keys per block and, optionally, causal diagonal rows per chunk)."""
     def run():
         if tiles is None:
             return att.attention_backward(q, k, v, o, lse, do, None, causal, impl)
-        saved = att.BWD_TILE_Q, att.BWD_TILE_K
-        att.BWD_TILE_Q, att.BWD_TILE_K = tiles
+        saved = att.BWD_TILE_Q, att.BWD_TILE_K, att.BWD_DIAG_ROWS
+        att.BWD_TILE_Q, att.BWD_TILE_K = tiles[:2]
+        att.BWD_DIAG_ROWS = tiles[2] if len(tiles) > 2 else saved[2]
         try:
             return att.attention_backward(q, k, v, o, lse, do, None, causal, impl)
         finally:
-            att.BWD_TILE_Q, att.BWD_TILE_K = saved
+            att.BWD_TILE_Q, att.BWD_TILE_K, att.BWD_DIAG_ROWS = saved
 
     return run
+
+
+def _tile_name(tiles):
+    return f"{tiles[0]} x {tiles[1]}" + (f", diagonal {tiles[2]}" if len(tiles) > 2 else "")
 
 
 def _inputs(rng, nq, nk, dk=D, dv=D, h=H):
@@ -168,7 +201,7 @@ def run_checks(rng) -> list[dict]:
                     for impl in ("naive", "fused")}
             runs["lab loop"] = _lab(q, k, v, o, lse, do, causal, _nan_grads(q, k, v))
             for tiles in TILES[1:]:
-                runs[f"fused {tiles[0]} x {tiles[1]}"] = _library(q, k, v, o, lse, do, causal, tiles=tiles)
+                runs[f"fused {_tile_name(tiles)}"] = _library(q, k, v, o, lse, do, causal, tiles=tiles)
             for name, run in runs.items():
                 got = run()
                 for g, w, what in zip(got, want, ("dq", "dk", "dv")):
@@ -240,14 +273,38 @@ def versus_sdpa(rng, quick, checks) -> list[dict]:
     return rows
 
 
+def versions(rng, quick, checks) -> list[dict]:
+    """The naive backward (two (Nq, Nk) matrices per head) against the fused one."""
+    rows = []
+    for n in (1024,) if quick else (1024, 2048):
+        q, k, v, do = _inputs(rng, n, n)
+        for causal in (False, True):
+            label = f"n={n}{' causal' if causal else ''}"
+            o, lse = att.attention_train(q, k, v, None, causal)
+            outs = {}
+            fns = {}
+            for impl in ("fused", "naive"):
+                run = _library(q, k, v, o, lse, do, causal, impl)
+                fns[impl] = (lambda run=run, impl=impl: outs.__setitem__(impl, run()))
+            times = interleave(fns, budget_s=1.0 if quick else (10.0 if n > 1024 else 5.0),
+                               min_rounds=3 if quick else 9)
+            _check_timed(label, outs, q, k, v, do, causal, checks)
+            extra = {name: {"gflops": _flops(n, causal) / np.median(t) / 1e9} for name, t in times.items()}
+            got = compare("attention_backward", f"naive vs fused, {label}", times, "fused", extra)
+            print_rows(got)
+            rows += got
+    return rows
+
+
 def tiles(rng, quick, checks) -> list[dict]:
-    """The library's fused backward at other tile sizes (query rows per step x keys per block)."""
+    """The library's fused backward at other tile sizes (query rows per step x keys per block;
+    causal: also the diagonal's rows per chunk)."""
     rows = []
     for n, causal in ((1024, False),) if quick else ((1024, False), (4096, False), (4096, True)):
         q, k, v, do = _inputs(rng, n, n)
         o, lse = att.attention_train(q, k, v, None, causal)
         label = f"n={n}{' causal' if causal else ''}"
-        names = [f"{tq} x {tk}" for tq, tk in TILES]
+        names = [_tile_name(t) for t in TILES]
         outs = {}
         fns = {}
         for name, size in zip(names, TILES):
@@ -267,8 +324,10 @@ def tiles(rng, quick, checks) -> list[dict]:
 def ceiling(rng, quick, checks) -> list[dict]:
     """Where the time goes: the library's fused backward against its loop with only the gemms
     and with only the elementwise work, each as GFLOP/s (of the backward's 2.5x-forward
-    count) and as a fraction of the machine's sgemm ceiling, measured here (NumPy, 2048^3, all
-    BLAS threads: what one large product reaches)."""
+    count) and as a fraction of two ceilings: the machine's sgemm (NumPy, 2048^3, all BLAS
+    threads: what one large product reaches, measured once at the start) and, timed in the
+    same rounds, 512^3 sgemms of the same FLOPs on the kernels' threading ("square sgemm":
+    each Numba thread calling single-threaded OpenBLAS), which a loaded machine slows alike."""
     from tfm.bench.machine import measure_sgemm_gflops
 
     ceiling_gflops = measure_sgemm_gflops()
@@ -287,16 +346,21 @@ def ceiling(rng, quick, checks) -> list[dict]:
                "lab loop": _lab(q, k, v, o, lse, do, causal, _nan_grads(q, k, v)),
                "gemms only": _lab(q, k, v, o, lse, do, causal, _nan_grads(q, k, v), elementwise=False),
                "elementwise only": _lab(q, k, v, o, lse, do, causal, _nan_grads(q, k, v), gemms=False)}
+        fns["square sgemm"], square_flops = _square(_flops(n, causal))
         times = interleave(fns, budget_s=1.0 if quick else (25.0 if n > 2048 else 8.0),
                            min_rounds=3 if quick else 7)
         _check_timed(label, outs, q, k, v, do, causal, checks)
         extra = {}
+        square = square_flops / np.median(times["square sgemm"]) / 1e9
         for name, t in times.items():
-            gflops = _flops(n, causal) / np.median(t) / 1e9
+            gflops = (square_flops if name == "square sgemm" else _flops(n, causal)) / np.median(t) / 1e9
             extra[name] = {"gflops": gflops, "sgemm_ceiling_gflops": ceiling_gflops,
-                           "fraction_of_ceiling": gflops / ceiling_gflops}
+                           "fraction_of_ceiling": gflops / ceiling_gflops,
+                           "fraction_of_square_sgemm": gflops / square}
         got = compare("attention_backward", f"where the time goes, {label}", times, "gemms only", extra)
         print_rows(got)
+        print("  " + ", ".join(f"{r['variant']} {r['fraction_of_square_sgemm']:.2f}" for r in got)
+              + " of the square sgemm's GFLOP/s")
         rows += got
     return rows
 
@@ -353,7 +417,7 @@ def memory(rng, quick, checks) -> list[dict]:
     return []
 
 
-PARTS = (versus_sdpa, ceiling, tiles, forward_lse, memory)
+PARTS = (versus_sdpa, ceiling, versions, tiles, forward_lse, memory)
 _OUT = [Path(__file__).parent / "results"]  # where ``memory`` writes (set by --out)
 
 

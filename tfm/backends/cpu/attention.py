@@ -396,6 +396,7 @@ def merge_heads_into(x, out, start):
 # Keys per block and query rows per step of the fused backward (dev/cpu/attention_backward.py).
 BWD_TILE_Q = 256
 BWD_TILE_K = 512
+BWD_DIAG_ROWS = 64  # causal: query rows per chunk of a key block's diagonal
 
 
 @njit(cache=True, fastmath=_REDUCE)
@@ -486,13 +487,13 @@ def _naive_backward_kernel(q, k, v, o, do, lse, mask, has_mask, causal, dq, dk, 
 
 @njit(cache=True, parallel=True)
 def _fused_backward_kernel(q, k, v, o, do, lse, mask, has_mask, causal, dq, dk, dv, dq_part, lds,
-                           tile_q, tile_k, groups):
+                           tile_q, tile_k, diag_rows, groups):
     """FlashAttention-2's backward: work item = (b, h, group g of key blocks g, g + groups, ...).
 
     Per key block [j0, j1): dK_j, dV_j start at zero in the outputs and accumulate over the
     query steps; each step adds its dQ rows to this item's dQ (the output itself when
     ``groups`` is 1, else the item's partial ``dq_part[g]``, summed afterwards). Causal: rows
-    below j0 see none of the block's keys (skipped); its diagonal rows go in ``DIAG_ROWS``
+    below j0 see none of the block's keys (skipped); its diagonal rows go in ``diag_rows``
     chunks against keys up to their own last row (as the forward); rows from j1 on see the
     whole block, unmasked. Extra memory per item: two (tile_q, tile_k) tiles and 2 Nq scalars.
     """
@@ -500,7 +501,7 @@ def _fused_backward_kernel(q, k, v, o, do, lse, mask, has_mask, causal, dq, dk, 
     NK = k.shape[2]
     n_kb = (NK + tile_k - 1) // tile_k
     ld_s = max(min(tile_k, NK), 1)
-    rows_s = max(min(max(tile_q, DIAG_ROWS), NQ), 1)
+    rows_s = max(min(max(tile_q, diag_rows), NQ), 1)
     consts = np.array([_LOG2E / math.sqrt(D), 1.0, 0.0, 1.0 / math.sqrt(D)], q.dtype)
     for item in prange(B * H * groups):
         bh = item // groups
@@ -522,8 +523,8 @@ def _fused_backward_kernel(q, k, v, o, do, lse, mask, has_mask, causal, dq, dk, 
             gv[j0:j1] = 0
             first_full = 0
             if causal:
-                for a in range(j0, min(j1, NQ), DIAG_ROWS):
-                    e = min(a + DIAG_ROWS, j1, NQ)  # rows [a, e) see keys up to e - 1 at most
+                for a in range(j0, min(j1, NQ), diag_rows):
+                    e = min(a + diag_rows, j1, NQ)  # rows [a, e) see keys up to e - 1 at most
                     _backward_block(q, k, v, do, mask, has_mask, True, gq, gk, gv, lds, consts, s,
                                     dp, ld_s, lse2, drow, b, h, a, e, j0, e)
                 first_full = j1
@@ -566,7 +567,8 @@ def attention_backward(q, k, v, out, lse, dout, mask=None, causal=False, impl="f
         else:
             groups = _key_groups(b * h, numba.get_num_threads(), -(-nk // BWD_TILE_K))
             dq_part = np.empty((groups, b, h, nq, d) if groups > 1 else (1, 1, 1, 1, 1), dtype)
-            _fused_backward_kernel(*common, dq_part, lds, BWD_TILE_Q, BWD_TILE_K, groups)
+            _fused_backward_kernel(*common, dq_part, lds, BWD_TILE_Q, BWD_TILE_K, BWD_DIAG_ROWS,
+                                   groups)
             if groups > 1:
                 np.sum(dq_part, axis=0, out=dq)
     return dq, dk, dv
