@@ -1,6 +1,7 @@
 """``Model``: a :class:`~tfm.layers.module.Module` built from a validated config, and
-``Seq2Seq``, the teacher-forced ``forward`` and greedy ``generate`` of the token-level
-encoder-decoders (Transformer, LSTMSeq2Seq, ConvS2S).
+``Seq2Seq``, the teacher-forced ``forward``, greedy ``generate`` and training loss
+(``loss``, ``loss_and_grad``, ``train_step``) of the token-level encoder-decoders
+(Transformer, LSTMSeq2Seq, ConvS2S).
 
 A model's constructor takes ``(config, seed=0, backend="cpu")``, adds its layers and calls
 ``self._build(seed, backend)``; the config (a :mod:`tfm.config` dataclass) is what
