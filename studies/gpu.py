@@ -64,9 +64,7 @@ import pandas as pd  # noqa: E402
 
 from . import _common  # noqa: E402,F401 - Agg backend, OMP wait policy, torch after tfm
 
-# Studies the GPU run measures, most telling first (peers: tfm against cuBLAS and SDPA;
-# sequential: the O(1)-vs-O(n) figure), so that a run cut short keeps what matters most.
-GPU_STUDIES = ("peers", "sequential", "scaling", "crossover", "throughput", "roofline")
+from . import GPU_STUDIES  # noqa: E402 - most telling first, so a run cut short keeps what matters most
 FILES = ("machine.json", "smoke.csv", "correctness.csv", "studies.csv", "SUMMARY.md")
 # Seconds a section needs at least to start (compilation dominates the first two).
 MIN_SECONDS = {"smoke": 20.0, "correctness": 20.0, "study": 15.0}
@@ -217,7 +215,7 @@ def check_attention(bk, grid, rng, emit) -> None:
 
 
 def check_layers(bk, grid, rng, emit) -> None:
-    from tfm import get_backend
+    from tfm import get_backend, table1
     from tfm.backends.cuda import CudaBackend
     from tfm.bench.conformance import rel_err
 
@@ -246,17 +244,21 @@ def check_layers(bk, grid, rng, emit) -> None:
         want = getattr(ref, f"{kind}_layer")(*(a.astype(np.float64) for a in args))
         err = max(rel_err(bk.to_numpy(g), w_) for g, w_ in zip(got, want))
         emit(kind, f"B={b} n={n} d={d}", False, err, 1e-4, "every output and final state vs float64 NumPy")
-    w = (rng.standard_normal((d, d, 3)) / math.sqrt(3 * d)).astype(np.float32)
+    k, dil = table1.K, table1.DILATION
+    w = (rng.standard_normal((d, d, k)) / math.sqrt(k * d)).astype(np.float32)
     bias = (0.1 * rng.standard_normal(d)).astype(np.float32)
-    got = bk.to_numpy(bk.conv1d(bk.asarray(x), bk.asarray(w), bk.asarray(bias), 4, 8, 0))
-    want = ref.conv1d(x.astype(np.float64), w.astype(np.float64), bias.astype(np.float64), 4, 8, 0)
-    emit("conv1d_dilated_causal", f"B={b} n={n} d={d} k=3 dilation=4", True, rel_err(got, want), 2e-5, "vs float64 NumPy")
+    pad = dil * (k - 1)  # causal: every pad on the left
+    got = bk.to_numpy(bk.conv1d(bk.asarray(x), bk.asarray(w), bk.asarray(bias), dil, pad, 0))
+    want = ref.conv1d(x.astype(np.float64), w.astype(np.float64), bias.astype(np.float64), dil, pad, 0)
+    emit("conv1d_dilated_causal", f"B={b} n={n} d={d} k={k} dilation={dil}", True, rel_err(got, want), 2e-5,
+         "vs float64 NumPy")
     hb = max(1, d // 64)
     q, kk, v = (rng.standard_normal((b, hb, n, d // hb), dtype=np.float32) for _ in range(3))
     for causal in (False, True):
-        got = bk.to_numpy(bk.restricted_attention(bk.asarray(q), bk.asarray(kk), bk.asarray(v), 16, causal))
-        want = ref.restricted_attention(*(a.astype(np.float64) for a in (q, kk, v)), 16, causal)
-        emit("restricted_attention", f"B={b} H={hb} n={n} r=16", causal, rel_err(got, want), 2e-5, "vs float64 NumPy")
+        got = bk.to_numpy(bk.restricted_attention(bk.asarray(q), bk.asarray(kk), bk.asarray(v), table1.R, causal))
+        want = ref.restricted_attention(*(a.astype(np.float64) for a in (q, kk, v)), table1.R, causal)
+        emit("restricted_attention", f"B={b} H={hb} n={n} r={table1.R}", causal, rel_err(got, want), 2e-5,
+             "vs float64 NumPy")
 
 
 def check_model(bk, grid, rng, emit) -> None:
