@@ -56,6 +56,7 @@ class Case:
     exact: bool = False
     inplace: bool = False
     call: Callable | None = None
+    also: tuple[str, ...] = ()  # further backend methods the call exercises (e.g. the *_train forward)
 
 
 @dataclass(frozen=True)
@@ -164,7 +165,8 @@ def _attention_train_case(causal, masked, impl):
         args, _ = _attention(causal, masked, impl)(rng, s)
         return args + (_r(rng, s["b"], s["h"], s["n"], s["dv"]),), {}
     tag = f"{impl}{'_causal' if causal else ''}{'_masked' if masked else ''}"
-    return Case(f"attention_backward_{tag}", "attention_backward", build, call=_attention_backward)
+    return Case(f"attention_backward_{tag}", "attention_backward", build, call=_attention_backward,
+                also=("attention_train",))
 
 
 def _softmax(z):
@@ -194,7 +196,8 @@ TRAINING_CASES: tuple[Case, ...] = (
     *(Case(f"layer_norm{'_residual' if res else ''}_backward", "layer_norm_backward",
            (lambda r: lambda rng, s: ((_r(rng, s["b"], s["n"], s["d"], scale=2.0) + 0.5, _r(rng, s["d"]), _r(rng, s["d"]),
                                        1e-5, _r(rng, s["b"], s["n"], s["d"]) if r else None,
-                                       _r(rng, s["b"], s["n"], s["d"])), {}))(res), call=_layer_norm_backward)
+                                       _r(rng, s["b"], s["n"], s["d"])), {}))(res), call=_layer_norm_backward,
+           also=("layer_norm_train",))
       for res in (False, True)),
     Case("softmax_backward", "softmax_backward",
          lambda rng, s: ((_softmax(_r(rng, s["b"], s["n"], s["vocab"], scale=3.0)),
@@ -215,7 +218,7 @@ TRAINING_CASES: tuple[Case, ...] = (
            (lambda c: lambda rng, s: ((_r(rng, s["b"], s["h"], s["n"], s["dk"]), _r(rng, s["b"], s["h"], s["n"], s["dk"]),
                                        _r(rng, s["b"], s["h"], s["n"], s["dk"]), s["window"], c,
                                        _r(rng, s["b"], s["h"], s["n"], s["dk"])), {}))(causal),
-           call=_restricted_backward)
+           call=_restricted_backward, also=("restricted_attention_train",))
       for causal in (False, True)),
     *_recurrent_train_cases("rnn", 1, 1),
     *_recurrent_train_cases("lstm", 4, 2),
@@ -258,6 +261,8 @@ CASES: tuple[Case, ...] = (
     Case("split_heads", "split_heads", lambda rng, s: ((_r(rng, s["b"], s["n"], 3 * s["d"]), s["h"], s["d"], s["d"]), {}),
          exact=True),
     Case("merge_heads", "merge_heads", lambda rng, s: ((_r(rng, s["b"], s["h"], s["n"], s["dv"]),), {}), exact=True),
+    Case("leading_rows", "leading_rows", lambda rng, s: ((_r(rng, s["b"], s["h"], s["n"] + 5, s["dk"]), s["n"]), {}),
+         exact=True),
     Case("write_rows", "write_rows", lambda rng, s: ((_r(rng, s["b"], s["h"], s["n"] + 9, s["dk"]),
                                                       _r(rng, s["b"], s["h"], s["n"], s["dk"]), 4), {}),
          exact=True, inplace=True),
