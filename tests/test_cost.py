@@ -74,3 +74,95 @@ def test_unknown_op_is_a_clear_error():
         cost.flops("matmul", m=1)
     with pytest.raises(ValueError, match="unknown op"):
         cost.bytes_moved("transformer_forward")
+
+
+# ----------------------------------------------------------------------------- training
+def test_training_flops_backward_factors():
+    att = dict(b=1, h=8, nq=256, nk=256, dk=64)
+    assert cost.training_flops("attention", **att) == pytest.approx(3.5 * cost.flops("attention", **att))
+    for op, dims in (("linear", dict(tokens=10, d_in=3, d_out=7)), ("lstm", dict(b=2, n=9, d_in=8, d_hidden=16)),
+                     ("conv1d", dict(b=2, n_out=9, c_in=8, c_out=16, k=3)),
+                     ("ffn", dict(tokens=10, d_model=8, d_ff=32))):
+        assert cost.training_flops(op, **dims) == pytest.approx(3 * cost.flops(op, **dims)), op
+    mha = dict(b=2, nq=9, nk=9, d_model=16, h=4, causal=True)
+    core = cost.flops("attention", b=2, h=4, nq=9, nk=9, dk=4, causal=True)
+    assert cost.training_flops("mha", **mha) == pytest.approx(3 * cost.flops("mha", **mha) + 0.5 * core)
+    with pytest.raises(ValueError, match="inference only"):
+        cost.training_flops("transformer_generate", config=TransformerConfig.tiny(), b=1, n_src=4, n_new=4)
+
+
+def test_transformer_training_flops_count_every_attention_core():
+    c = TransformerConfig.tiny()
+    b, ns, nt = 2, 7, 5
+    dk = c.d_model // c.n_heads
+    cores = (c.n_encoder_layers * cost.flops("attention", b=b, h=c.n_heads, nq=ns, nk=ns, dk=dk)
+             + c.n_decoder_layers * (cost.flops("attention", b=b, h=c.n_heads, nq=nt, nk=nt, dk=dk, causal=True)
+                                     + cost.flops("attention", b=b, h=c.n_heads, nq=nt, nk=ns, dk=dk)))
+    fwd = cost.flops("transformer_forward", config=c, b=b, n_src=ns, n_tgt=nt)
+    assert cost.training_flops("transformer_forward", config=c, b=b, n_src=ns, n_tgt=nt) == \
+        pytest.approx(3 * fwd + 0.5 * cores)
+
+
+def test_baseline_model_flops_are_their_layers():
+    from tfm import ConvS2SConfig, LSTMSeq2SeqConfig
+
+    b, ns, nt = 3, 11, 6
+    lc = LSTMSeq2SeqConfig.tiny(n_layers=3)
+    d = lc.d_model
+    lstms = 3 * (cost.flops("lstm", b=b, n=ns, d_in=d, d_hidden=d) + cost.flops("lstm", b=b, n=nt, d_in=d, d_hidden=d))
+    got = cost.flops("lstm_seq2seq_forward", config=lc, b=b, n_src=ns, n_tgt=nt)
+    head = (2 * b * nt * d * lc.tgt_vocab + 3 * 2 * b * nt * d * d + cost.flops("attention", b=b, h=1, nq=nt, nk=ns, dk=d))
+    assert got - lstms == pytest.approx(head, rel=0.05)  # + biases and the activation
+    cc = ConvS2SConfig.tiny()
+    convs = cc.n_layers * (cost.flops("conv1d", b=b, n_out=ns, c_in=d, c_out=2 * d, k=cc.kernel_size)
+                           + cost.flops("conv1d", b=b, n_out=nt, c_in=d, c_out=2 * d, k=cc.kernel_size))
+    assert cost.flops("convs2s_forward", config=cc, b=b, n_src=ns, n_tgt=nt) > convs
+    # training: 3x the forward, attention 3.5x
+    att = cost.flops("attention", b=b, h=1, nq=nt, nk=ns, dk=d)
+    assert cost.training_flops("lstm_seq2seq_forward", config=lc, b=b, n_src=ns, n_tgt=nt) == \
+        pytest.approx(3 * got + 0.5 * att)
+
+
+@pytest.mark.parametrize("config", ["transformer", "transformer_tied", "lstm", "convs2s"])
+def test_parameters_equal_the_models(config):
+    import tfm
+
+    op, cfg, cls = {
+        "transformer": ("transformer_forward", TransformerConfig.tiny(), tfm.Transformer),
+        "transformer_tied": ("transformer_forward", TransformerConfig.tiny(final_norm=True, tie_embeddings=True),
+                             tfm.Transformer),
+        "lstm": ("lstm_seq2seq_forward", tfm.LSTMSeq2SeqConfig.tiny(n_layers=3), tfm.LSTMSeq2Seq),
+        "convs2s": ("convs2s_forward", tfm.ConvS2SConfig.tiny(kernel_size=5), tfm.ConvS2S),
+    }[config]
+    assert cost.parameters(op, cfg) == cls(cfg, backend="numpy").n_params
+    with pytest.raises(ValueError, match="unknown model"):
+        cost.parameters("lstm", cfg)
+
+
+def test_training_memory_naive_quadratic_fused_linear():
+    def total(n, impl):
+        return cost.training_memory("attention", b=1, h=1, nq=n, nk=n, dk=64, impl=impl)["total"]
+
+    assert total(8192, "naive") / total(4096, "naive") == pytest.approx(4, rel=0.05)
+    assert total(8192, "fused") / total(4096, "fused") == pytest.approx(2, rel=1e-9)
+    m = cost.training_memory("attention", itemsize=8, b=2, h=3, nq=5, nk=7, dk=4, dv=6, impl="naive")
+    assert m["saved"] == 8 * 2 * 3 * 5 * (6 + 1)
+    assert m["gradients"] == 8 * 2 * 3 * (5 * 4 + 7 * 4 + 7 * 6)
+    assert m["workspace"] == 8 * 2 * 2 * 3 * 5 * 7
+    assert m["total"] == m["saved"] + m["gradients"] + m["workspace"]
+
+
+def test_training_memory_of_layers_and_models_grows_linearly():
+    from tfm import ConvS2SConfig, LSTMSeq2SeqConfig
+
+    lstm = [cost.training_memory("lstm", b=2, n=n, d_in=8, d_hidden=8) for n in (100, 200)]
+    assert lstm[0]["saved"] == 4 * (2 * 100 * 8 * 6 + 2 * 2 * 8)  # h, 4 gates, c per step; final h, c
+    assert lstm[1]["workspace"] == 2 * lstm[0]["workspace"]
+    c = TransformerConfig.small()
+    for op, cfg in (("transformer_forward", c), ("lstm_seq2seq_forward", LSTMSeq2SeqConfig.tiny()),
+                    ("convs2s_forward", ConvS2SConfig.tiny())):
+        a, b = (cost.training_memory(op, config=cfg, b=4, n_src=n, n_tgt=n)["saved"] for n in (64, 128))
+        assert b == pytest.approx(2 * a), op  # no (n, n) term: every attention is the fused kernel
+        assert cost.training_memory(op, config=cfg, b=4, n_src=8, n_tgt=8, n_params=10)["gradients"] == 40
+    with pytest.raises(ValueError, match="unknown op 'softmax' for training_memory"):
+        cost.training_memory("softmax", rows=2, cols=3)
