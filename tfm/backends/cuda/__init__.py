@@ -9,11 +9,15 @@ Kernel modules (the same names as the CPU backend) are imported on first use:
     restricted.py  restricted (windowed) self-attention through the banded fused kernel
     recurrent.py   Elman RNN, LSTM, GRU (one GEMM for the inputs, one launch per step)
     conv.py        1-D convolution (im2col + GEMM), GLU
+    training.py    zeros, gradient accumulation (axpy), the Adam step, dropout (counter-based)
     _launch.py     tile/block sizes (``Tuning``), resource checks, the launch paths
     _memory.py     opt-in caching device allocator (``TFM_CUDA_POOL=1``; imported only then)
     _cublas.py     cuBLAS SGEMM/DGEMM through CuPy's bindings on numba device pointers
     _views.py      strided views (split heads, head-merged outputs) without numba's slicing
     _offline.py    compiling kernels for sm_90 without a GPU (PTX test, the lab's ptx family)
+
+Each backward kernel sits in its forward's module, after it (training: the ``*_train``
+forwards, ``*_backward``, cross-entropy, dropout, Adam; ``tfm.backends.base``'s contract).
 
 The kernel variants kept for comparison are timed by the lab, ``python3 -m dev.cuda.lab``.
 
@@ -282,6 +286,84 @@ class CudaBackend(Backend):
 
     def glu(self, x):
         return _k("conv").glu(x, self.tuning)
+
+    # ------------------------------------------------------------------ training
+    def zeros(self, shape, dtype):
+        return _k("training").zeros(shape, dtype, self.tuning)
+
+    def axpy(self, dst, src, alpha=1.0):
+        _k("training").axpy(dst, src, alpha, self.tuning)
+
+    def adam_step(self, param, grad, m, v, step, lr, beta1, beta2, eps, weight_decay=0.0):
+        _k("training").adam_step(param, grad, m, v, step, lr, beta1, beta2, eps, weight_decay, self.tuning)
+
+    def dropout(self, x, p, seed, offset=0):
+        return _k("training").dropout(x, p, seed, offset, self.tuning)
+
+    def linear_backward(self, x, weight, dy, bias=True):
+        return _k("linear").linear_backward(x, weight, dy, bias, self.tuning, self.gemm)
+
+    def activation_backward(self, x, dy, kind):
+        return _k("linear").activation_backward(x, dy, kind, self.tuning)
+
+    def layer_norm_train(self, x, gamma, beta, eps, residual=None):
+        return _k("norm").layer_norm(x, gamma, beta, eps, residual, self.tuning, stats=True)
+
+    def layer_norm_backward(self, dy, x, gamma, mean, rstd, residual=None):
+        return _k("norm").layer_norm_backward(dy, x, gamma, mean, rstd, residual, self.tuning)
+
+    def softmax_backward(self, y, dy):
+        return _k("norm").softmax_backward(y, dy, self.tuning)
+
+    def log_softmax_backward(self, y, dy):
+        return _k("norm").log_softmax_backward(y, dy, self.tuning)
+
+    def cross_entropy(self, logits, targets, weights, label_smoothing=0.0):
+        return _k("norm").cross_entropy(logits, targets, weights, label_smoothing, self.tuning)
+
+    def embedding_backward(self, ids, dy, vocab_size, scale=1.0):
+        return _k("embedding").embedding_backward(ids, dy, vocab_size, scale, self.tuning)
+
+    def merge_heads_into(self, x, out, start):
+        _k("attention").merge_heads_into(x, out, start, self.tuning)
+
+    def attention_train(self, q, k, v, mask=None, causal=False, impl="fused"):
+        return _k("attention").attention(q, k, v, mask, causal, impl, self.tuning, save_lse=True)
+
+    def attention_backward(self, q, k, v, out, lse, dout, mask=None, causal=False, impl="fused"):
+        free = self.free_memory_bytes() if impl == "naive" else None
+        return _k("attention").attention_backward(q, k, v, out, lse, dout, mask, causal, impl, self.tuning, free)
+
+    def restricted_attention_train(self, q, k, v, window, causal=False):
+        return _k("restricted").restricted_attention(q, k, v, window, causal, self.tuning, save_lse=True)
+
+    def restricted_attention_backward(self, q, k, v, out, lse, dout, window, causal=False):
+        return _k("restricted").restricted_attention_backward(q, k, v, out, lse, dout, window, causal, self.tuning)
+
+    def rnn_layer_train(self, x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity="tanh"):
+        return _k("recurrent").rnn_layer_train(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, self.tuning, self.gemm)
+
+    def rnn_layer_backward(self, saved, dout, dh_n):
+        return _k("recurrent").rnn_layer_backward(saved, dout, dh_n, self.tuning, self.gemm)
+
+    def lstm_layer_train(self, x, h0, c0, w_ih, w_hh, b_ih, b_hh):
+        return _k("recurrent").lstm_layer_train(x, h0, c0, w_ih, w_hh, b_ih, b_hh, self.tuning, self.gemm)
+
+    def lstm_layer_backward(self, saved, dout, dh_n, dc_n):
+        return _k("recurrent").lstm_layer_backward(saved, dout, dh_n, dc_n, self.tuning, self.gemm)
+
+    def gru_layer_train(self, x, h0, w_ih, w_hh, b_ih, b_hh):
+        return _k("recurrent").gru_layer_train(x, h0, w_ih, w_hh, b_ih, b_hh, self.tuning, self.gemm)
+
+    def gru_layer_backward(self, saved, dout, dh_n):
+        return _k("recurrent").gru_layer_backward(saved, dout, dh_n, self.tuning, self.gemm)
+
+    def conv1d_backward(self, x, weight, dy, dilation=1, pad_left=0, pad_right=0, bias=True):
+        return _k("conv").conv1d_backward(x, weight, dy, dilation, pad_left, pad_right, bias, self.tuning,
+                                          self.gemm)
+
+    def glu_backward(self, x, dy):
+        return _k("conv").glu_backward(x, dy, self.tuning)
 
 
 __all__ = ["CudaBackend", "GEMM_IMPLS", "cuda_unavailable_reason", "device_view", "pool_requested"]

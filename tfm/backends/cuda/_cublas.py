@@ -12,7 +12,10 @@ host memory) and cuBLAS's default math mode (FP32 on CUDA cores; TF32 only if
 leave the shared handle otherwise.
 
 Row-major ``Y (M, N) = X (M, K) @ W (N, K)^T`` is the column-major ``Y^T = W X^T``:
-``gemm(T, N, m=N, n=M, k=K, W, ldW, X, ldX, Y, ldY)``.
+``gemm(T, N, m=N, n=M, k=K, W, ldW, X, ldX, Y, ldY)``. In general (``gemm_into``, the
+backward's products) row-major ``C = op(A) op(B)`` is the column-major ``C^T = op(B)^T
+op(A)^T``, and a row-major matrix read as column-major is its transpose, so cuBLAS gets B
+first with op T exactly where B is used transposed, then A likewise.
 """
 
 from __future__ import annotations
@@ -108,3 +111,22 @@ def _self_check() -> str | None:
     if not err < 1e-5:
         return f"cuBLAS through CuPy gave a wrong 3x5 @ 5x4 product (relative error {err:.2e})"
     return None
+
+
+def gemm_into(a, b, c, *, trans_a: bool = False, trans_b: bool = False, alpha: float = 1.0) -> None:
+    """Row-major ``c (M, N) = alpha * op(a) @ op(b)`` on the default stream, 2-D operands with
+    unit-stride rows: op(a) is a (M, K), or a.T for a (K, M) with ``trans_a``; op(b) is b
+    (K, N), or b.T for b (N, K) with ``trans_b``."""
+    cublas, device = _bindings()
+    COUNTS["cublas"] += 1
+    m, n = c.shape
+    k = a.shape[0] if trans_a else a.shape[1]
+    dtype = np.dtype(c.dtype)
+    gemm = cublas.sgemm if dtype == np.float32 else cublas.dgemm
+    zero = _SCALARS[dtype][1]
+    scale = np.full(1, alpha, dtype=dtype)
+    handle = device.get_cublas_handle()
+    cublas.setPointerMode(handle, _POINTER_MODE_HOST)
+    cublas.setMathMode(handle, _DEFAULT_MATH)
+    gemm(handle, _OP_T if trans_b else _OP_N, _OP_T if trans_a else _OP_N, n, m, k, scale.ctypes.data,
+         pointer(b), row_stride(b), pointer(a), row_stride(a), zero.ctypes.data, pointer(c), row_stride(c))

@@ -63,6 +63,8 @@ MAX_THREADS_PER_BLOCK = 1024
 LAUNCH_MODES = ("dispatch", "overload", "direct")
 # Versions of the GEMM and fused attention kernels (linear.GEMM_VERSIONS, attention.ATTN_VERSIONS).
 KERNEL_VERSIONS = (1, 2)
+# How the fused attention backward sums dQ over key blocks (attention.BWD_DQ says more).
+BWD_DQ_MODES = ("atomic", "pass")
 
 
 class CudaLaunchError(RuntimeError):
@@ -106,6 +108,11 @@ class Tuning:
     ``gemm_large`` is used when it yields at least ``min_blocks`` blocks, else ``gemm_small``.
     Attention: a block owns BQ queries with TY*TX threads; each thread holds BQ/TY query
     rows x BK/TX scores of a key tile and BQ/TY rows x ceil(Dv/TX) output columns.
+    Attention backward (``attn_bwd`` = (BQ, BKV, TY, TX), ``attention.BWD_TILINGS``): a block
+    of the key-block kernel owns BKV keys and walks the queries BQ at a time; each thread
+    accumulates BKV/TY keys x ceil(D/(4*TX))*4 columns of dK and dV. ``attn_bwd_dq`` picks how
+    dQ is summed over the key blocks (``attention.BWD_DQ``): "atomic" (float32 atomics from
+    the key-block kernel) or "pass" (a second, query-block kernel, no atomics).
     """
 
     gemm_large: tuple = (128, 128, 16, 8, 8)
@@ -114,6 +121,8 @@ class Tuning:
     attn: tuple = (64, 32, 16, 8)
     gemm_version: int = 2  # which Numba GEMM kernel (linear.GEMM_VERSIONS)
     attn_version: int = 2  # which fused attention kernel (attention.ATTN_VERSIONS)
+    attn_bwd: tuple = (32, 32, 8, 8)
+    attn_bwd_dq: str = "atomic"
     row_threads: int = 128  # block size of one-row-per-block reductions (power of two)
     elem_threads: int = 256  # block size of elementwise kernels
     step_threads: int = 128  # block size of the recurrent step kernels
@@ -143,6 +152,14 @@ class Tuning:
         if self.attn_version == 2 and (bq % (4 * ty) or bk % (4 * tx)):
             raise ValueError(f"Tuning.attn={self.attn}: attn_version=2 needs BQ % (4*TY) == 0 and "
                              f"BK % (4*TX) == 0 (its 4-wide register blocks); or use attn_version=1")
+        if len(self.attn_bwd) != 4 or min(self.attn_bwd) < 1:
+            raise ValueError(f"Tuning.attn_bwd={self.attn_bwd}: need four positive sizes (BQ, BKV, TY, TX)")
+        bq, bkv, ty, tx = self.attn_bwd
+        if bkv % (4 * ty) or bkv % tx or bq % tx or bq % ty or ty * tx > MAX_THREADS_PER_BLOCK:
+            raise ValueError(f"Tuning.attn_bwd={self.attn_bwd}: need BKV % (4*TY) == 0 (4-key register "
+                             f"blocks), BKV % TX == 0, BQ % TX == 0, BQ % TY == 0 and TY*TX <= 1024")
+        if self.attn_bwd_dq not in BWD_DQ_MODES:
+            raise ValueError(f"Tuning.attn_bwd_dq={self.attn_bwd_dq!r}: choose one of {', '.join(BWD_DQ_MODES)}")
         for name, known in (("gemm_version", KERNEL_VERSIONS), ("attn_version", KERNEL_VERSIONS)):
             if getattr(self, name) not in known:
                 raise ValueError(f"Tuning.{name}={getattr(self, name)}: choose one of {sorted(known)}")
@@ -162,7 +179,7 @@ class Tuning:
 
 # Under the simulator: tiles of a few elements, so tiny inputs still span several tiles.
 SIM_TUNING = Tuning(gemm_large=(8, 8, 4, 4, 4), gemm_small=(4, 8, 2, 4, 4), min_blocks=6,
-                    attn=(8, 8, 2, 2), row_threads=4, elem_threads=32, step_threads=8)
+                    attn=(8, 8, 2, 2), attn_bwd=(8, 8, 2, 2), row_threads=4, elem_threads=32, step_threads=8)
 
 
 def default_tuning() -> Tuning:

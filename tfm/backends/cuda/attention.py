@@ -118,18 +118,21 @@ def fused_plan(tuning, dk: int, dv: int, itemsize: int) -> tuple:
 
 
 @lru_cache(maxsize=None)
-def fused_kernel(dtype, dk, dv, bq, bkt, ty_n, tx_n, masked: bool, band: bool, version: int = 1):
-    """The fused kernel of ``version`` (``ATTN_VERSIONS``) for these compile-time constants."""
+def fused_kernel(dtype, dk, dv, bq, bkt, ty_n, tx_n, masked: bool, band: bool, version: int = 1,
+                 save_lse: bool = False):
+    """The fused kernel of ``version`` (``ATTN_VERSIONS``) for these compile-time constants;
+    ``save_lse``: also write each query's log-sum-exp (``attention_train``)."""
     if version == 2:  # Tuning checks BQ % (4*TY) == 0 and BK % (4*TX) == 0
-        return _fused_v2(dtype, dk, dv, bq, bkt, ty_n, tx_n, masked, band)
-    return _fused_v1(dtype, dk, dv, bq, bkt, ty_n, tx_n, masked, band)
+        return _fused_v2(dtype, dk, dv, bq, bkt, ty_n, tx_n, masked, band, save_lse)
+    return _fused_v1(dtype, dk, dv, bq, bkt, ty_n, tx_n, masked, band, save_lse)
 
 
 LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
 
 
 @lru_cache(maxsize=None)
-def _fused_v2(dtype, dk, dv, bq, bkt, ty_n, tx_n, masked: bool, band: bool):
+def _fused_v2(dtype, dk, dv, bq, bkt, ty_n, tx_n, masked: bool, band: bool, save_lse: bool = False):
     """v2 of :func:`_fused_v1`: same operands, launch and results.
 
     * Register blocks of 4: a thread's query rows are ``4*ty + r + g*4*TY`` and its keys
@@ -157,10 +160,11 @@ def _fused_v2(dtype, dk, dv, bq, bkt, ty_n, tx_n, masked: bool, band: bool):
     q_loads, k_loads, v_loads = cdiv(bq * dk, nt), cdiv(bkt * dk, nt), cdiv(bkt * dv, nt)
     s_shape, acc_shape = (tm, sc), (tm, oc)
     log2e = dt(LOG2E)
+    ln2 = dt(LN2)
     unroll_d = 4 if dk % 4 == 0 else 1  # head dims of the tests (5, 6, ...) keep a plain loop
 
     @cuda.jit(cache=True)
-    def fused(q, k, v, out, mask, fb, fh, fi, fj, scale, wl, wr):
+    def fused(q, k, v, out, lse, mask, fb, fh, fi, fj, scale, wl, wr):
         q_s = cuda.shared.array(q_size, dt, alignment=16)
         k_s = cuda.shared.array(k_size, dt, alignment=16)
         v_s = cuda.shared.array(v_size, dt, alignment=16)
@@ -321,6 +325,8 @@ def _fused_v2(dtype, dk, dv, bq, bkt, ty_n, tx_n, masked: bool, band: bool):
                 for t in range(tx_n):
                     total += red[uint64(rl * tx_n + t)]
                 inv = dt(1.0) / total if total > zero else zero
+                if save_lse and tx == 0:  # m is in log2 units of the scaled scores
+                    lse[b, h, uint64(row)] = (m_r[i] + math.log2(total)) * ln2 if total > zero else ninf
                 for e in range(oc):
                     col = 4 * tx + (e // 4) * 4 * tx_n + e % 4
                     if col < dv:
@@ -330,8 +336,9 @@ def _fused_v2(dtype, dk, dv, bq, bkt, ty_n, tx_n, masked: bool, band: bool):
 
 
 @lru_cache(maxsize=None)
-def _fused_v1(dtype, dk, dv, bq, bkt, ty_n, tx_n, masked: bool, band: bool):
-    """Fused attention for q (B, H, Nq, dk), k (B, H, Nk, dk), v (B, H, Nk, dv) -> out (B, H, Nq, dv).
+def _fused_v1(dtype, dk, dv, bq, bkt, ty_n, tx_n, masked: bool, band: bool, save_lse: bool = False):
+    """Fused attention for q (B, H, Nq, dk), k (B, H, Nk, dk), v (B, H, Nk, dv) -> out (B, H, Nq, dv)
+    (and with ``save_lse`` lse (B, H, Nq), -inf for a query that sees no key).
 
     Operands may be strided views (e.g. a prefix of a KV cache). Launch: grid
     (cdiv(Nq, bq), B*H), block ty_n * tx_n threads.
@@ -348,7 +355,7 @@ def _fused_v1(dtype, dk, dv, bq, bkt, ty_n, tx_n, masked: bool, band: bool):
     red_shape, s_shape, acc_shape = (bq, tx_n), (tm, sc), (tm, oc)
 
     @cuda.jit(cache=True)
-    def fused(q, k, v, out, mask, fb, fh, fi, fj, scale, wl, wr):
+    def fused(q, k, v, out, lse, mask, fb, fh, fi, fj, scale, wl, wr):
         q_s = cuda.shared.array(q_shape, dt)
         k_s = cuda.shared.array(k_shape, dt)
         v_s = cuda.shared.array(v_shape, dt)
@@ -487,6 +494,8 @@ def _fused_v1(dtype, dk, dv, bq, bkt, ty_n, tx_n, masked: bool, band: bool):
                 for t in range(tx_n):
                     total += red[r, t]
                 inv = dt(1.0) / total if total > zero else zero
+                if save_lse and tx == 0:
+                    lse[b, h, row] = m_r[i] + math.log(total) if total > zero else ninf
                 for e in range(oc):
                     col = tx + e * tx_n
                     if col < dv:
@@ -503,38 +512,49 @@ def _mask4(mask):
     return mask, tuple(int(s > 1) for s in mask.shape)
 
 
-def attention(q, k, v, mask, causal, impl, tuning):
+def attention(q, k, v, mask, causal, impl, tuning, save_lse: bool = False):
+    """Attention (B, H, Nq, Dv); with ``save_lse`` -> (out, lse (B, H, Nq)) (``attention_train``)."""
     b, h, nq, dk = q.shape
     nk, dv = k.shape[2], v.shape[3]
     dtype = np.dtype(q.dtype)
     mask4, factors = _mask4(mask) if mask is not None else (None, (0, 0, 0, 0))
+    lse = cuda.device_array((b, h, nq), dtype=dtype) if save_lse else None
     if impl == "fused":
         out = empty_heads(b, h, nq, dv, dtype)
         run_fused(q, k, v, out, tuning, mask4=mask4, factors=factors,
-                  window=(UNBOUNDED, 0) if causal else None)
-        return out
-    q3 = contiguous(q, tuning).reshape(b * h, nq, dk)
-    k3 = contiguous(k, tuning).reshape(b * h, nk, dk)
-    v3 = contiguous(v, tuning).reshape(b * h, nk, dv)
+                  window=(UNBOUNDED, 0) if causal else None, lse=lse)
+        return (out, lse) if save_lse else out
+    q3 = c_view(contiguous(q, tuning), (b * h, nq, dk))
+    k3 = c_view(contiguous(k, tuning), (b * h, nk, dk))
+    v3 = c_view(contiguous(v, tuning), (b * h, nk, dv))
     scores = cuda.device_array((b * h, nq, nk), dtype=dtype)
     gemm(q3, k3, scores, tuning, trans_b=True, alpha=1.0 / math.sqrt(dk))
-    s2 = scores.reshape(b * h * nq, nk)
-    run_softmax(s2, s2, tuning, mask4=mask4, factors=factors, n_heads=h, nq=nq, causal=causal)
+    s2 = c_view(scores, (b * h * nq, nk))
+    run_softmax(s2, s2, tuning, mask4=mask4, factors=factors, n_heads=h, nq=nq, causal=causal,
+                lse=None if lse is None else c_view(lse, (b * h * nq,)))
     out3 = cuda.device_array((b * h, nq, dv), dtype=dtype)
     gemm(scores, v3, out3, tuning, trans_b=False)
-    return c_view(out3, (b, h, nq, dv))
+    out = c_view(out3, (b, h, nq, dv))
+    return (out, lse) if save_lse else out
 
 
-def run_fused(q, k, v, out, tuning, *, mask4=None, factors=(0, 0, 0, 0), window=None):
-    """Launch the fused kernel on 4-D operands; ``window=(wl, wr)``: query i sees keys [i - wl, i + wr]."""
+@lru_cache(maxsize=None)
+def _lse_placeholder(dtype):
+    return cuda.to_device(np.zeros((1, 1, 1), dtype=dtype))
+
+
+def run_fused(q, k, v, out, tuning, *, mask4=None, factors=(0, 0, 0, 0), window=None, lse=None):
+    """Launch the fused kernel on 4-D operands; ``window=(wl, wr)``: query i sees keys [i - wl, i + wr];
+    ``lse`` (B, H, Nq): also write each query's log-sum-exp there."""
     b, h, nq, dk = q.shape
     dv = v.shape[3]
     dtype = np.dtype(q.dtype)
     version, (bq, bkt, ty, tx) = fused_plan(tuning, dk, dv, dtype.itemsize)
-    kern = fused_kernel(dtype, dk, dv, bq, bkt, ty, tx, mask4 is not None, window is not None, version)
+    kern = fused_kernel(dtype, dk, dv, bq, bkt, ty, tx, mask4 is not None, window is not None, version,
+                        lse is not None)
     wl, wr = window if window is not None else (0, 0)
     launch("attention_fused", kern, (cdiv(nq, bq), b * h), ty * tx, q, k, v, out,
-           mask4 if mask4 is not None else no_mask(), *factors,
+           _lse_placeholder(dtype) if lse is None else lse, mask4 if mask4 is not None else no_mask(), *factors,
            dtype.type(1.0 / math.sqrt(dk)), wl, wr)
 
 
@@ -610,3 +630,720 @@ def merge_heads(x, tuning):
 def write_rows(dst, src, start, tuning):
     launch("write_rows", _write_rows_kernel(), grid_1d(src.size, tuning.elem_threads),
            tuning.elem_threads, dst, src, start)
+
+
+# ------------------------------------------------------------------- backward
+# O = P V, P = softmax(S), S = Q K^T / sqrt(d_k). Given dO and the forward's lse (FlashAttention-2,
+# Dao 2023, Algorithm 2): P = exp(S - lse), dV = P^T dO, dP = dO V^T, D = rowsum(dO * O),
+# dS = P (dP - D), dQ = dS K / sqrt(d_k), dK = dS^T Q / sqrt(d_k): five products against the
+# forward's two. D is computed once per query row by ``_bwd_pre_kernel`` (which also zeroes dQ
+# for the atomic variant); the fused kernels recompute S tile by tile from q, k and lse.
+
+BWD_DQ = {"atomic": "dQ summed over the key blocks with float32 atomics from the key-block kernel "
+                    "(5 products per tile; the additions' order, hence dQ's last bits, varies by run)",
+          "pass": "dQ in a second, query-block kernel that recomputes S and dP (7 products per tile, "
+                  "no atomics, deterministic)"}
+
+# Tilings (BQ, BKV, TY, TX) the lab times (dev/cuda/lab.py, family "backward"), the default
+# first; tests/test_cuda_ptx.py compiles each for sm_90 at d = 64 in float32.
+BWD_TILINGS = ((32, 32, 8, 8), (32, 32, 8, 16), (16, 64, 16, 8))
+# Smaller tilings tried, in order, when a head dimension or float64 does not fit the tuning's.
+_BWD_FALLBACKS = ((16, 16, 4, 4), (8, 8, 2, 2), (4, 4, 1, 1))
+
+
+def _bwd_widths(d: int, tx: int) -> tuple:
+    """(column blocks of 4 per thread, padded width) of a head dimension d over TX threads."""
+    groups = cdiv(d, 4 * tx)
+    return groups, groups * 4 * tx
+
+
+def fused_bwd_shared_bytes(dk, dv, bq, bkv, tx, itemsize, single: bool = False) -> int:
+    """Static shared memory of the key-block backward kernel (the dQ pass needs no more than
+    its single-buffer form): K, V, Q and dO tiles in 16-byte aligned rows padded by 4, the P
+    and dS tiles (one buffer for both with ``single``), lse and D of the query tile."""
+    ldk, ldv = _bwd_widths(dk, tx)[1] + 4, _bwd_widths(dv, tx)[1] + 4
+    return itemsize * ((bkv + bq) * (ldk + ldv) + (1 if single else 2) * bq * (bkv + 4) + 2 * bq)
+
+
+@lru_cache(maxsize=1024)
+def fused_bwd_plan(tuning, dk: int, dv: int, itemsize: int) -> tuple:
+    """((BQ, BKV, TY, TX), single): ``tuning.attn_bwd`` with separate P and dS tiles if they fit
+    in 48 KB of shared memory, else with one buffer for both, else the first of the smaller
+    fallback tilings that fits; ValueError naming the way out if none does."""
+    for tiles in (tuning.attn_bwd,) + _BWD_FALLBACKS:
+        bq, bkv, ty, tx = tiles
+        for single in (False, True):
+            if fused_bwd_shared_bytes(dk, dv, bq, bkv, tx, itemsize, single) <= SHARED_BYTES_LIMIT:
+                return tiles, single
+    raise ValueError(f"head dims d_k={dk}, d_v={dv} are too large for the fused CUDA attention backward's "
+                     f"shared memory ({itemsize}-byte floats); use impl='naive'")
+
+
+@lru_cache(maxsize=None)
+def _bwd_pre_kernel(dtype, nt: int, zero_dq: bool):
+    """D = rowsum(dO * O) per query row (delta (B, H, Nq)); with ``zero_dq`` also dq[b, h, i, :]
+    = 0 (the atomic variant adds into it). nt/8 rows per block, 8 lanes per row reading
+    consecutive columns, their partial sums combined in shared memory in a fixed order."""
+    dt = numba_dtype(dtype)
+    lanes = 8 if nt % 8 == 0 else 1
+    rows_pb = nt // lanes
+
+    @cuda.jit(cache=True)
+    def bwd_pre(out, dout, delta, dq):
+        part = cuda.shared.array(nt, dt)
+        t = cuda.threadIdx.x
+        lane = t % lanes
+        row = cuda.blockIdx.x * rows_pb + t // lanes
+        b = cuda.blockIdx.y // out.shape[1]
+        h = cuda.blockIdx.y % out.shape[1]
+        s = dt(0.0)
+        if row < out.shape[2]:
+            for c in range(lane, out.shape[3], lanes):
+                s += dout[b, h, row, c] * out[b, h, row, c]
+            if zero_dq:
+                for c in range(lane, dq.shape[3], lanes):
+                    dq[b, h, row, c] = dt(0.0)
+        part[t] = s
+        cuda.syncthreads()
+        if lane == 0 and row < out.shape[2]:
+            for other in range(1, lanes):
+                s += part[t + other]
+            delta[b, h, row] = s
+
+    return bwd_pre
+
+
+@lru_cache(maxsize=None)
+def bwd_kv_kernel(dtype, dk, dv, bq, bkv, ty_n, tx_n, masked: bool, band: bool, atomic_dq: bool,
+                  single: bool = False):
+    """The key-block kernel of the fused backward: dK, dV (and with ``atomic_dq`` dQ).
+
+    q, k, v, do, dq, dk_out, dv_out (B, H, N, D) (any strides); lse, delta (B, H, Nq).
+    Launch: grid (cdiv(Nk, BKV), B*H), block TY*TX threads. A block stages its BKV keys and
+    values once, then walks the query tiles that can see them (causal or banded: only those)
+    BQ rows at a time, the next tile's Q and dO loaded into registers while the current one
+    is multiplied. Per tile, all in registers and shared memory:
+
+    * S^T and dP^T (BKV x BQ): a thread owns keys ``4*ty + r + g*4*TY`` and queries
+      ``tx + c*TX``; both products reduce over d in steps of 4 (16-byte shared loads of K, Q,
+      V and dO rows, padded to 16-byte aligned rows whose 4-float offset keeps the 8 rows a
+      quarter-warp reads in distinct banks);
+    * P = exp2(S log2(e)/sqrt(d_k) - lse log2(e)) (0 where masked, past the ends, or for a
+      row with no visible key), dS = P (dP - D), both to shared tiles [query][key];
+    * dV += P^T dO and dK += dS^T Q: a thread owns the same keys x columns ``4*tx + c +
+      g*4*TX``; each query step reads 4 keys of P (or dS) and 4 columns of dO (or Q) per
+      16-byte load;
+    * (``atomic_dq``) dQ_tile = dS K, a thread owning queries ``ty + c*TY`` x the same
+      columns, reduced over keys in steps of 4, then added to dq with float32 atomics.
+
+    dK and dV (scaled by 1/sqrt(d_k) for dK) are written once at the end. ``single``: P and
+    dS share one shared tile (two more barriers per step) where two do not fit in 48 KB.
+    """
+    dt = numba_dtype(dtype)
+    visible = visibility(masked, band)
+    nt = ty_n * tx_n
+    tk, tq, tqe = bkv // ty_n, bq // tx_n, bq // ty_n
+    dkg, dkw = _bwd_widths(dk, tx_n)
+    dvg, dvw = _bwd_widths(dv, tx_n)
+    ck, cv = 4 * dkg, 4 * dvg
+    ldk, ldv, ldp = dkw + 4, dvw + 4, bkv + 4
+    dk4, dv4 = cdiv(dk, 4), cdiv(dv, 4)
+    k_size, v_size, q_size, o_size, p_size = bkv * ldk, bkv * ldv, bq * ldk, bq * ldv, bq * ldp
+    ds_size = 1 if single else p_size
+    k_loads, v_loads, q_loads, o_loads = (cdiv(bkv * dkw, nt), cdiv(bkv * dvw, nt), cdiv(bq * dkw, nt),
+                                          cdiv(bq * dvw, nt))
+    s_shape, dk_shape, dv_shape = (tk, tq), (tk, ck), (tk, cv)
+    dq_shape, sr_shape = ((tqe, ck), (tqe, 4)) if atomic_dq else ((1, 1), (1, 1))
+    cw = max(ck, cv)
+    log2e = dt(LOG2E)
+
+    @cuda.jit(cache=True)
+    def bwd_kv(q, k, v, do, lse, delta, dq, dk_out, dv_out, mask, fb, fh, fi, fj, scale, wl, wr):
+        k_s = cuda.shared.array(k_size, dt, alignment=16)
+        v_s = cuda.shared.array(v_size, dt, alignment=16)
+        q_s = cuda.shared.array(q_size, dt, alignment=16)
+        o_s = cuda.shared.array(o_size, dt, alignment=16)
+        p_s = cuda.shared.array(p_size, dt, alignment=16)
+        ds_s = cuda.shared.array(ds_size, dt, alignment=16)
+        l_s = cuda.shared.array(bq, dt)
+        d_s = cuda.shared.array(bq, dt)
+        s_r = cuda.local.array(s_shape, dt)
+        g_r = cuda.local.array(s_shape, dt)
+        dk_acc = cuda.local.array(dk_shape, dt)
+        dv_acc = cuda.local.array(dv_shape, dt)
+        a_r = cuda.local.array((tk, 4), dt)
+        b_r = cuda.local.array((tq, 4), dt)
+        kr = cuda.local.array(tk, dt)
+        cr = cuda.local.array(cw, dt)
+        dq_r = cuda.local.array(dq_shape, dt)
+        sr = cuda.local.array(sr_shape, dt)
+        pq = cuda.local.array(q_loads, dt)
+        po = cuda.local.array(o_loads, dt)
+        tid = cuda.threadIdx.x
+        tx = tid % tx_n
+        ty = tid // tx_n
+        nq = q.shape[2]
+        nk = k.shape[2]
+        j0 = cuda.blockIdx.x * bkv
+        b = uint64(cuda.blockIdx.y // q.shape[1])
+        h = uint64(cuda.blockIdx.y % q.shape[1])
+        zero = dt(0.0)
+        ninf = dt(-math.inf)
+        qscale = scale * log2e
+
+        # this block's keys and values, once (rows past Nk repeat the last key, their P is 0;
+        # columns past d are zeros, so the padded d steps add nothing)
+        for load in range(k_loads):
+            idx = tid + load * nt
+            if idx < bkv * dkw:
+                r = idx // dkw
+                c = idx - r * dkw
+                val = k[b, h, uint64(min(j0 + r, nk - 1)), uint64(min(c, dk - 1))]
+                k_s[uint64(r * ldk + c)] = val if c < dk else zero
+        for load in range(v_loads):
+            idx = tid + load * nt
+            if idx < bkv * dvw:
+                r = idx // dvw
+                c = idx - r * dvw
+                val = v[b, h, uint64(min(j0 + r, nk - 1)), uint64(min(c, dv - 1))]
+                v_s[uint64(r * ldv + c)] = val if c < dv else zero
+        for i in range(tk):
+            for e in range(ck):
+                dk_acc[i, e] = zero
+            for e in range(cv):
+                dv_acc[i, e] = zero
+
+        i_lo = 0
+        i_hi = nq
+        if band:  # query i sees key j iff j - wr <= i <= j + wl
+            i_lo = max(0, j0 - wr)
+            i_hi = min(nq, min(nk, j0 + bkv) + wl)
+        if i_lo < i_hi:  # the first Q/dO tile into registers
+            for load in range(q_loads):
+                idx = tid + load * nt
+                r = idx // dkw
+                c = idx - r * dkw
+                pq[load] = q[b, h, uint64(min(i_lo + r, nq - 1)), uint64(min(c, dk - 1))]
+            for load in range(o_loads):
+                idx = tid + load * nt
+                r = idx // dvw
+                c = idx - r * dvw
+                po[load] = do[b, h, uint64(min(i_lo + r, nq - 1)), uint64(min(c, dv - 1))]
+
+        for i0 in range(i_lo, i_hi, bq):
+            cuda.syncthreads()  # the previous step's readers are done (and K, V are staged)
+            for load in range(q_loads):
+                idx = tid + load * nt
+                if idx < bq * dkw:
+                    r = idx // dkw
+                    c = idx - r * dkw
+                    q_s[uint64(r * ldk + c)] = pq[load] if c < dk else zero
+            for load in range(o_loads):
+                idx = tid + load * nt
+                if idx < bq * dvw:
+                    r = idx // dvw
+                    c = idx - r * dvw
+                    o_s[uint64(r * ldv + c)] = po[load] if c < dv else zero
+            for r in range(tid, bq, nt):
+                row = uint64(min(i0 + r, nq - 1))
+                l_s[r] = lse[b, h, row] * log2e
+                d_s[r] = delta[b, h, row]
+            cuda.syncthreads()
+            i1 = i0 + bq
+            if i1 < i_hi:  # the next tile's loads fly while this one is multiplied
+                for load in range(q_loads):
+                    idx = tid + load * nt
+                    r = idx // dkw
+                    c = idx - r * dkw
+                    pq[load] = q[b, h, uint64(min(i1 + r, nq - 1)), uint64(min(c, dk - 1))]
+                for load in range(o_loads):
+                    idx = tid + load * nt
+                    r = idx // dvw
+                    c = idx - r * dvw
+                    po[load] = do[b, h, uint64(min(i1 + r, nq - 1)), uint64(min(c, dv - 1))]
+
+            # (1) S^T = K Q^T and dP^T = V dO^T for this thread's keys x queries
+            for i in range(tk):
+                for j in range(tq):
+                    s_r[i, j] = zero
+                    g_r[i, j] = zero
+            for d4 in range(dk4):
+                for g in range(tk // 4):
+                    for r in range(4):
+                        ko = uint64((4 * ty + r + g * 4 * ty_n) * ldk + 4 * d4)
+                        for u in range(4):
+                            a_r[4 * g + r, u] = k_s[ko + uint64(u)]
+                for j in range(tq):
+                    qo = uint64((tx + j * tx_n) * ldk + 4 * d4)
+                    for u in range(4):
+                        b_r[j, u] = q_s[qo + uint64(u)]
+                for i in range(tk):
+                    for j in range(tq):
+                        for u in range(4):
+                            s_r[i, j] += a_r[i, u] * b_r[j, u]
+            for d4 in range(dv4):
+                for g in range(tk // 4):
+                    for r in range(4):
+                        vo = uint64((4 * ty + r + g * 4 * ty_n) * ldv + 4 * d4)
+                        for u in range(4):
+                            a_r[4 * g + r, u] = v_s[vo + uint64(u)]
+                for j in range(tq):
+                    oo = uint64((tx + j * tx_n) * ldv + 4 * d4)
+                    for u in range(4):
+                        b_r[j, u] = o_s[oo + uint64(u)]
+                for i in range(tk):
+                    for j in range(tq):
+                        for u in range(4):
+                            g_r[i, j] += a_r[i, u] * b_r[j, u]
+            # (2) P and dS = P (dP - D); P is 0 where masked, past either end, or for a row
+            # that sees no key at all (lse = -inf)
+            for j in range(tq):
+                ql = tx + j * tx_n
+                row = i0 + ql
+                lrow = l_s[ql]
+                drow = d_s[ql]
+                for i in range(tk):
+                    col = j0 + 4 * ty + (i // 4) * 4 * ty_n + i % 4
+                    p = zero
+                    if row < nq and col < nk and lrow > ninf and visible(mask, b, h, row, col, fb, fh, fi, fj,
+                                                                          wl, wr):
+                        p = math.exp2(s_r[i, j] * qscale - lrow)
+                    s_r[i, j] = p
+                    g_r[i, j] = p * (g_r[i, j] - drow)
+                for g in range(tk // 4):
+                    po_ = uint64(ql * ldp + 4 * ty + g * 4 * ty_n)
+                    for r in range(4):
+                        p_s[po_ + uint64(r)] = s_r[4 * g + r, j]
+                        if not single:
+                            ds_s[po_ + uint64(r)] = g_r[4 * g + r, j]
+            cuda.syncthreads()
+            # (3) dV += P^T dO
+            kb = uint64(4 * ty)
+            cb = uint64(4 * tx)
+            for qq in range(bq):
+                pb = kb + uint64(qq * ldp)
+                ob = cb + uint64(qq * ldv)
+                for g in range(tk // 4):
+                    for r in range(4):
+                        kr[4 * g + r] = p_s[pb + uint64(4 * ty_n * g + r)]
+                for g in range(dvg):
+                    for c in range(4):
+                        cr[4 * g + c] = o_s[ob + uint64(4 * tx_n * g + c)]
+                for i in range(tk):
+                    for e in range(cv):
+                        dv_acc[i, e] += kr[i] * cr[e]
+            if single:  # dS replaces P in the one tile
+                cuda.syncthreads()
+                for j in range(tq):
+                    ql = tx + j * tx_n
+                    for g in range(tk // 4):
+                        po_ = uint64(ql * ldp + 4 * ty + g * 4 * ty_n)
+                        for r in range(4):
+                            p_s[po_ + uint64(r)] = g_r[4 * g + r, j]
+                cuda.syncthreads()
+            dsb = p_s if single else ds_s
+            # (4) dK += dS^T Q (scaled by 1/sqrt(d_k) when written)
+            for qq in range(bq):
+                pb = kb + uint64(qq * ldp)
+                qb = cb + uint64(qq * ldk)
+                for g in range(tk // 4):
+                    for r in range(4):
+                        kr[4 * g + r] = dsb[pb + uint64(4 * ty_n * g + r)]
+                for g in range(dkg):
+                    for c in range(4):
+                        cr[4 * g + c] = q_s[qb + uint64(4 * tx_n * g + c)]
+                for i in range(tk):
+                    for e in range(ck):
+                        dk_acc[i, e] += kr[i] * cr[e]
+            # (5) dQ_tile = dS K / sqrt(d_k), added into dq with atomics
+            if atomic_dq:
+                for c in range(tqe):
+                    for e in range(ck):
+                        dq_r[c, e] = zero
+                for r4 in range(bkv // 4):
+                    for c in range(tqe):
+                        so = uint64((ty + c * ty_n) * ldp + 4 * r4)
+                        for u in range(4):
+                            sr[c, u] = dsb[so + uint64(u)]
+                    for u in range(4):
+                        ko = cb + uint64((4 * r4 + u) * ldk)
+                        for g in range(dkg):
+                            for cc in range(4):
+                                cr[4 * g + cc] = k_s[ko + uint64(4 * tx_n * g + cc)]
+                        for c in range(tqe):
+                            for e in range(ck):
+                                dq_r[c, e] += sr[c, u] * cr[e]
+                for c in range(tqe):
+                    row = i0 + ty + c * ty_n
+                    if row < nq:
+                        for e in range(ck):
+                            col = 4 * tx + (e // 4) * 4 * tx_n + e % 4
+                            if col < dk:
+                                cuda.atomic.add(dq, (b, h, uint64(row), uint64(col)), dq_r[c, e] * scale)
+
+        for i in range(tk):
+            key = j0 + 4 * ty + (i // 4) * 4 * ty_n + i % 4
+            if key < nk:
+                for e in range(ck):
+                    col = 4 * tx + (e // 4) * 4 * tx_n + e % 4
+                    if col < dk:
+                        dk_out[b, h, uint64(key), uint64(col)] = dk_acc[i, e] * scale
+                for e in range(cv):
+                    col = 4 * tx + (e // 4) * 4 * tx_n + e % 4
+                    if col < dv:
+                        dv_out[b, h, uint64(key), uint64(col)] = dv_acc[i, e]
+
+    return bwd_kv
+
+
+@lru_cache(maxsize=None)
+def bwd_dq_kernel(dtype, dk, dv, bq, bkv, ty_n, tx_n, masked: bool, band: bool):
+    """The dQ pass of the fused backward (``BWD_DQ["pass"]``): dq = sum over key tiles of dS K.
+
+    Launch: grid (cdiv(Nq, BQ), B*H), block TY*TX threads, heaviest causal tiles first. A block
+    stages its BQ queries (Q, dO, lse, D) once and walks the key tiles that its queries can see,
+    the next K/V tile loaded into registers while the current one is multiplied: S and dP
+    (thread: queries ``ty + c*TY`` x keys ``tx + j*TX``, reduced over d in 16-byte steps), dS to
+    a shared tile, then dQ += dS K (thread: its queries x columns ``4*tx + c + g*4*TX``,
+    reduced over keys in steps of 4). Every dQ element is summed by one thread in key order:
+    deterministic.
+    """
+    dt = numba_dtype(dtype)
+    visible = visibility(masked, band)
+    nt = ty_n * tx_n
+    tq, tk = bq // ty_n, bkv // tx_n
+    dkg, dkw = _bwd_widths(dk, tx_n)
+    dvg, dvw = _bwd_widths(dv, tx_n)
+    ck = 4 * dkg
+    ldk, ldv, ldp = dkw + 4, dvw + 4, bkv + 4
+    dk4, dv4 = cdiv(dk, 4), cdiv(dv, 4)
+    k_size, v_size, q_size, o_size, p_size = bkv * ldk, bkv * ldv, bq * ldk, bq * ldv, bq * ldp
+    k_loads, v_loads, q_loads, o_loads = (cdiv(bkv * dkw, nt), cdiv(bkv * dvw, nt), cdiv(bq * dkw, nt),
+                                          cdiv(bq * dvw, nt))
+    s_shape, acc_shape = (tq, tk), (tq, ck)
+    log2e = dt(LOG2E)
+
+    @cuda.jit(cache=True)
+    def bwd_dq(q, k, v, do, lse, delta, dq, mask, fb, fh, fi, fj, scale, wl, wr):
+        k_s = cuda.shared.array(k_size, dt, alignment=16)
+        v_s = cuda.shared.array(v_size, dt, alignment=16)
+        q_s = cuda.shared.array(q_size, dt, alignment=16)
+        o_s = cuda.shared.array(o_size, dt, alignment=16)
+        ds_s = cuda.shared.array(p_size, dt, alignment=16)
+        l_s = cuda.shared.array(bq, dt)
+        d_s = cuda.shared.array(bq, dt)
+        s_r = cuda.local.array(s_shape, dt)
+        g_r = cuda.local.array(s_shape, dt)
+        acc = cuda.local.array(acc_shape, dt)
+        a_r = cuda.local.array((tq, 4), dt)
+        b_r = cuda.local.array((tk, 4), dt)
+        cr = cuda.local.array(ck, dt)
+        pk = cuda.local.array(k_loads, dt)
+        pv = cuda.local.array(v_loads, dt)
+        tid = cuda.threadIdx.x
+        tx = tid % tx_n
+        ty = tid // tx_n
+        nq = q.shape[2]
+        nk = k.shape[2]
+        q0 = (cuda.gridDim.x - 1 - cuda.blockIdx.x) * bq  # heaviest causal tiles first
+        b = uint64(cuda.blockIdx.y // q.shape[1])
+        h = uint64(cuda.blockIdx.y % q.shape[1])
+        zero = dt(0.0)
+        ninf = dt(-math.inf)
+        qscale = scale * log2e
+
+        for load in range(q_loads):
+            idx = tid + load * nt
+            if idx < bq * dkw:
+                r = idx // dkw
+                c = idx - r * dkw
+                val = q[b, h, uint64(min(q0 + r, nq - 1)), uint64(min(c, dk - 1))]
+                q_s[uint64(r * ldk + c)] = val if c < dk else zero
+        for load in range(o_loads):
+            idx = tid + load * nt
+            if idx < bq * dvw:
+                r = idx // dvw
+                c = idx - r * dvw
+                val = do[b, h, uint64(min(q0 + r, nq - 1)), uint64(min(c, dv - 1))]
+                o_s[uint64(r * ldv + c)] = val if c < dv else zero
+        for r in range(tid, bq, nt):
+            row = uint64(min(q0 + r, nq - 1))
+            l_s[r] = lse[b, h, row] * log2e
+            d_s[r] = delta[b, h, row]
+        for i in range(tq):
+            for e in range(ck):
+                acc[i, e] = zero
+
+        k_lo = 0
+        k_hi = nk
+        if band:  # keys outside [q0 - wl, q0 + bq - 1 + wr] are invisible to the whole tile
+            k_lo = max(0, q0 - wl)
+            k_hi = min(nk, q0 + bq + wr)
+        if k_lo < k_hi:
+            for load in range(k_loads):
+                idx = tid + load * nt
+                r = idx // dkw
+                c = idx - r * dkw
+                pk[load] = k[b, h, uint64(min(k_lo + r, nk - 1)), uint64(min(c, dk - 1))]
+            for load in range(v_loads):
+                idx = tid + load * nt
+                r = idx // dvw
+                c = idx - r * dvw
+                pv[load] = v[b, h, uint64(min(k_lo + r, nk - 1)), uint64(min(c, dv - 1))]
+
+        for k0 in range(k_lo, k_hi, bkv):
+            cuda.syncthreads()  # the previous tile's readers are done (and Q, dO are staged)
+            for load in range(k_loads):
+                idx = tid + load * nt
+                if idx < bkv * dkw:
+                    r = idx // dkw
+                    c = idx - r * dkw
+                    k_s[uint64(r * ldk + c)] = pk[load] if c < dk else zero
+            for load in range(v_loads):
+                idx = tid + load * nt
+                if idx < bkv * dvw:
+                    r = idx // dvw
+                    c = idx - r * dvw
+                    v_s[uint64(r * ldv + c)] = pv[load] if c < dv else zero
+            cuda.syncthreads()
+            k1 = k0 + bkv
+            if k1 < k_hi:
+                for load in range(k_loads):
+                    idx = tid + load * nt
+                    r = idx // dkw
+                    c = idx - r * dkw
+                    pk[load] = k[b, h, uint64(min(k1 + r, nk - 1)), uint64(min(c, dk - 1))]
+                for load in range(v_loads):
+                    idx = tid + load * nt
+                    r = idx // dvw
+                    c = idx - r * dvw
+                    pv[load] = v[b, h, uint64(min(k1 + r, nk - 1)), uint64(min(c, dv - 1))]
+
+            # (1) S = Q K^T and dP = dO V^T: this thread's queries x keys
+            for i in range(tq):
+                for j in range(tk):
+                    s_r[i, j] = zero
+                    g_r[i, j] = zero
+            for d4 in range(dk4):
+                for i in range(tq):
+                    qo = uint64((ty + i * ty_n) * ldk + 4 * d4)
+                    for u in range(4):
+                        a_r[i, u] = q_s[qo + uint64(u)]
+                for j in range(tk):
+                    ko = uint64((tx + j * tx_n) * ldk + 4 * d4)
+                    for u in range(4):
+                        b_r[j, u] = k_s[ko + uint64(u)]
+                for i in range(tq):
+                    for j in range(tk):
+                        for u in range(4):
+                            s_r[i, j] += a_r[i, u] * b_r[j, u]
+            for d4 in range(dv4):
+                for i in range(tq):
+                    oo = uint64((ty + i * ty_n) * ldv + 4 * d4)
+                    for u in range(4):
+                        a_r[i, u] = o_s[oo + uint64(u)]
+                for j in range(tk):
+                    vo = uint64((tx + j * tx_n) * ldv + 4 * d4)
+                    for u in range(4):
+                        b_r[j, u] = v_s[vo + uint64(u)]
+                for i in range(tq):
+                    for j in range(tk):
+                        for u in range(4):
+                            g_r[i, j] += a_r[i, u] * b_r[j, u]
+            # (2) dS = P (dP - D) to shared
+            for i in range(tq):
+                ql = ty + i * ty_n
+                row = q0 + ql
+                lrow = l_s[ql]
+                drow = d_s[ql]
+                for j in range(tk):
+                    rl = tx + j * tx_n
+                    col = k0 + rl
+                    ds = zero
+                    if row < nq and col < k_hi and lrow > ninf and visible(mask, b, h, row, col, fb, fh, fi, fj,
+                                                                            wl, wr):
+                        ds = math.exp2(s_r[i, j] * qscale - lrow) * (g_r[i, j] - drow)
+                    ds_s[uint64(ql * ldp + rl)] = ds
+            cuda.syncthreads()
+            # (3) dQ += dS K
+            cb = uint64(4 * tx)
+            for r4 in range(bkv // 4):
+                for i in range(tq):
+                    so = uint64((ty + i * ty_n) * ldp + 4 * r4)
+                    for u in range(4):
+                        a_r[i, u] = ds_s[so + uint64(u)]
+                for u in range(4):
+                    ko = cb + uint64((4 * r4 + u) * ldk)
+                    for g in range(dkg):
+                        for c in range(4):
+                            cr[4 * g + c] = k_s[ko + uint64(4 * tx_n * g + c)]
+                    for i in range(tq):
+                        for e in range(ck):
+                            acc[i, e] += a_r[i, u] * cr[e]
+
+        for i in range(tq):
+            row = q0 + ty + i * ty_n
+            if row < nq:
+                for e in range(ck):
+                    col = 4 * tx + (e // 4) * 4 * tx_n + e % 4
+                    if col < dk:
+                        dq[b, h, uint64(row), uint64(col)] = acc[i, e] * scale
+
+    return bwd_dq
+
+
+def zeros_heads(b, h, n, dh, dtype, tuning):
+    """:func:`empty_heads` filled with zeros."""
+    from .training import zeros
+
+    merged = zeros((b, n, h * dh), dtype, tuning)
+    return strided_view(merged, (b, h, n, dh), merged_layout(b, h, n, dh, np.dtype(dtype).itemsize))
+
+
+@lru_cache(maxsize=None)
+def _placeholder4(dtype):
+    return cuda.to_device(np.zeros((1, 1, 1, 1), dtype=dtype))
+
+
+def fused_backward(q, k, v, out, lse, dout, tuning, *, mask4=None, factors=(0, 0, 0, 0), window=None):
+    """(dq, dk, dv) of the fused attention on 4-D operands (any strides); dq, dk, dv come back
+    head-merged (views of (B, N, H*D) arrays), as the forward's output. ``window``: as
+    :func:`run_fused`; the variant is ``tuning.attn_bwd_dq`` (``BWD_DQ``)."""
+    b, h, nq, dk = q.shape
+    nk, dv = k.shape[2], v.shape[3]
+    dtype = np.dtype(q.dtype)
+    if nk == 0 or nq == 0:  # an empty sum: zero gradients
+        return (zeros_heads(b, h, nq, dk, dtype, tuning), zeros_heads(b, h, nk, dk, dtype, tuning),
+                zeros_heads(b, h, nk, dv, dtype, tuning))
+    (bq, bkv, ty, tx), single = fused_bwd_plan(tuning, dk, dv, dtype.itemsize)
+    atomic = tuning.attn_bwd_dq == "atomic"
+    dq = empty_heads(b, h, nq, dk, dtype)
+    dk_ = empty_heads(b, h, nk, dk, dtype)
+    dv_ = empty_heads(b, h, nk, dv, dtype)
+    delta = cuda.device_array((b, h, nq), dtype=dtype)
+    nt = tuning.elem_threads
+    rows_pb = nt // (8 if nt % 8 == 0 else 1)
+    launch("attention_backward_pre", _bwd_pre_kernel(dtype, nt, atomic), (cdiv(nq, rows_pb), b * h), nt,
+           out, dout, delta, dq)
+    masked, band = mask4 is not None, window is not None
+    wl, wr = window if band else (0, 0)
+    mask_args = (mask4 if masked else no_mask(), *factors)
+    scale = dtype.type(1.0 / math.sqrt(dk))
+    launch("attention_backward_kv", bwd_kv_kernel(dtype, dk, dv, bq, bkv, ty, tx, masked, band, atomic, single),
+           (cdiv(nk, bkv), b * h), ty * tx, q, k, v, dout, lse, delta, dq, dk_, dv_, *mask_args, scale, wl, wr)
+    if not atomic:
+        launch("attention_backward_dq", bwd_dq_kernel(dtype, dk, dv, bq, bkv, ty, tx, masked, band),
+               (cdiv(nq, bq), b * h), ty * tx, q, k, v, dout, lse, delta, dq, *mask_args, scale, wl, wr)
+    return dq, dk_, dv_
+
+
+@lru_cache(maxsize=None)
+def _naive_ds_kernel(dtype, masked: bool, causal: bool):
+    """In place over the (B*H*Nq, Nk) rows: s <- P = exp(s - lse) (0 where masked or for a row
+    with no visible key), dp <- dS = P (dp - D)."""
+    dt = numba_dtype(dtype)
+    visible = visibility(masked, causal)
+    wl = UNBOUNDED
+
+    @cuda.jit(cache=True)
+    def naive_ds(s, dp, lse, delta, mask, fb, fh, fi, fj, n_heads, nq):
+        idx = cuda.grid(1)
+        nk = s.shape[1]
+        if idx < s.shape[0] * nk:
+            row = idx // nk
+            j = idx - row * nk
+            i = row % nq
+            bh = row // nq
+            p = dt(0.0)
+            lrow = lse[row]
+            if lrow > dt(-math.inf) and visible(mask, bh // n_heads, bh % n_heads, i, j, fb, fh, fi, fj, wl, 0):
+                p = math.exp(s[row, j] - lrow)
+            s[row, j] = p
+            dp[row, j] = p * (dp[row, j] - delta[row])
+
+    return naive_ds
+
+
+def naive_backward(q, k, v, out, lse, dout, tuning, *, mask4=None, factors=(0, 0, 0, 0), causal=False,
+                   free_bytes=None):
+    """(dq, dk, dv) with the (Nq, Nk) matrices materialised: S and dP as two (B*H, Nq, Nk)
+    arrays (refused with InsufficientMemoryError if they would not fit), five batched
+    Numba GEMMs around one elementwise kernel."""
+    b, h, nq, dk = q.shape
+    nk, dv = k.shape[2], v.shape[3]
+    dtype = np.dtype(q.dtype)
+    need = 2 * b * h * nq * nk * dtype.itemsize
+    if free_bytes is not None and need > free_bytes:
+        from ..._checks import format_bytes
+        from ...errors import InsufficientMemoryError
+
+        raise InsufficientMemoryError(
+            f"the naive attention backward needs {format_bytes(need)} for its two (B={b}, H={h}, Nq={nq}, "
+            f"Nk={nk}) matrices but only {format_bytes(free_bytes)} is free; use impl='fused'")
+    z = b * h
+    q3 = c_view(contiguous(q, tuning), (z, nq, dk))
+    k3 = c_view(contiguous(k, tuning), (z, nk, dk))
+    v3 = c_view(contiguous(v, tuning), (z, nk, dv))
+    do3 = c_view(contiguous(dout, tuning), (z, nq, dv))
+    delta = cuda.device_array((b, h, nq), dtype=dtype)
+    nt = tuning.elem_threads
+    rows_pb = nt // (8 if nt % 8 == 0 else 1)
+    launch("attention_backward_pre", _bwd_pre_kernel(dtype, nt, False), (cdiv(nq, rows_pb), z), nt,
+           out, dout, delta, _placeholder4(dtype))
+    s = cuda.device_array((z, nq, nk), dtype=dtype)
+    dp = cuda.device_array((z, nq, nk), dtype=dtype)
+    scale = 1.0 / math.sqrt(dk)
+    gemm(q3, k3, s, tuning, trans_b=True, alpha=scale)  # S
+    gemm(do3, v3, dp, tuning, trans_b=True)  # dP = dO V^T
+    launch("attention_backward_ds", _naive_ds_kernel(dtype, mask4 is not None, bool(causal)),
+           grid_1d(z * nq * nk, tuning.elem_threads), tuning.elem_threads, c_view(s, (z * nq, nk)),
+           c_view(dp, (z * nq, nk)), c_view(contiguous(lse, tuning), (z * nq,)), c_view(delta, (z * nq,)),
+           mask4 if mask4 is not None else no_mask(), *factors, h, nq)
+    dq3 = cuda.device_array((z, nq, dk), dtype=dtype)
+    dk3 = cuda.device_array((z, nk, dk), dtype=dtype)
+    dv3 = cuda.device_array((z, nk, dv), dtype=dtype)
+    gemm(s, do3, dv3, tuning, trans_b=False, trans_a=True)  # dV = P^T dO
+    gemm(dp, k3, dq3, tuning, trans_b=False, alpha=scale)  # dQ = dS K / sqrt(d_k)
+    gemm(dp, q3, dk3, tuning, trans_b=False, trans_a=True, alpha=scale)  # dK = dS^T Q / sqrt(d_k)
+    return c_view(dq3, (b, h, nq, dk)), c_view(dk3, (b, h, nk, dk)), c_view(dv3, (b, h, nk, dv))
+
+
+def attention_backward(q, k, v, out, lse, dout, mask, causal, impl, tuning, free_bytes=None):
+    """(dq, dk, dv) of :func:`attention` from its inputs, output, lse and dout."""
+    b, h, nq, dk = q.shape
+    nk, dv = k.shape[2], v.shape[3]
+    for name, a, shape in (("out", out, (b, h, nq, dv)), ("dout", dout, (b, h, nq, dv)), ("lse", lse, (b, h, nq))):
+        if tuple(a.shape) != shape:
+            raise ValueError(f"attention_backward: {name} must have shape {shape}, got {tuple(a.shape)}")
+    mask4, factors = _mask4(mask) if mask is not None else (None, (0, 0, 0, 0))
+    if impl == "naive":
+        return naive_backward(q, k, v, out, lse, dout, tuning, mask4=mask4, factors=factors, causal=causal,
+                              free_bytes=free_bytes)
+    return fused_backward(q, k, v, out, lse, dout, tuning, mask4=mask4, factors=factors,
+                          window=(UNBOUNDED, 0) if causal else None)
+
+
+@lru_cache(maxsize=None)
+def _merge_into_kernel():
+    @cuda.jit(cache=True)
+    def merge_into(x, out, start):  # out[b, n, start + h*Dh + d] = x[b, h, n, d]; writes coalesced
+        i = cuda.grid(1)
+        bb, hh, n, dh = x.shape
+        if i < bb * hh * n * dh:
+            col = i % (hh * dh)
+            pos = (i // (hh * dh)) % n
+            bi = i // (hh * dh * n)
+            out[bi, pos, start + col] = x[bi, col // dh, pos, col % dh]
+
+    return merge_into
+
+
+def merge_heads_into(x, out, start, tuning) -> None:
+    """In place: columns [start, start + H*Dh) of out (B, N, C) = merge_heads(x), x (B, H, N, Dh)."""
+    b, h, n, dh = x.shape
+    if len(out.shape) != 3 or tuple(out.shape[:2]) != (b, n) or not 0 <= start <= out.shape[2] - h * dh:
+        raise ValueError(f"merge_heads_into: out of shape {tuple(out.shape)} has no columns "
+                         f"[{start}, {start + h * dh}) for (B, N) = {(b, n)}")
+    if x.size:
+        launch("merge_heads_into", _merge_into_kernel(), grid_1d(x.size, tuning.elem_threads), tuning.elem_threads,
+               x, out, start)

@@ -76,15 +76,17 @@ def _make_act(dt):
 
 
 @lru_cache(maxsize=None)
-def gemm_kernel(dtype, bm, bn, bk, tm, tn, trans_b: bool, act_code: int, has_bias: bool, version: int = 1):
-    """The GEMM kernel of ``version`` (``GEMM_VERSIONS``) for these compile-time constants."""
+def gemm_kernel(dtype, bm, bn, bk, tm, tn, trans_b: bool, act_code: int, has_bias: bool, version: int = 1,
+                trans_a: bool = False):
+    """The GEMM kernel of ``version`` (``GEMM_VERSIONS``) for these compile-time constants;
+    ``trans_a``: A is given as (Z, K, M) and used transposed (the backward's dW = dY^T X)."""
     if version == 2:  # Tuning checks that TM and TN are multiples of 4
-        return _gemm_v2(dtype, bm, bn, bk, tm, tn, trans_b, act_code, has_bias)
-    return _gemm_v1(dtype, bm, bn, bk, tm, tn, trans_b, act_code, has_bias)
+        return _gemm_v2(dtype, bm, bn, bk, tm, tn, trans_b, act_code, has_bias, trans_a)
+    return _gemm_v1(dtype, bm, bn, bk, tm, tn, trans_b, act_code, has_bias, trans_a)
 
 
 @lru_cache(maxsize=None)
-def _gemm_v2(dtype, bm, bn, bk, tm, tn, trans_b: bool, act_code: int, has_bias: bool):
+def _gemm_v2(dtype, bm, bn, bk, tm, tn, trans_b: bool, act_code: int, has_bias: bool, trans_a: bool = False):
     """v2 of :func:`_gemm_v1`'s product: same operands, launch and results.
 
     * The thread tile is (TM/4) x (TN/4) blocks of 4 x 4: rows ``4*ty + r + g*4*TY`` and
@@ -136,10 +138,16 @@ def _gemm_v2(dtype, bm, bn, bk, tm, tn, trans_b: bool, act_code: int, has_bias: 
             if t < n_tiles:  # the slab of step t into registers (step t - 1 is in shared memory)
                 for load in range(a_loads):
                     idx = tid + load * nt
-                    r = idx // bk
-                    cc = idx - r * bk
-                    v = a[z, uint64(min(m0 + r, m_last)), uint64(min(k0 + cc, k_last))]
-                    pa[load] = v if k0 + cc < k else zero
+                    if trans_a:  # A is (K, M): walk M, the contiguous axis
+                        r = idx // bm
+                        cc = idx - r * bm
+                        v = a[z, uint64(min(k0 + r, k_last)), uint64(min(m0 + cc, m_last))]
+                        pa[load] = v if k0 + r < k else zero
+                    else:
+                        r = idx // bk
+                        cc = idx - r * bk
+                        v = a[z, uint64(min(m0 + r, m_last)), uint64(min(k0 + cc, k_last))]
+                        pa[load] = v if k0 + cc < k else zero
                 for load in range(b_loads):
                     idx = tid + load * nt
                     if trans_b:  # B is (N, K): walk K, the contiguous axis
@@ -175,8 +183,12 @@ def _gemm_v2(dtype, bm, bn, bk, tm, tn, trans_b: bool, act_code: int, has_bias: 
                 for load in range(a_loads):
                     idx = tid + load * nt
                     if idx < bm * bk:
-                        r = idx // bk
-                        a_s[uint64(half * a_half + (idx - r * bk) * lda + r)] = pa[load]
+                        if trans_a:
+                            r = idx // bm
+                            a_s[uint64(half * a_half + r * lda + idx - r * bm)] = pa[load]
+                        else:
+                            r = idx // bk
+                            a_s[uint64(half * a_half + (idx - r * bk) * lda + r)] = pa[load]
                 for load in range(b_loads):
                     idx = tid + load * nt
                     if idx < bn * bk:
@@ -202,10 +214,11 @@ def _gemm_v2(dtype, bm, bn, bk, tm, tn, trans_b: bool, act_code: int, has_bias: 
 
 
 @lru_cache(maxsize=None)
-def _gemm_v1(dtype, bm, bn, bk, tm, tn, trans_b: bool, act_code: int, has_bias: bool):
-    """C[z] = alpha * A[z] @ (B[z].T if trans_b else B[z]) (+ bias) (act) for 3-D operands.
+def _gemm_v1(dtype, bm, bn, bk, tm, tn, trans_b: bool, act_code: int, has_bias: bool, trans_a: bool = False):
+    """C[z] = alpha * op(A[z]) @ op(B[z]) (+ bias) (act) for 3-D operands.
 
-    A (Z, M, K); B (Z, N, K) if trans_b else (Z, K, N); C (Z, M, N); bias (N,).
+    A (Z, M, K), or (Z, K, M) used transposed if trans_a; B (Z, N, K) if trans_b else
+    (Z, K, N); C (Z, M, N); bias (N,).
     Launch: grid (cdiv(N, bn), cdiv(M, bm), Z), block (bm/tm)*(bn/tn) threads.
     """
     dt = numba_dtype(dtype)
@@ -235,12 +248,19 @@ def _gemm_v1(dtype, bm, bn, bk, tm, tn, trans_b: bool, act_code: int, has_bias: 
             for load in range(a_loads):
                 idx = tid + load * nt
                 if idx < bm * bk:
-                    r = idx // bk
-                    cc = idx % bk
                     v = dt(0.0)
-                    if m0 + r < m and k0 + cc < k:
-                        v = a[z, m0 + r, k0 + cc]
-                    a_s[cc, r] = v
+                    if trans_a:  # A is (K, M): walk M, the contiguous axis
+                        r = idx // bm
+                        cc = idx % bm
+                        if k0 + r < k and m0 + cc < m:
+                            v = a[z, k0 + r, m0 + cc]
+                        a_s[r, cc] = v
+                    else:
+                        r = idx // bk
+                        cc = idx % bk
+                        if m0 + r < m and k0 + cc < k:
+                            v = a[z, m0 + r, k0 + cc]
+                        a_s[cc, r] = v
             for load in range(b_loads):
                 idx = tid + load * nt
                 if idx < bn * bk:
@@ -302,13 +322,17 @@ def pick_gemm_tiles(tuning, z: int, m: int, n: int, itemsize: int = 4) -> tuple:
     return bm, bn, bk, tm, tn
 
 
-def gemm(a, b, c, tuning, *, trans_b: bool, alpha: float = 1.0, bias=None, act=None) -> None:
+def gemm(a, b, c, tuning, *, trans_b: bool, alpha: float = 1.0, bias=None, act=None, trans_a: bool = False) -> None:
     """Batched product into the preallocated 3-D ``c`` (see :func:`gemm_kernel`)."""
-    z, m, k = a.shape
+    if trans_a:
+        z, k, m = a.shape
+    else:
+        z, m, k = a.shape
     n = b.shape[1] if trans_b else b.shape[2]
     dtype = np.dtype(c.dtype)
     bm, bn, bk, tm, tn = tiles = pick_gemm_tiles(tuning, z, m, n, dtype.itemsize)
-    kern = gemm_kernel(dtype, *tiles, bool(trans_b), ACTIVATIONS[act], bias is not None, tuning.gemm_version)
+    kern = gemm_kernel(dtype, *tiles, bool(trans_b), ACTIVATIONS[act], bias is not None, tuning.gemm_version,
+                       bool(trans_a))
     launch("gemm", kern, (cdiv(n, bn), cdiv(m, bm), z), (bm // tm) * (bn // tn),
            a, b, placeholder(dtype) if bias is None else bias, c, m, n, k, dtype.type(alpha))
 
@@ -457,3 +481,181 @@ def cast(x, dtype, tuning):
     launch("cast", _cast_kernel(), grid_1d(n, tuning.elem_threads), tuning.elem_threads,
            c_view(x, (n,)), c_view(out, (n,)))
     return out
+
+
+# ---------------------------------------------------------------------- backward
+# y = x W^T + b:  dx = dy W,  dW = dy^T x (one product over every row),  db = column sums of dy.
+# With gemm "cupy" both products are cuBLAS calls (_cublas.gemm_into); with "numba" dx is the
+# tiled GEMM without transpose and dW the tiled GEMM with A transposed, split over the rows
+# (the reduction axis) into batches when its (out, in) output alone has too few tiles to fill
+# the GPU, the partial products then summed in a fixed order (deterministic, no atomics).
+
+
+@lru_cache(maxsize=None)
+def _column_sums_kernel(dtype, nt: int):
+    """out[c] = sum over rows of x[r, c] (x (M, N)): 32 columns per block, nt/32 row lanes each
+    summing every (nt/32)-th row (a warp reads 32 consecutive columns of one row: coalesced),
+    the lanes' partial sums combined in shared memory in a fixed order (deterministic)."""
+    dt = numba_dtype(dtype)
+    lanes = max(1, nt // 32)
+    width = nt // lanes
+
+    @cuda.jit(cache=True)
+    def column_sums(x, out):
+        part = cuda.shared.array(nt, dt)
+        t = cuda.threadIdx.x
+        lane = t // width
+        col = cuda.blockIdx.x * width + t - lane * width
+        n = x.shape[1]
+        s = dt(0.0)
+        if col < n:
+            for r in range(lane, x.shape[0], lanes):
+                s += x[r, col]
+        part[t] = s
+        cuda.syncthreads()
+        if lane == 0 and col < n:
+            for other in range(1, lanes):
+                s += part[other * width + t]
+            out[col] = s
+
+    return column_sums
+
+
+def column_sums(x2, tuning, out=None):
+    """Sums over the rows of a 2-D device array x2 (M, N) -> (N,) (a new array unless ``out``)."""
+    m, n = x2.shape
+    dtype = np.dtype(x2.dtype)
+    if out is None:
+        out = cuda.device_array(n, dtype=dtype)
+    if n == 0:
+        return out
+    nt = tuning.elem_threads
+    width = nt // max(1, nt // 32)
+    launch("column_sums", _column_sums_kernel(dtype, nt), (cdiv(n, width),), nt, x2, out)
+    return out
+
+
+@lru_cache(maxsize=None)
+def _sum_parts_kernel():
+    @cuda.jit(cache=True)
+    def sum_parts(parts, out):  # out[i] = sum over s of parts[s, i], s ascending
+        i = cuda.grid(1)
+        if i < out.shape[0]:
+            acc = parts[0, i]
+            for s in range(1, parts.shape[0]):
+                acc += parts[s, i]
+            out[i] = acc
+
+    return sum_parts
+
+
+def _row_splits(rows: int, out_blocks: int, tuning) -> int:
+    """How many batches to split a product's reduction axis of ``rows`` into: enough that
+    the output's ``out_blocks`` tiles times the batches reach ``tuning.min_blocks``, each
+    batch at least 64 rows, and the count divides ``rows`` (a batch is then a plain view)."""
+    want = min(-(-tuning.min_blocks // max(1, out_blocks)), rows // 64)
+    for s in range(max(1, want), 1, -1):
+        if rows % s == 0:
+            return s
+    return 1
+
+
+def gemm_tn(a2, b2, c2, tuning, alpha: float = 1.0) -> None:
+    """Numba GEMM ``c2 (M, N) = alpha * a2^T @ b2`` for a2 (R, M), b2 (R, N) contiguous: the
+    weight-gradient product, its R rows split into batches when the output is small."""
+    r, m = a2.shape
+    n = b2.shape[1]
+    dtype = np.dtype(c2.dtype)
+    bm, bn = pick_gemm_tiles(tuning, 1, m, n, dtype.itemsize)[:2]
+    splits = _row_splits(r, cdiv(m, bm) * cdiv(n, bn), tuning) if r else 1
+    if splits == 1:
+        gemm(c_view(a2, (1, r, m)), c_view(b2, (1, r, n)), c_view(c2, (1, m, n)), tuning, trans_b=False,
+             trans_a=True, alpha=alpha)
+        return
+    parts = cuda.device_array((splits, m, n), dtype=dtype)
+    gemm(c_view(a2, (splits, r // splits, m)), c_view(b2, (splits, r // splits, n)), parts, tuning,
+         trans_b=False, trans_a=True, alpha=alpha)
+    launch("sum_parts", _sum_parts_kernel(), grid_1d(m * n, tuning.elem_threads), tuning.elem_threads,
+           c_view(parts, (splits, m * n)), c_view(c2, (m * n,)))
+
+
+def matmul_into(a2, b2, c2, tuning, gemm_impl: str, *, trans_a: bool = False, trans_b: bool = False,
+                alpha: float = 1.0) -> None:
+    """``c2 = alpha * op(a2) @ op(b2)`` for contiguous 2-D device arrays, through cuBLAS
+    (``gemm_impl`` "cupy") or the Numba GEMM; an empty reduction gives zeros."""
+    m, n = c2.shape
+    k = a2.shape[0] if trans_a else a2.shape[1]
+    if m == 0 or n == 0:
+        return
+    if k == 0:
+        from .training import fill_
+
+        fill_(c2, 0.0, tuning)
+        return
+    if gemm_impl == "cupy":
+        from ._cublas import gemm_into
+
+        gemm_into(a2, b2, c2, trans_a=trans_a, trans_b=trans_b, alpha=alpha)
+    elif trans_a and not trans_b:
+        gemm_tn(a2, b2, c2, tuning, alpha)
+    elif trans_a:
+        raise NotImplementedError("the Numba GEMM has no product with both operands transposed")
+    else:
+        gemm(c_view(a2, (1,) + tuple(a2.shape)), c_view(b2, (1,) + tuple(b2.shape)), c_view(c2, (1, m, n)),
+             tuning, trans_b=trans_b, alpha=alpha)
+
+
+def linear_backward(x, weight, dy, bias, tuning, gemm_impl: str = "numba"):
+    """(dx (..., in), dweight (out, in), dbias (out,) or None) of ``x @ weight.T + b``."""
+    x = contiguous(x, tuning)
+    dy = contiguous(dy, tuning)
+    k = tuple(x.shape)[-1]
+    n = weight.shape[0]
+    lead = tuple(x.shape)[:-1]
+    m = math.prod(lead)
+    if tuple(dy.shape) != lead + (n,):
+        raise ValueError(f"linear_backward: dy must have shape {lead + (n,)}, got {tuple(dy.shape)}")
+    dtype = np.dtype(x.dtype)
+    x2, dy2 = c_view(x, (m, k)), c_view(dy, (m, n))
+    dx = cuda.device_array((m, k), dtype=dtype)
+    dw = cuda.device_array((n, k), dtype=dtype)
+    matmul_into(dy2, weight, dx, tuning, gemm_impl)  # dx = dy W
+    matmul_into(dy2, x2, dw, tuning, gemm_impl, trans_a=True)  # dW = dy^T x
+    db = column_sums(dy2, tuning) if bias else None
+    return c_view(dx, lead + (k,)), dw, db
+
+
+@lru_cache(maxsize=None)
+def _activation_backward_kernel(dtype, act_code: int):
+    dt = numba_dtype(dtype)
+    half, one, zero = dt(0.5), dt(1.0), dt(0.0)
+    inv_sqrt2, inv_sqrt_2pi = dt(_SQRT1_2), dt(1.0 / math.sqrt(2.0 * math.pi))
+
+    @cuda.jit(cache=True)
+    def act_backward(x, dy, dx):
+        i = cuda.grid(1)
+        if i < x.shape[0]:
+            v = x[i]
+            if act_code == 1:  # relu: 0 at x = 0, as PyTorch
+                dx[i] = dy[i] if v > zero else zero
+            else:  # exact gelu: Phi(x) + x phi(x)
+                cdf = half * (one + math.erf(v * inv_sqrt2))
+                dx[i] = dy[i] * (cdf + v * math.exp(-half * v * v) * inv_sqrt_2pi)
+
+    return act_backward
+
+
+def activation_backward(x, dy, kind, tuning):
+    """dx of ``activation(x, kind)`` given dy (x: the activation's input)."""
+    if kind not in ("relu", "gelu"):
+        raise ValueError(f"unknown activation {kind!r}; choose relu or gelu")
+    if tuple(dy.shape) != tuple(x.shape):
+        raise ValueError(f"activation_backward: dy {tuple(dy.shape)} does not match x {tuple(x.shape)}")
+    x, dy = contiguous(x, tuning), contiguous(dy, tuning)
+    dx = cuda.device_array(tuple(x.shape), dtype=x.dtype)
+    n = x.size
+    if n:
+        launch(f"activation_backward[{kind}]", _activation_backward_kernel(np.dtype(x.dtype), ACTIVATIONS[kind]),
+               grid_1d(n, tuning.elem_threads), tuning.elem_threads, c_view(x, (n,)), c_view(dy, (n,)),
+               c_view(dx, (n,)))
+    return dx
