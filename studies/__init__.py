@@ -7,6 +7,9 @@
     throughput   whole-model tokens/s (Transformer, LSTM seq2seq, ConvS2S; teacher-forced and greedy)
     roofline     each kernel's GFLOP/s and GB/s against the measured machine ceilings
     peers        tfm against PyTorch (and, on a GPU, cuBLAS), side by side (A B A B) in one process
+    training_scaling     a layer's training step (forward + backward) against n and d; the backward's sequential operations
+    training_throughput  target tokens/s of a full training step per model, tfm beside PyTorch's eager step
+    training_memory      peak memory of a training step against n, beside tfm.cost's activation-memory formula
 
 Each module holds its grid (``GRIDS``), its measurement (``measure``, ``build``), its derived
 tables (``DERIVED``), its figures (``FIGURES``) and its report section (``section``); each runs
@@ -14,9 +17,11 @@ alone (``python -m studies.<name> --help``). ``python -m studies.run_all`` runs 
 ``studies/report.py`` assembles results/REPORT.md from their sections.
 """
 
-STUDIES = ("scaling", "sequential", "path_length", "crossover", "throughput", "roofline", "peers")
+STUDIES = ("scaling", "sequential", "path_length", "crossover", "throughput", "roofline", "peers", "training_scaling",
+           "training_throughput", "training_memory")
 """Every study, in the order they run and their report sections are numbered."""
 
-GPU_STUDIES = ("peers", "sequential", "scaling", "crossover", "throughput", "roofline")
+GPU_STUDIES = ("peers", "sequential", "scaling", "training_scaling", "crossover", "throughput",
+               "training_throughput", "roofline")
 """The studies with a ``gpu`` grid (``--backend cuda``), most telling first: ``make gpu-check``
 runs them in this order, so a run cut short keeps what matters most."""
