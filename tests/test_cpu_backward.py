@@ -477,11 +477,13 @@ def test_attention_backward_against_autograd(rng, impl, mask_kind, causal):
         assert rel_err(g, t.grad.numpy()) < 1e-12
 
 
-def test_attention_lab_variants_match_reference():
-    """dev/cpu/attention_backward.py: every variant it times meets its float64 check."""
+@pytest.mark.parametrize("family", ["attention_backward", "training_ops"])
+def test_lab_variants_match_reference(family):
+    """dev/cpu/attention_backward.py and training_ops.py: every variant they time meets its
+    float64 check (``run_checks`` raises on the first miss)."""
     import importlib
 
-    lab = importlib.import_module("dev.cpu.attention_backward")
+    lab = importlib.import_module(f"dev.cpu.{family}")
     checks = lab.run_checks(np.random.default_rng(0))
     assert checks and all(c["ok"] for c in checks)
 

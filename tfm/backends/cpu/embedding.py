@@ -5,6 +5,12 @@ computed once per (d_model, dtype) in float64 with the reference formula, cast, 
 it grows (doubling) when a longer position is asked for, so decoding step by step never
 recomputes sin/cos. Lookups of fewer than ``_threads.SMALL_ELEMENTS`` elements (a decoding
 step) run on the calling thread.
+
+Backward: a scatter-add of scale * dy into a zeroed (vocab, D) table; each thread owns a range
+of the vocabulary and adds, in token order, the tokens that fall in it (no atomics, results
+independent of the thread count). Time / PyTorch autograd's (vocab 32000, 1024 tokens, D 512;
+``python -m dev.cpu.training_ops``, dev/cpu/results/training_ops.csv, load ~7): 0.15
+(0.11-0.18); zeroing the table is most of the work.
 """
 
 from __future__ import annotations

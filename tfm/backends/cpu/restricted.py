@@ -23,6 +23,15 @@ median ms; SDPA = PyTorch with the band as a dense mask, O(N^2)):
     N=1024, window 8: banded 4.9-5.1 (blocks 16-64) vs 5.3 per-query, window 256: 16.5
     (blocks of 64) vs 88.7; blocks of 128 or 256 lose (more wasted work), hence
     ``query_block``: the window rounded up to 16, between 16 and 64.
+
+Backward (``restricted_attention_backward``; ``restricted_attention_train`` also writes each
+query's log-sum-exp): the same banded blocks, each through the five gemms of attention's
+backward block step (``_band_backward_block``; P recomputed from lse, zero outside each
+query's window; ``attention._ds_rows`` for dS = P (dP - D)). Neighbouring query
+blocks share keys, so one work item owns a head's dK and dV (or, when heads are fewer than
+threads, a range of its query blocks with its own partial). Time / autograd through SDPA
+with the band as a dense mask, B=2, H=8, n=1024, window 64 (``python -m
+dev.cpu.training_ops``, dev/cpu/results/training_ops.csv, load ~7): 0.11 (0.09-0.11).
 """
 
 from __future__ import annotations

@@ -17,6 +17,12 @@ operation, in the parameter's dtype: m = lerp(m, g, 1 - beta1) (m + w (g - m) fo
 as PyTorch's lerp), v = v * beta2 + (1 - beta2) g g, param += -step_size * m / (sqrt(v) /
 sqrt(1 - beta2^t) + eps) with step_size = lr / (1 - beta1^t), so that a float32 training run
 follows PyTorch's step for step (the scalars are formed in float64, as Python does there).
+
+Time / PyTorch's, 1 M parameters (2048 x 512) and 2 M activations (``python -m
+dev.cpu.training_ops``, dev/cpu/results/training_ops.csv, interleaved, same 2 threads, load
+~7): Adam step 0.23 (0.14-0.24) of ``torch.optim.Adam.step``'s (single-tensor path, one
+PyTorch kernel per operation); dropout 0.075 (0.04-0.09) of ``F.dropout``'s (its own random
+stream: the same work, not the same mask).
 """
 
 from __future__ import annotations
