@@ -5,8 +5,14 @@ torch.nn.functional.scaled_dot_product_attention; the base-config encoder-decode
 (tfm.from_torch(nn.Transformer) -> tfm.EncoderDecoder; the tiny preset on the smoke grid)
 against nn.Transformer itself, both returning to the host; one LSTM and one GRU layer (the backend's kernels fed nn.LSTM /
 nn.GRU's weights) against nn.LSTM / nn.GRU; a k=3 'same' convolution against nn.Conv1d
-(each side in its own layout: tfm (B, N, C), PyTorch (B, C, N)). On a GPU (``--backend
-cuda``) SDPA runs with each of its math and memory-efficient backends
+(each side in its own layout: tfm (B, N, C), PyTorch (B, C, N)). Training pairs: the fused
+attention backward (from the forward's output and log-sum-exp, computed once) against
+``torch.autograd.grad`` through SDPA; one LSTM and one GRU layer's forward + backward through
+time against the nn module + ``torch.autograd.grad`` (x, states and the four parameters); a
+full training step (forward, loss, backward, Adam) of ``tfm.Transformer`` (small and base,
+``final_norm=True``) against PyTorch's eager step of its twin (studies._torch_models) from the
+same weights, the first losses checked equal. On a GPU (``--backend
+cuda``) SDPA, forward and backward, runs with each of its math and memory-efficient backends
 (``torch.nn.attention.sdpa_kernel``), and tfm's GEMM (its default, and the Numba kernel)
 meets cuBLAS SGEMM through CuPy and through torch.matmul; TF32 is off, and every row names
 the arithmetic each side uses.
@@ -34,19 +40,23 @@ from ._report import prose
 NAME = "peers"
 TITLE = "tfm against PyTorch"
 GRIDS = {
+    # Training pairs: bwd_n (attention backward lengths), rnn_train (b, n, d), train (preset, b, n).
     "default": dict(att_n=(256, 1024, 4096), att_bh=(1, 8), model=[(1, 64), (8, 128)],
-                    rnn=[(16, 128, 256), (8, 128, 512)], conv=[(8, 512, 512)], budget_s=1.0),
+                    rnn=[(16, 128, 256), (8, 128, 512)], conv=[(8, 512, 512)], bwd_n=(1024, 4096),
+                    rnn_train=[(8, 128, 512)], train=[("small", 8, 64), ("base", 8, 64)], budget_s=1.0),
     "quick": dict(att_n=(256, 1024), att_bh=(1, 8), model=[(1, 32)], rnn=[(8, 64, 256)], conv=[(8, 128, 256)],
-                  budget_s=0.2),
+                  bwd_n=(256,), rnn_train=[(8, 64, 256)], train=[("small", 4, 32)], budget_s=0.2),
     "smoke": dict(att_n=(13,), att_bh=(1, 2), model=[(2, 4)], config="tiny", rnn=[(2, 5, 8)], conv=[(2, 5, 8)],
-                  budget_s=0.01,
-                  gemm=[(9, 12, 10)], sdpa_n={"math": (13,), "mem_efficient": (13,)}),
+                  bwd_n=(13,), rnn_train=[(2, 5, 8)], train=[("tiny", 2, 4)], budget_s=0.01,
+                  gemm=[(9, 12, 10)], sdpa_n={"math": (13,), "mem_efficient": (13,)},
+                  sdpa_bwd_n={"math": (13,), "mem_efficient": (13,)}),
     # An H100/H200: attention at B=4, H=16, d=64; SDPA's math backend materialises the
-    # (n, n) scores (4 GiB per score tensor at n=4096, 64 GiB at n=16384), so it stops at 4096.
-    # Estimated 15-30 s with compilation.
+    # (n, n) scores (4 GiB per score tensor at n=4096, 64 GiB at n=16384), so it stops at 4096
+    # (its backward holds the probabilities and their gradient). Estimated 25-45 s with compilation.
     "gpu": dict(att_bh=(4, 16), sdpa_n={"math": (1024, 4096), "mem_efficient": (1024, 4096, 16384)},
                 gemm=[(4096, 4096, 4096), (8192, 512, 2048)], model=[(8, 128)], rnn=[(64, 256, 512)],
-                conv=[(8, 2048, 512)], budget_s=0.05),
+                conv=[(8, 2048, 512)], sdpa_bwd_n={"math": (1024, 4096), "mem_efficient": (1024, 4096, 16384)},
+                rnn_train=[(64, 256, 512)], train=[("base", 8, 64)], budget_s=0.05),
 }
 MAX_REL_ERR = 1e-3  # beyond this the two sides did not compute the same thing: no timing
 # The arithmetic each side of a row uses.
@@ -75,16 +85,25 @@ def cases(grid: str, backend: str) -> list[dict]:
                     for c in (False, True) for n in ns]
         out += [{"pair": f"gemm ({impl}) vs {peer}", "b": 1, "n": m, "d": k, "d_out": nn, "causal": False}
                 for m, k, nn in g.get("gemm", ()) for impl in ("default", "numba") for peer in ("cupy", "torch.matmul")]
+        for sdpa, ns in g.get("sdpa_bwd_n", {}).items():
+            out += [{"pair": f"attention backward vs SDPA ({sdpa}) backward", "b": b, "h": h, "n": n, "d": 64,
+                     "causal": c} for c in (False, True) for n in ns]
     else:
         att_n = g.get("att_n") or sorted(set().union(*g["sdpa_n"].values()))
         out += [{"pair": "attention vs SDPA", "b": b, "h": h, "n": n, "d": 64, "causal": c}
                 for c in (False, True) for n in att_n]
+        out += [{"pair": "attention backward vs SDPA backward", "b": b, "h": h, "n": n, "d": 64, "causal": c}
+                for c in (False, True) for n in g.get("bwd_n", ())]
     config = g.get("config", "base")
     out += [{"pair": f"{config} forward vs nn.Transformer", "b": b_, "n": n,
              "d": getattr(TransformerConfig, config)().d_model, "causal": True} for b_, n in g["model"]]
     out += [{"pair": f"{kind} vs nn.{kind.upper()}", "b": b_, "n": n, "d": d, "causal": True}
             for kind in ("lstm", "gru") for b_, n, d in g["rnn"]]
     out += [{"pair": "conv1d vs nn.Conv1d", "b": b_, "n": n, "d": d, "causal": False} for b_, n, d in g["conv"]]
+    out += [{"pair": f"{kind} forward+backward vs nn.{kind.upper()}", "b": b_, "n": n, "d": d, "causal": True}
+            for kind in ("lstm", "gru") for b_, n, d in g.get("rnn_train", ())]
+    out += [{"pair": f"{preset} training step vs PyTorch eager", "b": b_, "n": n,
+             "d": getattr(TransformerConfig, preset)().d_model, "causal": True} for preset, b_, n in g.get("train", ())]
     return out
 
 
@@ -233,6 +252,115 @@ def _recurrent(case, bk, tp, rng, backend):
     return fa, fb, tp.host, cost.flops(kind, b=b, n=n, d_in=d, d_hidden=d), ARITHMETIC[f"torch {tp.device}"]
 
 
+def _flat_host(arrays, to_numpy) -> np.ndarray:
+    """Several gradients as one host vector (for the relative-error check)."""
+    return np.concatenate([np.ravel(np.asarray(to_numpy(a), dtype=np.float64)) for a in arrays])
+
+
+def _attention_backward(case, bk, tp, rng, backend):
+    """tfm's fused attention backward against torch.autograd.grad through SDPA (on a GPU with the
+    SDPA backend the pair names); both forwards run once, outside the timing."""
+    from contextlib import nullcontext
+
+    from tfm import cost
+
+    from ._torch import SDPA_BACKENDS
+
+    torch = tp.torch
+    b, h, n, d, causal = case["b"], case["h"], case["n"], case["d"], case["causal"]
+    q, k, v, do = (rng.standard_normal((b, h, n, d)).astype(np.float32) for _ in range(4))
+    qd, kd, vd, dod = (bk.asarray(a) for a in (q, k, v, do))
+    out, lse = bk.attention_train(qd, kd, vd, None, causal, "fused")
+    tq, tk, tv = (tp.tensor(a).requires_grad_() for a in (q, k, v))
+    tdo = tp.tensor(do)
+    which = case["pair"].partition("(")[2].partition(")")[0]
+    arithmetic = ARITHMETIC[f"torch {tp.device}"]
+    context = nullcontext()
+    if which:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        choice, arith = SDPA_BACKENDS[which]
+        arithmetic = arith if tp.device == "cuda" else arithmetic
+        context = sdpa_kernel(getattr(SDPBackend, choice))
+    try:
+        with context:
+            t_out = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=causal)
+    except RuntimeError as exc:  # e.g. an SDPA backend refusing these inputs or this device
+        from tfm.bench import Skip
+
+        raise Skip(f"{type(exc).__name__}: {str(exc)[:300]}", "unavailable") from None
+
+    def fa():
+        return bk.attention_backward(qd, kd, vd, out, lse, dod, None, causal, "fused")
+
+    def fb():
+        return torch.autograd.grad(t_out, (tq, tk, tv), tdo, retain_graph=True)
+
+    flops = cost.ATTENTION_BACKWARD_FACTOR * cost.flops("attention", b=b, h=h, nq=n, nk=n, dk=d, causal=causal)
+    return fa, fb, lambda g: _flat_host(g, tp.host), flops, arithmetic, lambda g: _flat_host(g, bk.to_numpy)
+
+
+def _recurrent_train(case, bk, tp, rng, backend):
+    """One LSTM/GRU layer's forward + backward through time: the backend's *_layer_train and
+    *_layer_backward against the nn module + torch.autograd.grad of its output with respect to
+    x, h0 (c0) and the four parameters, for the same output cotangent."""
+    from tfm import cost
+
+    torch = tp.torch
+    kind, b, n, d = case["pair"].split()[0], case["b"], case["n"], case["d"]
+    torch.manual_seed(0)
+    peer = (torch.nn.LSTM if kind == "lstm" else torch.nn.GRU)(d, d, 1, batch_first=True)
+    names = ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")
+    w = [getattr(peer, name).detach().numpy().astype(np.float32) for name in names]
+    peer.to(tp.device)
+    x, dout = (rng.standard_normal((b, n, d)).astype(np.float32) for _ in range(2))
+    states = [(0.5 * rng.standard_normal((b, d))).astype(np.float32) for _ in range(2 if kind == "lstm" else 1)]
+    xs, douts, ws, ss = bk.asarray(x), bk.asarray(dout), [bk.asarray(a) for a in w], [bk.asarray(s) for s in states]
+    train, backward = getattr(bk, f"{kind}_layer_train"), getattr(bk, f"{kind}_layer_backward")
+    none = [None] * len(states)
+
+    def fa():
+        *_, saved = train(xs, *ss, *ws)
+        return backward(saved, douts, *none)  # dx, dh0 (dc0), dW_ih, dW_hh, db_ih, db_hh
+
+    tx = tp.tensor(x).requires_grad_()
+    ts = [tp.tensor(s[None]).requires_grad_() for s in states]
+    params = [getattr(peer, name) for name in names]
+    tdout = tp.tensor(dout)
+
+    def fb():
+        out, _ = peer(tx, tuple(ts) if kind == "lstm" else ts[0])
+        return torch.autograd.grad(out, [tx] + ts + params, tdout)
+
+    flops = cost.training_flops(kind, b=b, n=n, d_in=d, d_hidden=d)
+    return fa, fb, lambda g: _flat_host(g, tp.host), flops, ARITHMETIC[f"torch {tp.device}"], \
+        lambda g: _flat_host(g, bk.to_numpy)
+
+
+def _training_step(case, bk, tp, rng, backend):
+    """tfm.Transformer's train_step against PyTorch's eager step of its twin, from the same weights;
+    each call takes one step (Adam, constant learning rate) and returns the loss, so the first
+    call of each side checks the losses at equal weights."""
+    import tfm
+    from tfm import cost
+
+    from ._torch_models import TrainStep, twin
+    from .training_throughput import LABEL_SMOOTHING, LR
+
+    b, n = case["b"], case["n"]
+    c = getattr(TransformerConfig, case["pair"].split()[0])(final_norm=True)
+    model = tfm.Transformer(c, seed=0, backend=backend)
+    opt = tfm.optim.Adam(model, lr=LR)
+    src = rng.integers(3, c.src_vocab, size=(b, n))
+    tgt = rng.integers(3, c.tgt_vocab, size=(b, n + 1))  # n positions predicted
+    step = TrainStep(twin(model, tp.device), LR, LABEL_SMOOTHING)
+    ts, tt = tp.tensor(src), tp.tensor(tgt)
+    fa = lambda: model.train_step(opt, src, tgt, label_smoothing=LABEL_SMOOTHING)  # noqa: E731
+    fb = lambda: step(ts, tt)  # noqa: E731
+    flops = cost.training_flops("transformer_forward", config=c, b=b, n_src=n, n_tgt=n)
+    return fa, fb, np.atleast_1d, flops, ARITHMETIC[f"torch {tp.device}"], np.atleast_1d
+
+
 def measure(case: dict, ctx) -> dict:
     import tfm
     from tfm.bench import Skip
@@ -247,14 +375,19 @@ def measure(case: dict, ctx) -> dict:
     rng = np.random.default_rng(0)
     pair = case["pair"]
     ours_arith, sync_b = ARITHMETIC[backend], tp.sync
+    ours_host = bk.to_numpy
     if pair.startswith("gemm"):
         fa, fb, peer_host, flops, peer_arith, ours_arith, sync_b = _gemm(case, bk, tp, rng, backend)
     else:
-        build_pair = (_attention if pair.startswith("attention") else _model if "forward vs" in pair
+        build_pair = (_attention_backward if pair.startswith("attention backward")
+                      else _training_step if "training step" in pair
+                      else _recurrent_train if "forward+backward" in pair
+                      else _attention if pair.startswith("attention") else _model if "forward vs" in pair
                       else _conv if pair.startswith("conv1d") else _recurrent)
-        fa, fb, peer_host, flops, peer_arith = build_pair(case, bk, tp, rng, backend)
+        fa, fb, peer_host, flops, peer_arith, *rest = build_pair(case, bk, tp, rng, backend)
+        ours_host = rest[0] if rest else ours_host
     try:
-        err = _rel(bk.to_numpy(fa()), peer_host(fb()))
+        err = _rel(ours_host(fa()), peer_host(fb()))
     except RuntimeError as exc:  # e.g. torch.OutOfMemoryError, or an SDPA backend refusing the inputs
         if "out of memory" in str(exc).lower():
             raise MemoryError(f"{type(exc).__name__}: {exc}") from None
@@ -340,6 +473,10 @@ INTRO = prose(f"""
     faster. **Check:** a pair is timed only if rel_err = ||tfm - peer|| / ||peer|| <
     {MAX_REL_ERR:g}; otherwise its row records the error. On a GPU each row also gives both sides as
     a fraction of the FP32 CUDA-core peak and of the cuBLAS SGEMM ceiling measured in the same run.
+    **Training pairs** count FLOPs with tfm.cost (the attention backward alone: 2.5x its forward's;
+    a recurrent layer's forward + backward and a training step: training_flops, the backward 2x the
+    forward, 2.5x for attention, Adam left out); a training step's check is on the two first losses,
+    from the same weights, and each timed call takes one more step on each side.
 """)
 
 

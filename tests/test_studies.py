@@ -300,8 +300,9 @@ def test_simulated_gpu_rows_are_device_rows(simulated):
     assert (seq["device_name"] == "cuda simulator").all()
     peers = _table(simulated, "peers")  # PyTorch on the host under the simulator: tfm's device side checked
     good = peers[peers["status"] == "ok"]
-    assert good["pair"].str.startswith(("attention vs SDPA (math)", "gemm", "tiny forward", "lstm", "gru",
-                                        "conv1d")).all() and len(good) >= 8
+    assert good["pair"].str.startswith(("attention vs SDPA (math)", "attention backward vs SDPA (math)", "gemm",
+                                        "tiny forward", "tiny training step", "lstm", "gru", "conv1d")).all() \
+        and len(good) >= 8
     assert (good["rel_err"] < 1e-3).all() and (good["tfm_arithmetic"].str.contains("CUDA")).all()
     assert (peers.loc[peers["status"] != "ok", "reason"].str.len() > 0).all()
 
