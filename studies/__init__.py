@@ -10,6 +10,9 @@
     training_scaling     a layer's training step (forward + backward) against n and d; the backward's sequential operations
     training_throughput  target tokens/s of a full training step per model, tfm beside PyTorch's eager step
     training_memory      peak memory of a training step against n, beside tfm.cost's activation-memory formula
+    gradient_signal      ||dy_j/dx_i|| against the distance j - i through stacks of each layer type, before and after training
+    learning_distance    held-out accuracy against a task's dependency distance, per layer type, at one FLOP budget
+    table2               training FLOPs and seconds of each encoder-decoder to a stated accuracy, beside the paper's Table 2
 
 Each module holds its grid (``GRIDS``), its measurement (``measure``, ``build``), its derived
 tables (``DERIVED``), its figures (``FIGURES``) and its report section (``section``); each runs
@@ -18,7 +21,7 @@ alone (``python -m studies.<name> --help``). ``python -m studies.run_all`` runs 
 """
 
 STUDIES = ("scaling", "sequential", "path_length", "crossover", "throughput", "roofline", "peers", "training_scaling",
-           "training_throughput", "training_memory")
+           "training_throughput", "training_memory", "gradient_signal", "learning_distance", "table2")
 """Every study, in the order they run and their report sections are numbered."""
 
 GPU_STUDIES = ("peers", "sequential", "scaling", "training_scaling", "crossover", "throughput",
