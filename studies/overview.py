@@ -15,8 +15,8 @@ import pandas as pd
 
 from tfm.table1 import ROWS
 
-from . import (benchmarks, crossover, path_length, peers, scaling, sequential, training_memory,
-               training_scaling, training_throughput)
+from . import (benchmarks, crossover, gradient_signal, learning_distance, path_length, peers, scaling, sequential,
+               table2, training_memory, training_scaling, training_throughput)
 from ._report import md_table
 
 TITLE = "Table 1: the paper beside the measurement"
@@ -70,6 +70,7 @@ def readme_blocks(rep) -> dict[str, str]:
             f"{m.get('git_commit', 'not recorded')}, load {m.get('load_avg_1min', 'not recorded')} when it started):\n\n")
     bullets = scaling.readme(rep) + path_length.readme(rep) + crossover.readme(rep) + sequential.readme(rep)
     bullets += training_scaling.readme(rep) + training_throughput.readme(rep) + training_memory.readme(rep)
+    bullets += gradient_signal.readme(rep) + learning_distance.readme(rep) + table2.readme(rep)
     bullets.append(f"- **GPU:** {rep.gpu.describe('results/')}")
     perf = peers.readme_table(rep)
     suite = benchmarks.readme(rep)
