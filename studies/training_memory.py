@@ -91,11 +91,19 @@ def measure(case: dict, ctx) -> dict:
         predicted = cost.training_memory(op, config=config, b=case["b"], n_src=case["n"], n_tgt=case["n"],
                                          n_params=model.n_params)
         extra = {"d": config.d_model, "n_params": model.n_params}
-    t0 = time.perf_counter()
-    run()  # warm-up: compiles, and the series' time budget reads this step's time
+    run()  # warm-up: compiles (its memory is not the step's)
     sync()
-    t = time.perf_counter() - t0
-    mem = ctx.memory(run, sync)
+    took = []
+
+    def timed():  # the measured step; the series' time budget reads its time
+        t0 = time.perf_counter()
+        out = run()
+        sync()
+        took.append(time.perf_counter() - t0)
+        return out
+
+    mem = ctx.memory(timed, sync)
+    t = took[0]
     measured = mem.device_alloc_bytes if ctx.on_device else mem.rss_bytes
     return {"backend": backend, **extra, "time_s": t, "min_s": t, **mem.as_row(),
             "measured_bytes": measured, **{f"predicted_{k}": v for k, v in predicted.items()},

@@ -41,8 +41,8 @@ COUNT_D = 16  # width of the counted layers (the counts do not depend on it)
 CHAIN_TOL = 1e-4  # float32: n chained one-step backward calls equal the layer's backward to this relative error
 
 GRIDS = {  # n-sweep n range and its d values; d-sweep d values and its n; counted n
-    "default": dict(n=pow2(64, 4096), n_ds=(64, 256), d=pow2(64, 1024), d_n=256, count_n=(64, 256),
-                    max_call_s=0.6, budget_s=0.08),
+    "default": dict(n=pow2(64, 8192), n_ds=(64, 256), d=pow2(64, 1024), d_n=512, count_n=(64, 256),
+                    max_call_s=1.0, budget_s=0.1),
     "quick": dict(n=[32, 128, 512], n_ds=(64,), d=(64, 128, 256), d_n=64, count_n=(16, 64), max_call_s=0.2,
                   budget_s=0.02),
     "smoke": dict(n=[8, 16], n_ds=(8,), d=(8, 16), d_n=8, count_n=(4, 8), max_call_s=5.0, budget_s=0.01),
