@@ -416,6 +416,16 @@ def ratios(df) -> pd.DataFrame:
 
 
 # ----------------------------------------------------------------------------- figures
+def _log_ticks(ax, values, axis: str = "x") -> None:
+    """Label a log axis at the measured sizes only (no crowded minor labels)."""
+    from matplotlib.ticker import NullFormatter
+
+    values = sorted({int(v) for v in values})
+    a = ax.xaxis if axis == "x" else ax.yaxis
+    a.set_minor_formatter(NullFormatter())
+    (ax.set_xticks if axis == "x" else ax.set_yticks)(values, [str(v) for v in values])
+
+
 def _lines(ax, rows, x: str, y: str, scale: float) -> None:
     from tfm.bench import loglog_slope
 
@@ -426,6 +436,7 @@ def _lines(ax, rows, x: str, y: str, scale: float) -> None:
         fit = loglog_slope(sub[x], sub[y])
         lab = f"{label(layer)}: slope {fit.slope:.2f}" if np.isfinite(fit.slope) else label(layer)
         ax.loglog(sub[x], sub[y] * scale, "o-", ms=3, label=lab)
+    _log_ticks(ax, rows[x])
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
 
@@ -447,8 +458,8 @@ def plot_n(df, on: str):
         _lines(ax, nsw[nsw["d"] == d], "n", TIME, 1e3)
         ax.set(xlabel="sequence length n (tokens)", ylabel="forward + backward time, fastest repeat (ms)",
                title=f"d = {int(d)}")
-    fig.suptitle(f"Training step of one layer against n (batch 1, float32; {on}); legend: fitted log-log slope over "
-                 "the upper half of n")
+    fig.suptitle(f"Training step of one layer against n (batch 1, float32; {on})\nlegend: fitted log-log slope "
+                 "over the upper half of n")
     return fig
 
 
@@ -487,6 +498,9 @@ def plot_ratio(df, on: str):
     for r, what in ((FLOP_RATIO, "counted FLOPs, no attention"), (ATTENTION_FLOP_RATIO, "counted FLOPs, attention")):
         ax.axhline(r, color="k", ls=":" if r == FLOP_RATIO else "--", lw=1, label=f"{what}: {r:g}")
     ax.set_xscale("log")
+    ax.set_yscale("log")
+    _log_ticks(ax, nsw["n"])
+    ax.set_yticks([1, 2, 3, 5, 10, 20], ["1", "2", "3", "5", "10", "20"])
     ax.set(xlabel="sequence length n (tokens)", ylabel="training step time / forward time (median of paired rounds)",
            title=f"What the backward costs, at d = {int(d)}\n({on})")
     ax.grid(True, which="both", alpha=0.3)

@@ -210,7 +210,7 @@ def plot_tokens(df, on: str):
         x = np.arange(len(sub))
         ax = axes[0, j]
         ax.bar(x - 0.2, sub["tfm tokens/s"], 0.4, label="tfm")
-        ax.bar(x + 0.2, sub["torch tokens/s"], 0.4, label="PyTorch eager (no twin: none)")
+        ax.bar(x + 0.2, sub["torch tokens/s"], 0.4, label="PyTorch eager (no bar: no twin)")
         ax.set_yscale("log")
         ax.set_xticks(x, [_label(r) for _, r in sub.iterrows()], fontsize=6)
         ax.set(ylabel="target tokens per second (training step)", title=f"b = {int(sub['b'].iloc[0])}, n = {n}")
