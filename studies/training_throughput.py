@@ -324,14 +324,21 @@ def readme(rep) -> list[str]:
     t = tokens(rows)
     n = int(t["n"].max())
     top = t[t["n"] == n]
-    parts = [f"{r['model']}{'' if r['match'] in ('reference', 'paper base') else ' (' + r['match'] + ')'} "
-             f"{r['tfm tokens/s']:.3g}" for _, r in top.iterrows()]
-    line = (f"- **Training throughput** (target tokens/s of a full training step, b = {int(top['b'].iloc[0])}, "
-            f"n = {n}): " + ", ".join(parts) + ".")
+
+    def name(r) -> str:
+        return r["model"] if r["match"] in ("reference", "paper base") else f"{r['model']} ({r['match'].replace('_', ' ')})"
+
+    line = (f"- **Training throughput** (target tokens/s of a full training step, forward, backward and Adam, "
+            f"b = {int(top['b'].iloc[0])}, n = {n}): " + ", ".join(f"{name(r)} {r['tfm tokens/s']:.3g}"
+                                                                   for _, r in top.iterrows()) + ".")
+    c = comparisons(rows)
+    if not c.empty:
+        line += (f" The small Transformer trains faster than the baseline in {int((c['verdict'] == 'Transformer faster').sum())} "
+                 f"of {len(c)} comparisons (interquartile ranges apart).")
     sp = t.dropna(subset=["tfm/torch speed"])
     if not sp.empty:
-        line += (" tfm's step against PyTorch's eager step of the same model: "
-                 + ", ".join(f"{r['model']} n={int(r['n'])} {r['tfm/torch speed']:.2f}x {r['speed 95% CI']}"
+        line += (" tfm's step against PyTorch's eager step of the same model (above 1: tfm faster): "
+                 + ", ".join(f"{name(r)} at n = {int(r['n'])} {r['tfm/torch speed']:.2f}x (95% CI {r['speed 95% CI']})"
                              for _, r in sp.iterrows()) + ".")
     return [line]
 
