@@ -48,6 +48,7 @@ def _kernels():
     from tfm.backends.cuda import linear as L
     from tfm.backends.cuda import norm as N
     from tfm.backends.cuda import recurrent as R
+    from tfm.backends.cuda import training as TR
     from tfm.backends.cuda._launch import Tuning
 
     t, i64, f32, f64 = Tuning(), T.int64, T.float32, T.float64
@@ -76,25 +77,61 @@ def _kernels():
             tiles = A.fused_tiles(t.replace(attn=attn), 64, 64, 4, v)
             threads = tiles[2] * tiles[3]
             for masked, band in ((False, False), (True, False), (False, True), (True, True)):
-                # the model's operands: split-head views in, head-merged view out
-                yield (f"fused_v{v}{attn}_m{masked:d}_b{band:d}",
-                       A.fused_kernel(s32, 64, 64, *tiles, masked, band, v), (s4, s4, s4, s4) + fused_tail,
-                       threads, True)
+                # attention_train's twin (writing lse) at the default tiling; one store more
+                for lse in (False, True) if (v, attn) == (t.attn_version, t.attn) else (False,):
+                    # the model's operands: split-head views in, head-merged view out
+                    yield (f"fused_v{v}{attn}_m{masked:d}_b{band:d}_lse{lse:d}",
+                           A.fused_kernel(s32, 64, 64, *tiles, masked, band, v, lse), (s4, s4, s4, s4, f3) + fused_tail,
+                           threads, True)
     version, tiles = A.fused_plan(t, 64, 64, 4)
     yield "fused_contiguous", A.fused_kernel(s32, 64, 64, *tiles, False, False, version), \
-        (f4, f4, f4, s4) + fused_tail, tiles[2] * tiles[3], True
+        (f4, f4, f4, s4, f3) + fused_tail, tiles[2] * tiles[3], True
     version, f64_attn = A.fused_plan(t, 128, 128, 8)
-    yield "fused_f64_d128", A.fused_kernel(s64, 128, 128, *f64_attn, True, False, version), \
-        (a(f64, 4),) * 3 + (a(f64, 4, "A"), mask, i64, i64, i64, i64, f64, i64, i64), f64_attn[2] * f64_attn[3], False
+    yield "fused_f64_d128", A.fused_kernel(s64, 128, 128, *f64_attn, True, False, version, True), \
+        (a(f64, 4),) * 3 + (a(f64, 4, "A"), a(f64, 3), mask, i64, i64, i64, i64, f64, i64, i64), \
+        f64_attn[2] * f64_attn[3], False
+    # the fused backward (atomic dQ, and the dQ pass), each tiling the lab times, at d = 64
+    bwd_tail = (mask, i64, i64, i64, i64, f32, i64, i64)
+    for tiling in A.BWD_TILINGS:
+        (bq, bkv, ty, tx), single = A.fused_bwd_plan(t.replace(attn_bwd=tiling), 64, 64, 4)
+        # every mask/band form at the default tiling; the others without and with both
+        combos = ((False, False), (True, False), (False, True), (True, True)) if tiling == t.attn_bwd else \
+            ((False, False), (True, True))
+        for masked, band in combos:
+            for atomic in (True, False):
+                yield (f"attn_bwd_kv{tiling}_m{masked:d}_b{band:d}_atomic{atomic:d}",
+                       A.bwd_kv_kernel(s32, 64, 64, bq, bkv, ty, tx, masked, band, atomic, single),
+                       (s4, s4, s4, s4, f3, f3, s4, s4, s4) + bwd_tail, ty * tx, True)
+            yield (f"attn_bwd_dq{tiling}_m{masked:d}_b{band:d}",
+                   A.bwd_dq_kernel(s32, 64, 64, bq, bkv, ty, tx, masked, band),
+                   (s4, s4, s4, s4, f3, f3, s4) + bwd_tail, ty * tx, True)
+    (bq, bkv, ty, tx), single = A.fused_bwd_plan(t, 128, 128, 8)  # float64, d = 128: a fallback tiling
+    yield ("attn_bwd_kv_f64_d128", A.bwd_kv_kernel(s64, 128, 128, bq, bkv, ty, tx, True, True, True, single),
+           (a(f64, 4, "A"),) * 4 + (a(f64, 3),) * 2 + (a(f64, 4, "A"),) * 3 + (mask, i64, i64, i64, i64, f64, i64, i64),
+           ty * tx, False)
+    yield "attn_bwd_pre", A._bwd_pre_kernel(s32, t.elem_threads, True), (s4, s4, f3, s4), t.elem_threads, False
+    yield "attn_naive_ds", A._naive_ds_kernel(s32, True, True), (f2, f2, f1, f1, mask) + (i64,) * 6, \
+        t.elem_threads, False
+    yield "merge_heads_into", A._merge_into_kernel(), (s4, f3, i64), t.elem_threads, False
     rt, et = t.row_threads, t.elem_threads
-    soft_sig = (f2, f2, mask) + (i64,) * 6
+    soft_sig = (f2, f2, mask) + (i64,) * 6 + (f1,)
     for log in (False, True):
         for masked in (False, True):
             for causal in (False, True):
                 yield (f"softmax_log{log:d}_m{masked:d}_c{causal:d}", N.softmax_kernel(s32, rt, log, masked, causal),
                        soft_sig, rt, False)
+    yield "softmax_lse", N.softmax_kernel(s32, rt, False, True, True, True), soft_sig, rt, False
     for res in (False, True):
-        yield f"layer_norm_res{res:d}", N._layer_norm_kernel(s32, rt, res), (f2, f2, f1, f1, f32, f2), rt, False
+        for stats in (False, True):
+            yield (f"layer_norm_res{res:d}_stats{stats:d}", N._layer_norm_kernel(s32, rt, res, stats),
+                   (f2, f2, f1, f1, f32, f2, f1, f1), rt, False)
+        yield (f"layer_norm_backward_res{res:d}", N._layer_norm_backward_kernel(s32, rt, res),
+               (f2, f2, f2, f1, f1, f1, f2), rt, False)
+        yield (f"layer_norm_param_grads_res{res:d}", N._layer_norm_param_grads_kernel(s32, et, res),
+               (f2, f2, f2, f1, f1, f1, f1), et, False)
+    for log in (False, True):
+        yield f"softmax_backward_log{log:d}", N._softmax_backward_kernel(s32, rt, log), (f2, f2, f2), rt, False
+    yield "cross_entropy", N._cross_entropy_kernel(s32, rt), (f2, a(i64, 1), f1, f32, f1, f2), rt, False
     yield "argmax", N._argmax_kernel(s32, rt), (f2, a(i64, 1)), rt, False
     yield "add", L._add_kernel(), (f1, f1, f1), et, False
     yield "gelu", L._unary_kernel(s32, 2), (f1, f1), et, False
@@ -110,10 +147,34 @@ def _kernels():
     yield "write_rows", A._write_rows_kernel(), (f4, s4, i64), et, False
     yield "transpose", R._transpose_kernel(), (f2, f2), et, False
     for kind in range(4):
-        yield f"recurrent_step_{kind}", R._step_kernel(s32, kind), (f3, i64, f2, f2, f2, f1, f3, f2, f2), \
-            t.step_threads, False
+        for save in (False, True):
+            yield (f"recurrent_step_{kind}_save{save:d}", R._step_kernel(s32, kind, save),
+                   (f3, i64, f2, f2, f2, f1, f3, f2, f2, f3, f3), t.step_threads, False)
+        yield (f"recurrent_bptt_step_{kind}", R._bptt_step_kernel(s32, kind),
+               (i64, f3, f2, f2, f2, f3, f3, f3, f2, f2, f2, f3, f3), t.step_threads, False)
+        yield f"recurrent_bptt_dh0_{kind}", R._bptt_dh0_kernel(s32, kind), (f2, f3, f2, f3, f2), t.step_threads, False
+    yield "previous_states", R._previous_states_kernel(), (f2, f3, f3), et, False
     yield "im2col", C._im2col_kernel(s32), (f3, f2, i64, i64, i64, i64), et, False
+    yield "col2im", C._col2im_kernel(s32), (f2, f3, i64, i64, i64, i64), et, False
     yield "glu", C._glu_kernel(s32), (f2, f2), et, False
+    yield "glu_backward", C._glu_backward_kernel(s32), (f2, f2, f2), et, False
+    # training: gradients, the optimiser, dropout
+    yield "gemm_tn", L.gemm_kernel(s32, *t.gemm_small, False, 0, False, t.gemm_version, True), gemm_sig, \
+        (t.gemm_small[0] // t.gemm_small[3]) * (t.gemm_small[1] // t.gemm_small[4]), True
+    yield "gemm_tn_large", L.gemm_kernel(s32, *t.gemm_large, False, 0, False, t.gemm_version, True), gemm_sig, \
+        (t.gemm_large[0] // t.gemm_large[3]) * (t.gemm_large[1] // t.gemm_large[4]), True
+    yield "gemm_tn_v1", L.gemm_kernel(s32, *t.gemm_small, False, 0, False, 1, True), gemm_sig, \
+        (t.gemm_small[0] // t.gemm_small[3]) * (t.gemm_small[1] // t.gemm_small[4]), True
+    yield "column_sums", L._column_sums_kernel(s32, et), (f2, f1), et, False
+    yield "sum_parts", L._sum_parts_kernel(), (f2, f1), et, False
+    for act in (1, 2):
+        yield f"activation_backward{act}", L._activation_backward_kernel(s32, act), (f1, f1, f1), et, False
+    yield "embedding_backward", E._segment_sum_kernel(), (a(i64, 1), i64, i64, f2, f32, f2), et, False
+    yield "fill", TR._fill_kernel(s32), (f1, f32), et, False
+    yield "axpy", TR._axpy_kernel(s32), (f1, f1, f32), et, False
+    for wd in (False, True):
+        yield f"adam_wd{wd:d}", TR._adam_kernel(s32, wd), (f1,) * 4 + (f32,) * 7, et, False
+    yield "dropout_f64", TR._dropout_kernel(s32), (f1, f1, T.uint64, T.uint64, T.uint64, f64), et, False
 
 
 def test_every_kernel_compiles_for_sm90_within_its_resources(offline):
@@ -126,7 +187,8 @@ def test_every_kernel_compiles_for_sm90_within_its_resources(offline):
             failures.append(f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
             continue
         assert ".entry" in ptx
-        # float32 kernels must not silently compute in float64 (a Python float literal would)
+        # float32 kernels must not silently compute in float64 (a Python float literal would);
+        # dropout divides in float64 on purpose (the CPU backend's rounding, training.py)
         if "f64" not in name and "cast" not in name:
             assert ".f64" not in ptx.split(".entry")[1], f"{name} computes in float64"
         if report is None:
@@ -172,6 +234,7 @@ def _words(words):
 def _launch_args():
     from tfm.backends.cuda import attention as A
     from tfm.backends.cuda import norm as N
+    from tfm.backends.cuda import training as TR
     from tfm.backends.cuda._launch import Tuning
 
     fake = _offline.fake_device_array
@@ -182,11 +245,19 @@ def _launch_args():
     out = A.strided_view(merged, (2, 2, 9, 8), A.merged_layout(2, 2, 9, 8, 4))
     mask = fake((2, 1, 1, 9), np.bool_, ptr=1 << 26)
     version, tiles = A.fused_plan(t, 8, 8, 4)
-    yield ("attention_fused", A.fused_kernel(np.dtype(np.float32), 8, 8, *tiles, True, True, version), (1, 4), 128,
-           (heads, heads, heads, out, mask, 1, 0, 0, 1, np.float32(0.35), 5, 0))
+    lse = fake((2, 2, 9), np.float32, ptr=1 << 28)
+    yield ("attention_fused", A.fused_kernel(np.dtype(np.float32), 8, 8, *tiles, True, True, version, True), (1, 4),
+           128, (heads, heads, heads, out, lse, mask, 1, 0, 0, 1, np.float32(0.35), 5, 0))
     rows = fake((6, 33), np.float64, ptr=1 << 27)
     yield ("softmax", N.softmax_kernel(np.dtype(np.float64), 32, False, False, True), 6, 32,
-           (rows, rows, mask, 0, 0, 0, 0, 3, 2))
+           (rows, rows, mask, 0, 0, 0, 0, 3, 2, fake((1,), np.float64, ptr=1 << 29)))
+    (bq, bkv, ty, tx), single = A.fused_bwd_plan(t, 8, 8, 4)
+    yield ("attention_backward_kv", A.bwd_kv_kernel(np.dtype(np.float32), 8, 8, bq, bkv, ty, tx, True, True, True,
+                                                     single), (1, 4), ty * tx,
+           (heads, heads, heads, out, lse, lse, out, out, out, mask, 1, 0, 0, 1, np.float32(0.35), 5, 0))
+    flat = fake((64,), np.float32, ptr=1 << 30)
+    yield ("dropout", TR._dropout_kernel(np.dtype(np.float32)), 1, 64,
+           (flat, flat, np.uint64(2**63 + 5), np.uint64(7), np.uint64(1677722), np.float64(0.9)))
 
 
 def test_direct_launch_marshals_exactly_as_numba(stubbed):

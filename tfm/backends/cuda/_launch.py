@@ -121,7 +121,7 @@ class Tuning:
     attn: tuple = (64, 32, 16, 8)
     gemm_version: int = 2  # which Numba GEMM kernel (linear.GEMM_VERSIONS)
     attn_version: int = 2  # which fused attention kernel (attention.ATTN_VERSIONS)
-    attn_bwd: tuple = (32, 32, 8, 8)
+    attn_bwd: tuple = (32, 32, 8, 16)
     attn_bwd_dq: str = "atomic"
     row_threads: int = 128  # block size of one-row-per-block reductions (power of two)
     elem_threads: int = 256  # block size of elementwise kernels

@@ -646,7 +646,7 @@ BWD_DQ = {"atomic": "dQ summed over the key blocks with float32 atomics from the
 
 # Tilings (BQ, BKV, TY, TX) the lab times (dev/cuda/lab.py, family "backward"), the default
 # first; tests/test_cuda_ptx.py compiles each for sm_90 at d = 64 in float32.
-BWD_TILINGS = ((32, 32, 8, 8), (32, 32, 8, 16), (16, 64, 16, 8))
+BWD_TILINGS = ((32, 32, 8, 16), (32, 32, 8, 8), (16, 64, 16, 8))
 # Smaller tilings tried, in order, when a head dimension or float64 does not fit the tuning's.
 _BWD_FALLBACKS = ((16, 16, 4, 4), (8, 8, 2, 2), (4, 4, 1, 1))
 
@@ -721,8 +721,8 @@ def bwd_kv_kernel(dtype, dk, dv, bq, bkv, ty_n, tx_n, masked: bool, band: bool, 
     q, k, v, do, dq, dk_out, dv_out (B, H, N, D) (any strides); lse, delta (B, H, Nq).
     Launch: grid (cdiv(Nk, BKV), B*H), block TY*TX threads. A block stages its BKV keys and
     values once, then walks the query tiles that can see them (causal or banded: only those)
-    BQ rows at a time, the next tile's Q and dO loaded into registers while the current one
-    is multiplied. Per tile, all in registers and shared memory:
+    BQ rows at a time (the loads' latency is hidden by the other blocks on the SM, not by a
+    register prefetch: that doubled the registers). Per tile, in registers and shared memory:
 
     * S^T and dP^T (BKV x BQ): a thread owns keys ``4*ty + r + g*4*TY`` and queries
       ``tx + c*TX``; both products reduce over d in steps of 4 (16-byte shared loads of K, Q,
@@ -777,8 +777,6 @@ def bwd_kv_kernel(dtype, dk, dv, bq, bkv, ty_n, tx_n, masked: bool, band: bool, 
         cr = cuda.local.array(cw, dt)
         dq_r = cuda.local.array(dq_shape, dt)
         sr = cuda.local.array(sr_shape, dt)
-        pq = cuda.local.array(q_loads, dt)
-        po = cuda.local.array(o_loads, dt)
         tid = cuda.threadIdx.x
         tx = tid % tx_n
         ty = tid // tx_n
@@ -818,49 +816,30 @@ def bwd_kv_kernel(dtype, dk, dv, bq, bkv, ty_n, tx_n, masked: bool, band: bool, 
         if band:  # query i sees key j iff j - wr <= i <= j + wl
             i_lo = max(0, j0 - wr)
             i_hi = min(nq, min(nk, j0 + bkv) + wl)
-        if i_lo < i_hi:  # the first Q/dO tile into registers
-            for load in range(q_loads):
-                idx = tid + load * nt
-                r = idx // dkw
-                c = idx - r * dkw
-                pq[load] = q[b, h, uint64(min(i_lo + r, nq - 1)), uint64(min(c, dk - 1))]
-            for load in range(o_loads):
-                idx = tid + load * nt
-                r = idx // dvw
-                c = idx - r * dvw
-                po[load] = do[b, h, uint64(min(i_lo + r, nq - 1)), uint64(min(c, dv - 1))]
-
         for i0 in range(i_lo, i_hi, bq):
             cuda.syncthreads()  # the previous step's readers are done (and K, V are staged)
+            # Q and dO straight to shared memory (rows past Nq repeat the last row, their P is 0):
+            # prefetching the next tile into registers, as the forward does, took the kernel from
+            # 127 to 254 registers at 128 threads (ptxas, sm_90), halving the blocks per SM
             for load in range(q_loads):
                 idx = tid + load * nt
                 if idx < bq * dkw:
                     r = idx // dkw
                     c = idx - r * dkw
-                    q_s[uint64(r * ldk + c)] = pq[load] if c < dk else zero
+                    val = q[b, h, uint64(min(i0 + r, nq - 1)), uint64(min(c, dk - 1))]
+                    q_s[uint64(r * ldk + c)] = val if c < dk else zero
             for load in range(o_loads):
                 idx = tid + load * nt
                 if idx < bq * dvw:
                     r = idx // dvw
                     c = idx - r * dvw
-                    o_s[uint64(r * ldv + c)] = po[load] if c < dv else zero
+                    val = do[b, h, uint64(min(i0 + r, nq - 1)), uint64(min(c, dv - 1))]
+                    o_s[uint64(r * ldv + c)] = val if c < dv else zero
             for r in range(tid, bq, nt):
                 row = uint64(min(i0 + r, nq - 1))
                 l_s[r] = lse[b, h, row] * log2e
                 d_s[r] = delta[b, h, row]
             cuda.syncthreads()
-            i1 = i0 + bq
-            if i1 < i_hi:  # the next tile's loads fly while this one is multiplied
-                for load in range(q_loads):
-                    idx = tid + load * nt
-                    r = idx // dkw
-                    c = idx - r * dkw
-                    pq[load] = q[b, h, uint64(min(i1 + r, nq - 1)), uint64(min(c, dk - 1))]
-                for load in range(o_loads):
-                    idx = tid + load * nt
-                    r = idx // dvw
-                    c = idx - r * dvw
-                    po[load] = do[b, h, uint64(min(i1 + r, nq - 1)), uint64(min(c, dv - 1))]
 
             # (1) S^T = K Q^T and dP^T = V dO^T for this thread's keys x queries
             for i in range(tk):
@@ -1001,8 +980,8 @@ def bwd_dq_kernel(dtype, dk, dv, bq, bkv, ty_n, tx_n, masked: bool, band: bool):
     """The dQ pass of the fused backward (``BWD_DQ["pass"]``): dq = sum over key tiles of dS K.
 
     Launch: grid (cdiv(Nq, BQ), B*H), block TY*TX threads, heaviest causal tiles first. A block
-    stages its BQ queries (Q, dO, lse, D) once and walks the key tiles that its queries can see,
-    the next K/V tile loaded into registers while the current one is multiplied: S and dP
+    stages its BQ queries (Q, dO, lse, D) once and walks the key tiles that its queries can see
+    (no register prefetch, as the key-block kernel): S and dP
     (thread: queries ``ty + c*TY`` x keys ``tx + j*TX``, reduced over d in 16-byte steps), dS to
     a shared tile, then dQ += dS K (thread: its queries x columns ``4*tx + c + g*4*TX``,
     reduced over keys in steps of 4). Every dQ element is summed by one thread in key order:
@@ -1038,8 +1017,6 @@ def bwd_dq_kernel(dtype, dk, dv, bq, bkv, ty_n, tx_n, masked: bool, band: bool):
         a_r = cuda.local.array((tq, 4), dt)
         b_r = cuda.local.array((tk, 4), dt)
         cr = cuda.local.array(ck, dt)
-        pk = cuda.local.array(k_loads, dt)
-        pv = cuda.local.array(v_loads, dt)
         tid = cuda.threadIdx.x
         tx = tid % tx_n
         ty = tid // tx_n
@@ -1079,45 +1056,23 @@ def bwd_dq_kernel(dtype, dk, dv, bq, bkv, ty_n, tx_n, masked: bool, band: bool):
         if band:  # keys outside [q0 - wl, q0 + bq - 1 + wr] are invisible to the whole tile
             k_lo = max(0, q0 - wl)
             k_hi = min(nk, q0 + bq + wr)
-        if k_lo < k_hi:
-            for load in range(k_loads):
-                idx = tid + load * nt
-                r = idx // dkw
-                c = idx - r * dkw
-                pk[load] = k[b, h, uint64(min(k_lo + r, nk - 1)), uint64(min(c, dk - 1))]
-            for load in range(v_loads):
-                idx = tid + load * nt
-                r = idx // dvw
-                c = idx - r * dvw
-                pv[load] = v[b, h, uint64(min(k_lo + r, nk - 1)), uint64(min(c, dv - 1))]
-
         for k0 in range(k_lo, k_hi, bkv):
             cuda.syncthreads()  # the previous tile's readers are done (and Q, dO are staged)
-            for load in range(k_loads):
+            for load in range(k_loads):  # straight to shared memory, as the key-block kernel
                 idx = tid + load * nt
                 if idx < bkv * dkw:
                     r = idx // dkw
                     c = idx - r * dkw
-                    k_s[uint64(r * ldk + c)] = pk[load] if c < dk else zero
+                    val = k[b, h, uint64(min(k0 + r, nk - 1)), uint64(min(c, dk - 1))]
+                    k_s[uint64(r * ldk + c)] = val if c < dk else zero
             for load in range(v_loads):
                 idx = tid + load * nt
                 if idx < bkv * dvw:
                     r = idx // dvw
                     c = idx - r * dvw
-                    v_s[uint64(r * ldv + c)] = pv[load] if c < dv else zero
+                    val = v[b, h, uint64(min(k0 + r, nk - 1)), uint64(min(c, dv - 1))]
+                    v_s[uint64(r * ldv + c)] = val if c < dv else zero
             cuda.syncthreads()
-            k1 = k0 + bkv
-            if k1 < k_hi:
-                for load in range(k_loads):
-                    idx = tid + load * nt
-                    r = idx // dkw
-                    c = idx - r * dkw
-                    pk[load] = k[b, h, uint64(min(k1 + r, nk - 1)), uint64(min(c, dk - 1))]
-                for load in range(v_loads):
-                    idx = tid + load * nt
-                    r = idx // dvw
-                    c = idx - r * dvw
-                    pv[load] = v[b, h, uint64(min(k1 + r, nk - 1)), uint64(min(c, dv - 1))]
 
             # (1) S = Q K^T and dP = dO V^T: this thread's queries x keys
             for i in range(tq):
