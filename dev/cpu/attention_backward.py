@@ -1,8 +1,10 @@
 """Lab: the backward of scaled dot-product attention on the CPU (``tfm/backends/cpu/attention.py``,
-``attention_backward``): the naive and fused kernels, the fused kernel's tile sizes, where its
-time goes (gemms against elementwise work, as a fraction of the sgemm ceiling), its memory
-against the naive one's, the forward with and without the saved log-sum-exp, and the paired
-tfm / PyTorch SDPA-backward ratio.
+``attention_backward``): the paired tfm / PyTorch SDPA-backward ratio (``versus_sdpa``), where
+the fused kernel's time goes (gemms against elementwise work, against square sgemms of the
+same FLOPs on the same threading and the NumPy sgemm ceiling: ``ceiling``; each product of
+the block step on one thread: ``gemm_shapes``), naive against fused (``versions``), tile
+sizes and causal diagonal chunks (``tiles``), the forward with and without the saved
+log-sum-exp (``forward_lse``), and the memory of one call, naive against fused (``memory``).
 
     python -m dev.cpu.attention_backward [--out DIR] [--quick]
 
@@ -365,6 +367,66 @@ def ceiling(rng, quick, checks) -> list[dict]:
     return rows
 
 
+PRODUCTS = ("S = Q K^T", "dV += P^T dO", "dP = dO V^T", "dQ += dS K", "dK += dS^T Q", "square 512^3")
+
+
+@njit(cache=True)
+def _product(which, reps, q, k, v, do, s, dp, gq, gk, gv, a, b, c):
+    """``reps`` calls of one of the block step's five gemms at the library's block shape (query
+    rows = s.shape[0], keys = s.shape[1]), or of a square sgemm (``which`` = 5); one thread."""
+    rows, tk = s.shape
+    d, dv = q.shape[1], v.shape[1]
+    consts = np.array([0.125, 1.0, 0.0], q.dtype)
+    for _ in range(reps):
+        if which == 0:
+            gemm(_T, _N, tk, rows, d, consts[0:], k, d, q, d, consts[2:], s, tk)
+        elif which == 1:
+            gemm(_N, _T, dv, tk, rows, consts[1:], do, dv, s, tk, consts[1:], gv, dv)
+        elif which == 2:
+            gemm(_T, _N, tk, rows, dv, consts[1:], v, dv, do, dv, consts[2:], dp, tk)
+        elif which == 3:
+            gemm(_N, _N, d, rows, tk, consts[0:], k, d, dp, tk, consts[1:], gq, d)
+        elif which == 4:
+            gemm(_N, _T, d, tk, rows, consts[0:], q, d, dp, tk, consts[1:], gk, d)
+        else:
+            n = a.shape[0]
+            gemm(_N, _N, n, n, n, consts[1:], a, n, b, n, consts[2:], c, n)
+
+
+def gemm_shapes(rng, quick, checks) -> list[dict]:
+    """Each of the block step's five products at the library's block shape (BWD_TILE_Q query
+    rows x BWD_TILE_K keys, d = 64), on one thread with one-thread OpenBLAS, against a 512^3
+    sgemm: GFLOP/s and the time per FLOP relative to the square product's."""
+    rows, tk = att.BWD_TILE_Q, att.BWD_TILE_K
+    q, do = (rng.standard_normal((rows, D)).astype(np.float32) for _ in range(2))
+    k, v = (rng.standard_normal((tk, D)).astype(np.float32) for _ in range(2))
+    s, dp = (rng.standard_normal((rows, tk)).astype(np.float32) for _ in range(2))
+    gq, gk, gv = np.zeros((rows, D), np.float32), np.zeros((tk, D), np.float32), np.zeros((tk, D), np.float32)
+    a, b = (rng.standard_normal((512, 512)).astype(np.float32) for _ in range(2))
+    c = np.empty((512, 512), np.float32)
+    block_flops, square_flops = 2 * rows * tk * D, 2 * 512 ** 3
+    reps = {name: (4 if name.startswith("square") else 4 * square_flops // block_flops) for name in PRODUCTS}
+    args = (q, k, v, do, s, dp, gq, gk, gv, a, b, c)
+    fns = {}
+    for which, name in enumerate(PRODUCTS):
+        def run(which=which, name=name):
+            with single_threaded_blas():
+                _product(which, reps[name], *args)
+        fns[name] = run
+    times = interleave(fns, budget_s=1.0 if quick else 6.0, min_rounds=5 if quick else 15)
+    flops = {name: reps[name] * (square_flops if name.startswith("square") else block_flops) for name in PRODUCTS}
+    per_flop = {name: t / flops[name] for name, t in times.items()}  # same-round seconds per FLOP
+    extra = {name: {"gflops": flops[name] / np.median(t) / 1e9, "block": f"{rows} x {tk}, d={D}"}
+             for name, t in times.items()}
+    got = compare("attention_backward", f"block products, one thread, {rows} x {tk}", per_flop,
+                  "square 512^3", extra)
+    for r in got:
+        r["median_ms"] = 1e3 * float(np.median(times[r["variant"]]))
+        r["min_ms"] = 1e3 * float(np.min(times[r["variant"]]))
+    print_rows(got)
+    return got
+
+
 def forward_lse(rng, quick, checks) -> list[dict]:
     """The fused forward with the log-sum-exp written (``attention_train``) against without."""
     rows = []
@@ -417,7 +479,7 @@ def memory(rng, quick, checks) -> list[dict]:
     return []
 
 
-PARTS = (versus_sdpa, ceiling, versions, tiles, forward_lse, memory)
+PARTS = (versus_sdpa, ceiling, gemm_shapes, versions, tiles, forward_lse, memory)
 _OUT = [Path(__file__).parent / "results"]  # where ``memory`` writes (set by --out)
 
 

@@ -58,6 +58,47 @@ single-threaded BLAS ``?gemm`` (``_threads.single_threaded_blas``): 2 Numba thre
 thread. At n=1024 one Numba thread calling 2-thread BLAS took 8.4 (7.8-8.8) times as long,
 2 x 2 (oversubscribed) 11.2 (10.5-12.2). The exp2 of the score tile is a vectorised
 polynomial (``fastmath.exp2_le0`` through ``norm.exp2_shift_sum``), not libm.
+
+Backward (``attention_backward``). ``attention_train`` is the forward that also writes each
+query's log-sum-exp (the fused kernel from its running max and sum, the naive one from its
+row softmax); time / ``attention``'s: n=1024 1.02 (0.93-1.05), causal 0.98 (0.97-1.01);
+n=4096 1.00 (0.99-1.04), causal 1.01 (0.96-1.03). Both backward variants run one block
+step (``_backward_block``): S recomputed by a gemm in log2 units, P = 2**(S - lse log2 e)
+(0 where masked and in rows that see no key), then dV += P^T dO, dP = dO V^T, dS = P (dP - D)
+in place (D = rowsum(dO * O), once per head), dQ += dS K / sqrt(d_k), dK += dS^T Q / sqrt(d_k):
+five gemms against the forward's two (2.5x its FLOPs). Time / the fused backward's:
+
+    naive  one block per (b, h): S and dP as two full (Nq, Nk) matrices per thread; causal
+           computes every score, then masks. n=1024 2.18 (1.08-2.75), causal 2.41
+           (1.42-3.22); n=2048 1.62 (1.55-1.69), causal 3.19 (2.62-3.83). Memory growth of
+           one call at n = 512, 1024, 2048, 4096: 5.0, 15.7, 77, 280 MiB (O(n^2)).
+    fused  FlashAttention-2's backward (Dao 2023, Algorithm 2): per (b, h), key blocks of
+           ``BWD_TILE_K`` = 512 (dK, dV accumulate in place over the block's query steps of
+           ``BWD_TILE_Q`` = 256 rows; dQ over the key blocks), causal blocks above the
+           diagonal skipped and the diagonal in ``BWD_DIAG_ROWS`` = 64-row chunks. Memory
+           growth 5.4, 7.9, 13.9, 25.5 MiB, of which 3, 6, 12, 24 MiB are the gradients:
+           two (256, 512) tiles and two Nq-vectors per thread beyond them (O(n)).
+           tfm / autograd through torch SDPA (PyTorch's CPU flash-attention backward):
+           n=1024 0.92 (0.89-1.04), causal 0.68 (0.66-0.69); n=4096 0.85 (0.81-0.92),
+           causal 0.84 (0.75-0.95).
+
+Work items are (b, h): with B*H = 8 on 2 threads each thread takes 4 heads. When the heads
+would leave threads idle (B*H not a multiple of the threads and under 4x their number), each
+head's key blocks are split into groups with their own dQ partial (``_key_groups``).
+Where the backward's time goes (the lab's copy of its loop with one half of each block step
+switched off, timed in the same rounds as 512^3 sgemms of the same FLOPs on the same
+threading, each Numba thread calling 1-thread OpenBLAS): the five gemms alone run at 0.85-0.91
+of the square sgemms' speed (n=1024 full, n=4096 full and causal); the elementwise work
+(2**x of the scores, dS) alone takes 3.5-4.2% of the gemms' time; the kernel 1.00-1.06 of the
+gemms-only loop's (n=4096: 1.00 (0.90-1.03)): 0.80-0.91 of the square sgemm's GFLOP/s. At the
+block shape on one thread, each product's time per FLOP / a 512^3 sgemm's: S 0.92, dV 1.03,
+dP 0.87, dQ 0.94, dK 1.32 (0.95-1.81), every interval spanning 1: no one product stands out
+in this run. Tiles (time / 256 x 512's): 128 x 512, 256 x 256, 256 x 1024, 512 x 512 within
+0.91-1.07 with intervals spanning 1; 512 x 1024 1.15 (1.13-1.20) at n=4096 (1.09 causal).
+Diagonal chunks at n=4096 causal: 128 rows 0.985 (0.954-1.019), 32 rows 0.955 (0.939-1.005).
+Figures from ``python -m dev.cpu.attention_backward`` (dev/cpu/results/attention_backward.csv,
+attention_backward_memory.csv): same machine, 1-minute load 6-17 during the run, so absolute
+GFLOP/s (and the NumPy sgemm ceiling measured once at the start) mean little; ratios only.
 """
 
 from __future__ import annotations
@@ -77,8 +118,10 @@ from .fastmath import maxnum
 from .norm import exp2_shift, exp2_shift_sum, exp_shift_sum, row_max
 
 VARIANTS = {
-    "naive": "per (b, h): the full (Nq, Nk) score matrix, then softmax, then P @ V",
-    "fused": "FlashAttention on the CPU: query tiles x key tiles, online softmax, O((Nq+Nk)*D)",
+    "naive": "per (b, h): the full (Nq, Nk) score matrix, then softmax, then P @ V; its "
+             "backward materialises S and dP as (Nq, Nk) matrices too",
+    "fused": "FlashAttention on the CPU: query tiles x key tiles, online softmax, O((Nq+Nk)*D); "
+             "its backward is FlashAttention-2's (key blocks x query steps, P from lse)",
 }
 
 # Tile sizes of the fused kernel (rows of Q, rows of K/V per step); the lab's tile sweep
