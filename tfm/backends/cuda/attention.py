@@ -44,6 +44,37 @@ run. Masking: an optional broadcast boolean mask read through per-axis 0/1 index
 and a key band [i - wl, i + wr] (causal: wl unbounded, wr = 0), one device function
 (``norm.visibility``); key tiles outside the band of a whole query tile are skipped (causal:
 half the work), query tiles run heaviest-first. Rows with no visible key give zeros.
+``attention_train`` is the same launch writing each query's log-sum-exp too (one store per
+row; -inf where a row sees no key), all the backward needs besides q, k, v and the output.
+
+Backward variants (``BWD_VARIANTS``; the fused one's dQ summation in ``BWD_DQ``, chosen by
+``Tuning.attn_bwd_dq``, its tilings (BQ, BKV, TY, TX) in ``BWD_TILINGS``). Verdicts from
+``python3 -m dev.cuda.lab --out DIR --family backward`` (B=4, H=16, d=64, n = 1024, 4096,
+against SDPA's math and memory-efficient backward) and ``--family ptx`` (no GPU needed):
+
+* ``naive_backward`` — S = Q K^T / sqrt(d_k) and dP = dO V^T as two (B*H, Nq, Nk) arrays
+  (batched Numba GEMMs), one elementwise kernel turning them into P = exp(S - lse) and dS =
+  P (dP - D), then dV = P^T dO, dQ = dS K, dK = dS^T Q (the GEMM with A transposed).
+  Refuses with InsufficientMemoryError what would not fit. Verdict: not yet measured on a GPU.
+* ``fused_atomic`` (default) — FlashAttention-2's backward (Dao 2023, Algorithm 2) in one
+  key-block kernel (``bwd_kv_kernel``): a block keeps its BKV keys' dK and dV in registers
+  while it walks the query tiles that can see them, recomputing S and P from q, k and lse,
+  and adds each tile's dQ = dS K into dq with float32 atomics (the order of those additions,
+  so dQ's last bits, vary by run). D = rowsum(dO * O) is computed once per row by a small
+  kernel that also zeroes dq. Never materialises (Nq, Nk): extra memory O(Nq) for D.
+  At the default (32, 32, 8, 16): 127 registers at 128 threads, 44.3 KB shared memory, no
+  spills (ptxas, sm_90): 4 blocks per SM. Loading the next Q/dO tile into registers during
+  the current one (as the forward v2 does) took it to 254 registers (2 blocks per SM): the
+  loads go straight to shared memory and other blocks hide their latency. Verdict: not yet
+  measured on a GPU (goal: >= 1.0x SDPA's math-backend backward in float32).
+* ``fused_pass`` — the same key-block kernel without dQ, then a query-block kernel
+  (``bwd_dq_kernel``) that recomputes S and dP for its BQ queries and sums dQ = dS K over
+  the key tiles in registers: 7 matrix products per tile instead of 5, no atomics,
+  deterministic. 96-128 registers at 128 threads, no spills. Verdict: not yet measured on
+  a GPU; kept for the lab to measure against the atomic variant.
+
+Both fused backwards take the same masks and bands as the forward (causal: a key block
+visits only the queries from its first key on; restricted attention: only its window).
 """
 
 from __future__ import annotations
@@ -67,6 +98,12 @@ VARIANTS = {
     "naive": "GEMM -> (B*H, Nq, Nk) scores in global memory -> masked row softmax -> GEMM",
     "fused_v1": "FlashAttention-2 tiles, online softmax in registers; " + ATTN_VERSIONS[1],
     "fused_v2": "FlashAttention-2 tiles, online softmax in registers; " + ATTN_VERSIONS[2],
+}
+
+BWD_VARIANTS = {
+    "naive_backward": "S and dP as (B*H, Nq, Nk) arrays, an elementwise dS kernel, five batched GEMMs",
+    "fused_atomic": "key-block kernel: dK, dV in registers, P recomputed from lse, dQ by float32 atomics",
+    "fused_pass": "key-block kernel for dK, dV, then a query-block kernel for dQ (no atomics)",
 }
 
 # Tilings (BQ, BK, TY, TX) per version that the lab times, the default first (dev/cuda/lab.py,

@@ -28,6 +28,16 @@ output in dev/cuda/host/).
   registers at 256 threads, 33.8 KB shared memory, no spills; its k loop issues 64 FMAs in
   88 PTX instructions (v1: 64 in 162; ptx family). Verdict: not yet measured on a GPU
   (goal: 40% of FP32 peak).
+
+Backward (``linear_backward``; after the forward below): dx = dy W and dW = dy^T x through
+the backend's GEMM, db by a column-sum kernel. With ``cupy`` both products are cuBLAS calls
+(``_cublas.gemm_into``: any transposes, one call each). With ``numba`` dx is the tiled GEMM
+without transpose and dW the tiled GEMM reading A transposed (``trans_a``: its slab loads
+walk A's contiguous axis, coalesced), its rows (the reduction axis) split into batches when
+the (out, in) output alone has fewer tiles than ``Tuning.min_blocks`` (a 512 x 512 weight is
+16 tiles of 128 x 128 on 132 SMs), the partial products summed in a fixed order (no
+atomics). Verdicts: not yet measured on a GPU; a base training step runs them in the lab's
+``backward`` family (``python3 -m dev.cuda.lab --out DIR --family backward``).
 """
 
 from __future__ import annotations
@@ -47,7 +57,8 @@ GEMM_VERSIONS = {1: "v1: single-buffered slabs, interleaved register tile, scala
                     "registers, double-buffered slabs, clamped unsigned global loads"}
 
 VARIANTS = {
-    "cupy": "cuBLAS sgemm/dgemm through CuPy's raw bindings, then a bias + activation kernel",
+    "cupy": "cuBLAS sgemm/dgemm through CuPy's raw bindings, then a bias + activation kernel; "
+            "backward: two cuBLAS calls and a column-sum kernel",
     "numba_v1": "tiled shared-memory GEMM, fused bias + activation; " + GEMM_VERSIONS[1],
     "numba_v2": "tiled shared-memory GEMM, fused bias + activation; " + GEMM_VERSIONS[2],
 }

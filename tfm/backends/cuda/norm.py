@@ -13,6 +13,14 @@ factors, never materialised; a key band, causal being the band [-inf, i]).
 
 Variants: one each. Verdict: correct under the simulator and on the first GPU run; not timed
 on their own (they run inside ``python3 -m dev.cuda.lab --family forward``).
+
+Training, the same one-block-per-row shape: ``layer_norm_train`` (the forward writing each
+row's mean and rstd), ``layer_norm_backward`` (dx per row with two reductions, then dgamma and
+dbeta as column sums over the rows, deterministic), softmax and log-softmax backward (one
+reduction per row) and ``cross_entropy`` (label smoothing, one kernel: max; sum of exp and of
+the logits; the gradient written once; the (T,) losses are the only download). Verdict:
+correct under the simulator; not yet timed on a GPU (they run inside the lab's ``backward``
+family's training step).
 """
 
 from __future__ import annotations
