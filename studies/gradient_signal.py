@@ -64,7 +64,8 @@ def cases(grid: str) -> list[dict]:
     out = [{"state": "init", "layer": kind, "n_layers": L, "seed": s, "n": g["n"]}
            for kind in g["layers"] for L in g["depths"] for s in g["seeds"]]
     lg = ld.GRIDS[grid]["delayed_recall"]
-    out += [{"state": "trained", "layer": kind, "n_layers": 2, "seed": s, "n": g["n"]}
+    out += [{"state": "trained", "layer": kind, "n_layers": 2, "seed": s, "n": g["n"],
+             "task_delta": TRAINED_DELTA[grid], "ref_steps": lg["ref_steps"]}
             for kind in lg["models"] if kind in g["layers"] for s in lg["seeds"]]
     return out
 
@@ -92,7 +93,8 @@ def _model(case: dict, grid: str, out, backend: str, sequences: int):
 
     delta = TRAINED_DELTA[grid]
     if case["state"] == "trained":
-        run, task = ld.run_for("delayed_recall", case["layer"], delta, case["seed"], grid)
+        run, task = ld.run_for("delayed_recall", case["layer"], case["task_delta"], case["seed"], grid,
+                               case["ref_steps"])
         model, _, _ = trained(run, out)
     else:
         task = DelayedRecall(delta, length=case["n"])
@@ -136,9 +138,8 @@ def measure(case: dict, ctx, out="results") -> dict:
     norms = norms[::-1].copy()  # index = distance
     if not np.all(np.isfinite(norms)):
         raise Skip("non-finite Jacobian norms", "error")
-    task_delta = TRAINED_DELTA[ctx.options["grid"]] if case["state"] == "trained" else np.nan
-    return {**summarise(norms, case["layer"], case["n_layers"]), "task_delta": task_delta,
-            "jacobian_backend": g["jacobian_backend"], "dtype": "float64", "n_sequences": g["sequences"], "norms": json.dumps([float(f"{v:.5g}") for v in norms])}
+    return {**summarise(norms, case["layer"], case["n_layers"]), "jacobian_backend": g["jacobian_backend"],
+            "dtype": "float64", "n_sequences": g["sequences"], "norms": json.dumps([float(f"{v:.5g}") for v in norms])}
 
 
 def build(args):
@@ -324,9 +325,10 @@ def section(rep) -> str:
     s += prose(f"""
         Method: a causal stack of L layers of one mixer (each layer the mixer and an FFN, each in the paper's
         post-norm residual; convolutions k = {K}, dilations 1, {K}, {K * K}, ...; restricted attention r = {R};
-        width 32, 2 heads) is fed the embedded tokens of {GRIDS['default']['sequences']} delayed-recall sequences; the Frobenius norm
-        of every Jacobian block ||dy_j/dx_i|| at the last position j comes from one float64 backward pass with d
-        one-hot cotangents (`studies._stack.jacobian_profile`). The path-length argument expects self-attention's
+        width 32, 2 heads) is fed the embedded tokens of {GRIDS['default']['sequences']} delayed-recall sequences; the
+        Frobenius norm of every Jacobian block ||dy_j/dx_i|| at the last position j comes from one float64 backward
+        pass with d one-hot cotangents (`studies._stack.jacobian_profile`). The path-length argument expects
+        self-attention's
         profile to be flat (one layer links any pair; threshold: far/near ratio within {10 ** FLAT:g}x), the
         recurrent layers' to decay with the distance (the 95% interval of the fitted slope of log10 ||J|| below 0),
         and convolutions' and restricted attention's to be exactly zero beyond the distance L layers reach (the

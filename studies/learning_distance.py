@@ -36,13 +36,16 @@ from ._report import md_table, prose
 NAME = "learning_distance"
 TITLE = "Learning at a distance"
 TAGGERS = ("self_attention", "self_attention_restricted", "recurrent", "convolutional", "convolutional_dilated")
+# Associative recall measures every distance 2..23; its checks take these: both ends and each side of the
+# two convolutions' reach (4 and 8 positions for 2 layers).
+CHECKED = (2, 4, 5, 8, 9, 16, 23)
 GRIDS = {
     "default": {"delayed_recall": dict(models=TAGGERS, deltas=(2, 8, 24, 48), seeds=(0, 1, 2), ref_steps=300),
-                "associative_recall": dict(models=TAGGERS, seeds=(0, 1, 2), ref_steps=400),
+                "associative_recall": dict(models=TAGGERS, seeds=(0, 1, 2), ref_steps=1000, checked=CHECKED),
                 "copy": dict(models=("transformer", "lstm_seq2seq", "convs2s"), deltas=(8, 16, 32), seeds=(0, 1, 2),
                              ref_steps=300)},
     "quick": {"delayed_recall": dict(models=TAGGERS, deltas=(2, 24), seeds=(0, 1), ref_steps=100),
-              "associative_recall": dict(models=TAGGERS, seeds=(0, 1), ref_steps=100),
+              "associative_recall": dict(models=TAGGERS, seeds=(0, 1), ref_steps=100, checked=CHECKED),
               "copy": dict(models=("transformer", "lstm_seq2seq", "convs2s"), deltas=(8, 16), seeds=(0, 1),
                            ref_steps=100)},
     "smoke": {"delayed_recall": dict(models=("self_attention", "recurrent"), deltas=(2, 5), seeds=(0,), ref_steps=3),
@@ -51,7 +54,8 @@ GRIDS = {
               "copy": dict(models=("lstm_seq2seq",), deltas=(3,), seeds=(0,), ref_steps=3)},
     "full": {"delayed_recall": dict(models=TAGGERS + ("gru", "rnn"), deltas=(2, 4, 8, 16, 24, 32, 48),
                                     seeds=(0, 1, 2, 3, 4), ref_steps=1200),
-             "associative_recall": dict(models=TAGGERS + ("gru", "rnn"), seeds=(0, 1, 2, 3, 4), ref_steps=1600),
+             "associative_recall": dict(models=TAGGERS + ("gru", "rnn"), seeds=(0, 1, 2, 3, 4), ref_steps=3000,
+                                        checked=CHECKED),
              "copy": dict(models=("transformer", "lstm_seq2seq", "convs2s"), deltas=(8, 16, 32, 64),
                           seeds=(0, 1, 2, 3, 4), ref_steps=1200)},
 }
@@ -68,8 +72,8 @@ def cases(grid: str) -> list[dict]:
     out = []
     for task, g in GRIDS[grid].items():
         deltas = g.get("deltas") or _task(task, g, None).deltas
-        out += [{"task": task, "model": m, "delta": int(d), "seed": s} for m in g["models"] for d in deltas
-                for s in g["seeds"]]
+        out += [{"task": task, "model": m, "delta": int(d), "seed": s, "ref_steps": g["ref_steps"]}
+                for m in g["models"] for d in deltas for s in g["seeds"]]
     return out
 
 
@@ -84,14 +88,14 @@ def _task(task: str, g: dict, delta):
     return make_task(task, **params)
 
 
-def run_for(task: str, model: str, delta: int, seed: int, grid: str):
-    """The training run (studies._learning.Run) behind a row."""
+def run_for(task: str, model: str, delta: int, seed: int, grid: str, ref_steps: int):
+    """The training run (studies._learning.Run) behind a row, and its task."""
     from ._learning import Run, budget_for
 
     g = GRIDS[grid][task]
     t = _task(task, g, delta if task != "associative_recall" else None)
     params = {k: v for k, v in vars(t).items() if not k.startswith("_")}
-    return Run.of(task, model, seed, budget_for(t, g["ref_steps"]), task_params=params), t
+    return Run.of(task, model, seed, budget_for(t, ref_steps), task_params=params), t
 
 
 def measure(case: dict, ctx, out="results") -> dict:
@@ -103,7 +107,7 @@ def measure(case: dict, ctx, out="results") -> dict:
     if ctx.options["backend"] != "cpu":
         raise Skip("the learning studies train on the cpu backend only", "unavailable")
     grid = ctx.options["grid"]
-    run, task = run_for(case["task"], case["model"], case["delta"], case["seed"], grid)
+    run, task = run_for(case["task"], case["model"], case["delta"], case["seed"], grid, case["ref_steps"])
     model, stats, reused = trained(run, out)
     key = run.key()
     if key not in _EVALS:
@@ -114,7 +118,7 @@ def measure(case: dict, ctx, out="results") -> dict:
         raise Skip(f"no held-out target at distance {case['delta']}", "error")
     return {"accuracy": right / total, "correct": right, "n_targets": total, "chance": task.chance,
             "accuracy_all": ev["accuracy"], "steps": stats["steps"], "train_flops": stats["train_flops"],
-            "budget_flops": run.budget_flops, "ref_steps": GRIDS[grid][case["task"]]["ref_steps"],
+            "budget_flops": run.budget_flops,
             "train_s": stats["train_s"], "first_loss": stats["first_loss"], "final_loss": stats["final_loss"],
             "n_params": stats["n_params"], "reused_checkpoint": reused, "run_key": key}
 
@@ -168,10 +172,12 @@ def summary(df) -> pd.DataFrame:
         m, lo, hi = t_interval(g["accuracy"])
         pl = path_length(model, int(delta))
         rows.append({"task": task, "model": model, "delta": int(delta), "seeds": len(g), "accuracy": m,
-                     "ci_low": max(0.0, lo) if np.isfinite(lo) else lo, "ci_high": min(1.0, hi) if np.isfinite(hi) else hi,
+                     "ci_low": max(0.0, lo) if np.isfinite(lo) else lo,
+                     "ci_high": min(1.0, hi) if np.isfinite(hi) else hi,
                      "min": g["accuracy"].min(), "max": g["accuracy"].max(), "chance": g["chance"].iloc[0],
                      "path_length": pl, "reachable": reachable(model, int(delta), N_LAYERS),
-                     "steps": g["steps"].mean(), "train_s": g["train_s"].mean(), "budget_flops": g["budget_flops"].iloc[0]})
+                     "steps": g["steps"].mean(), "train_s": g["train_s"].mean(),
+                     "budget_flops": g["budget_flops"].iloc[0]})
     return pd.DataFrame(rows, columns=cols)
 
 
@@ -207,9 +213,6 @@ def paired(df) -> pd.DataFrame:
             rows.append({"task": task, "reference": ref, "model": model, "delta": int(delta), "seeds": len(diff),
                          "difference": m, "ci_low": lo, "ci_high": hi, "verdict": verdict})
     return pd.DataFrame(rows, columns=cols)
-
-
-DERIVED = {"learning_distance_summary": summary, "learning_distance_paired": paired}
 
 
 # ----------------------------------------------------------------------------- figure
@@ -251,42 +254,99 @@ def _fmt(m, lo, hi) -> str:
     return f"{m:.2f}" + (f" [{lo:.2f}, {hi:.2f}]" if np.isfinite(lo) and np.isfinite(hi) else "")
 
 
-def findings(df) -> list[str]:
-    """The section's sentences, each computed from the summary and paired tables."""
+RECURRENT = ("recurrent", "gru", "rnn")
+
+
+def _checked(df, task: str):
+    """The distances a task's checks take (its grid's ``checked``; None: all), found by the
+    rows' budget in the grids."""
+    steps = set(df.loc[df["task"] == task, "ref_steps"]) if "ref_steps" in df.columns else set()
+    for grid in GRIDS.values():
+        g = grid.get(task, {})
+        if g.get("ref_steps") in steps and "checked" in g:
+            return g["checked"]
+    return None
+
+
+def checks(df) -> pd.DataFrame:
+    """The path-length argument's predictions, each checked against the summary and paired
+    tables: one row per (task, check, model, delta) with what it expects, what was measured and
+    the verdict ("agrees", "disagrees", or "tie" for a seed-paired comparison that resolves
+    neither way). Thresholds: ``MARGIN`` accuracy for "declines", "flat" and "at chance"."""
+    cols = ["task", "check", "model", "delta", "expected", "measured", "verdict"]
     s, p = summary(df), paired(df)
+    rows = []
+    for task in [t for t in GRIDS["default"] if t in set(s["task"])]:
+        st = s[s["task"] == task]
+        checked = _checked(df, task)
+        if checked is not None:
+            st = st[st["delta"].isin(checked)]
+            p = p[(p["task"] != task) | p["delta"].isin(checked)]
+        lo_d, hi_d = int(st["delta"].min()), int(st["delta"].max())
+        for model, g in st.groupby("model", sort=False):
+            g = g.set_index("delta")
+            if lo_d not in g.index or hi_d not in g.index or lo_d == hi_d:
+                continue
+            a, b = g.loc[lo_d, "accuracy"], g.loc[hi_d, "accuracy"]
+            measured = f"{a:.2f} at delta = {lo_d}, {b:.2f} at delta = {hi_d}"
+            if model == REFERENCE[task] or (task == "copy"):
+                why = "one attention hop" if task == "copy" else "a path of one layer at any distance"
+                rows.append({"task": task, "check": "flat", "model": model, "delta": hi_d,
+                             "expected": f"no decline beyond {MARGIN} ({why})", "measured": measured,
+                             "verdict": "agrees" if a - b <= MARGIN else "disagrees"})
+            elif model in RECURRENT and g.loc[lo_d, "reachable"]:
+                rows.append({"task": task, "check": "declines", "model": model, "delta": hi_d,
+                             "expected": f"a decline beyond {MARGIN} (a path of delta + 1 cell steps)",
+                             "measured": measured, "verdict": "agrees" if a - b > MARGIN else "disagrees"})
+        for r in st[~st["reachable"]].itertuples():
+            rows.append({"task": task, "check": "chance", "model": r.model, "delta": r.delta,
+                         "expected": f"chance ({r.chance:.3g}) within {MARGIN}: no path of 2 layers",
+                         "measured": f"{r.accuracy:.3f}",
+                         "verdict": "agrees" if abs(r.accuracy - r.chance) <= MARGIN else "disagrees"})
+        ref_path = {int(d): path_length(REFERENCE[task], int(d)) for d in st["delta"]}
+        for r in p[p["task"] == task].itertuples():
+            longer = path_length(r.model, r.delta) > ref_path[r.delta] or task == "copy"
+            if not longer:
+                continue
+            rows.append({"task": task, "check": "reference at least as good", "model": r.model, "delta": r.delta,
+                         "expected": f"{label(r.reference)} not worse (its path is shorter)" if task != "copy" else
+                         f"{label(r.reference)} not worse",
+                         "measured": f"difference {_fmt(r.difference, r.ci_low, r.ci_high)}",
+                         "verdict": {"reference better": "agrees", "model better": "disagrees"}.get(r.verdict, "tie")})
+    return pd.DataFrame(rows, columns=cols)
+
+
+def findings(df) -> list[str]:
+    """One sentence per task, each number from the summary table or the checks."""
+    s, c = summary(df), checks(df)
     out = []
     for task in [t for t in GRIDS["default"] if t in set(s["task"])]:
-        st, pt = s[s["task"] == task], p[p["task"] == task]
+        st, ct = s[s["task"] == task], c[c["task"] == task]
         ref = REFERENCE[task]
         lo_d, hi_d = int(st["delta"].min()), int(st["delta"].max())
-        r = st[st["model"] == ref].set_index("delta")
         parts = []
-        if not r.empty and lo_d in r.index and hi_d in r.index:
-            a, b = r.loc[lo_d], r.loc[hi_d]
-            flat = abs(a["accuracy"] - b["accuracy"]) <= MARGIN
-            parts.append(f"{label(ref)} reaches {_fmt(a['accuracy'], a['ci_low'], a['ci_high'])} at delta = {lo_d} "
-                         f"and {_fmt(b['accuracy'], b['ci_low'], b['ci_high'])} at delta = {hi_d} "
-                         + ("(no decline beyond the margin of " if flat else "(a change beyond the margin of ")
-                         + f"{MARGIN})")
-        counts = pt.groupby("model")["verdict"].value_counts().unstack(fill_value=0) if not pt.empty else None
-        if counts is not None:
-            for model, c in counts.iterrows():
-                parts.append(f"against {label(model)} it is better at {int(c.get('reference better', 0))}, tied at "
-                             f"{int(c.get('tie', 0) + c.get('one seed', 0))} and worse at {int(c.get('model better', 0))} "
-                             f"of {int(c.sum())} distances")
-        unreach = st[~st["reachable"]]
-        if not unreach.empty:
-            at_chance = unreach["accuracy"] <= unreach["chance"] + MARGIN
-            parts.append(f"where the stack has no path of at most 2 layers (delta beyond the receptive field), "
-                         f"{int(at_chance.sum())} of {len(unreach)} (model, delta) means are within {MARGIN} of chance "
-                         f"({unreach['chance'].iloc[0]:.3f})")
-        rec = st[st["model"] == "recurrent"].set_index("delta")
-        if not rec.empty and lo_d in rec.index and hi_d in rec.index:
-            parts.append(f"the LSTM falls from {rec.loc[lo_d, 'accuracy']:.2f} at delta = {lo_d} to "
-                         f"{rec.loc[hi_d, 'accuracy']:.2f} at delta = {hi_d}")
-        if parts:
-            out.append(f"- **{task.replace('_', ' ')}:** " + "; ".join(parts) + ".")
+        for model, g in st.groupby("model", sort=False):
+            g = g.set_index("delta")
+            if model in (ref,) + RECURRENT and lo_d in g.index and hi_d in g.index:
+                a, b = g.loc[lo_d], g.loc[hi_d]
+                parts.append(f"{label(model)} {_fmt(a['accuracy'], a['ci_low'], a['ci_high'])} at delta = {lo_d}, "
+                             f"{_fmt(b['accuracy'], b['ci_low'], b['ci_high'])} at delta = {hi_d}")
+        counts = ct["verdict"].value_counts()
+        verdict = (f"{int(counts.get('agrees', 0))} of {len(ct)} checks of the path-length argument agree, "
+                   f"{int(counts.get('disagrees', 0))} disagree, {int(counts.get('tie', 0))} are ties")
+        bad = ct[ct["verdict"] == "disagrees"]
+        if not bad.empty:
+            verdict += " (disagreeing: " + "; ".join(
+                f"{label(r.model)} {r.check} at delta = {r.delta}: {r.measured}" for r in bad.head(4).itertuples()) + (
+                f"; {len(bad) - 4} more" if len(bad) > 4 else "") + ")"
+        steps = f"{int(st['steps'].min())}-{int(st['steps'].max())} steps"
+        out.append(f"- **{task.replace('_', ' ')}** ({steps}, chance {st['chance'].iloc[0]:.3g}): " + "; ".join(parts)
+                   + ("; " if parts else "") + verdict + ".")
     return out
+
+
+DERIVED = {"learning_distance_summary": summary, "learning_distance_paired": paired,
+           "learning_distance_checks": checks}
 
 
 def section(rep) -> str:
@@ -310,8 +370,13 @@ def section(rep) -> str:
     """)
     if good.empty:
         return s + "Not measured.\n\n" + rep.sources(sys.modules[__name__])
-    s += "**What the runs say** (thresholds: " + f"{MARGIN} accuracy for 'no decline' and 'at chance'):\n\n"
+    s += (f"**What the runs say** (mean over seeds with its 95% interval; thresholds: {MARGIN} accuracy for "
+          f"'flat', 'declines' and 'at chance'; every check is a row of `tables/learning_distance_checks.csv`):\n\n")
     s += "\n".join(findings(good)) + "\n\n"
+    c = checks(good)
+    if not c.empty:
+        s += ("The checks that do not agree (a tie: the seed-paired interval includes 0):\n\n"
+              + md_table(c[c["verdict"] != "agrees"]) + "\n")
     sm = summary(good)
     budgets = sm.groupby("task").agg(budget_flops=("budget_flops", "first"), steps_min=("steps", "min"),
                                      steps_max=("steps", "max"), seconds_max=("train_s", "max")).reset_index()
@@ -333,8 +398,7 @@ def readme(rep) -> list[str]:
     good = rep.rows(NAME)
     if good.empty:
         return []
-    return ["- **Learning at a distance** (same FLOP budget per task, " + ", ".join(
-        f"{t.replace('_', ' ')}" for t in sorted(set(good["task"]))) + "):"] + ["  " + f for f in findings(good)]
+    return ["- **Learning at a distance** (one counted-FLOP budget per task):"] + ["  " + f for f in findings(good)]
 
 
 def main(argv=None):

@@ -56,15 +56,15 @@ def arg_parser():
 
 def cases(grid: str) -> list[dict]:
     g = GRIDS[grid]
-    return [{"model": m, "seed": s} for m in g["models"] for s in g["seeds"]]
+    return [{"model": m, "seed": s, "target": g["target"], "eval_every": g["eval_every"], "max_flops": g["max_flops"]}
+            for m in g["models"] for s in g["seeds"]]
 
 
-def run_for(model: str, seed: int, grid: str):
+def run_for(case: dict):
     from ._learning import Run
 
-    g = GRIDS[grid]
-    return Run.of("translation", model, seed, g["max_flops"], task_params={"seed": 0}, target_accuracy=g["target"],
-                  eval_every=g["eval_every"])
+    return Run.of("translation", case["model"], case["seed"], case["max_flops"], task_params={"seed": 0},
+                  target_accuracy=case["target"], eval_every=case["eval_every"])
 
 
 def measure(case: dict, ctx, out="results") -> dict:
@@ -75,12 +75,10 @@ def measure(case: dict, ctx, out="results") -> dict:
 
     if ctx.options["backend"] != "cpu":
         raise Skip("the learning studies train on the cpu backend only", "unavailable")
-    grid = ctx.options["grid"]
-    run = run_for(case["model"], case["seed"], grid)
+    run = run_for(case)
     _, stats, reused = trained(run, out)
     curve = stats["curve"]
-    row = {"target": run.target_accuracy, "eval_every": run.eval_every, "max_flops": run.budget_flops,
-           "steps_run": stats["steps"], "flops_run": stats["train_flops"], "seconds_run": stats["train_s"],
+    row = {"steps_run": stats["steps"], "flops_run": stats["train_flops"], "seconds_run": stats["train_s"],
            "best_accuracy": max((c[3] for c in curve), default=np.nan), "n_params": stats["n_params"],
            "final_loss": stats["final_loss"], "reused_checkpoint": reused,
            "curve": ";".join(f"{c[0]}:{c[3]:.4f}" for c in curve)}
@@ -256,9 +254,10 @@ def section(rep) -> str:
         {PAPER_VOCAB}, sentences of {' or '.join(str(n) for n in SENTENCE_LENGTHS)} tokens, which the paper does not
         state) gives {' or '.join(f'{v:.3g}' for v in base['counted_flops'])} FLOPs: the estimate assumes the GPUs
         sustained their full rate, and the count implies they sustained
-        {' to '.join(dict.fromkeys(f'{v:.0%}' for v in sorted(base['utilisation'])))} of it. The ratios of Table 2 therefore compare
-        GPU-hours at assumed rates as much as work done. tfm's own runs, estimated the paper's way with this
-        machine's measured sgemm ceiling as the sustained rate, would be overstated the same way: the utilisation
+        {' to '.join(dict.fromkeys(f'{v:.0%}' for v in sorted(base['utilisation'])))} of it. The ratios of Table 2
+        therefore compare GPU-hours at assumed rates as much as work done. tfm's own runs, estimated the paper's way
+        with this machine's measured sgemm ceiling as the sustained rate, would be overstated the same way: the
+        utilisation
         column above is counted FLOPs per second over that ceiling.
     """)
     s += md_table(p[["model", "table2_flops", "gpus", "gpu", "hours", "estimate_flops", "sentence_length",
@@ -273,9 +272,9 @@ def readme(rep) -> list[str]:
     p = paper()
     u = p[p["model"] == "transformer_base"]["utilisation"]
     return ["- **Table 2 in miniature** (target accuracy " + f"{good['target'].iloc[0]:g}): " + "; ".join(
-        findings(good)) + f". Paper: ConvS2S {PAPER_FLOPS['convs2s'] / PAPER_FLOPS['transformer_base']:.1f}x, GNMT + RL "
-        f"{PAPER_FLOPS['gnmt_rl'] / PAPER_FLOPS['transformer_base']:.1f}x the base Transformer, from GPU-hours at "
-        f"assumed rates; tfm.cost's count of the base model's training is "
+        findings(good)) + f". Paper: ConvS2S {PAPER_FLOPS['convs2s'] / PAPER_FLOPS['transformer_base']:.1f}x, "
+        f"GNMT + RL {PAPER_FLOPS['gnmt_rl'] / PAPER_FLOPS['transformer_base']:.1f}x the base Transformer, from "
+        f"GPU-hours at assumed rates; tfm.cost's count of the base model's training is "
         f"{'-'.join(dict.fromkeys(f'{v:.0%}' for v in sorted(u)))} of the paper's estimate."]
 
 
