@@ -22,15 +22,30 @@ median and interquartile range. Families and their peers:
                 small elementwise kernel (with no GPU and no simulator, the driver call is
                 stubbed: ``--family launch`` then measures the host side alone).
 * ``ptx``       no GPU needed (a CUDA toolkit and numba outside simulator mode): each GEMM
-                and fused-attention version and tiling compiled for sm_90; ptxas registers,
+                and fused-attention version and tiling (forward, and the backward's kernels at
+                each ``BWD_TILINGS`` entry) compiled for sm_90; ptxas registers,
                 static shared memory and spills, and the PTX instruction mix of the kernel
                 (FMAs, 16-byte and scalar shared loads, all instructions). Not run by default.
 * ``forward``   the base-config forward pass (``from_torch(nn.Transformer)``, B=8, n=128):
                 cuBLAS vs Numba GEMM, the launch paths, the caching pool on and off
                 (``_memory.PoolMemoryManager.caching``), against eager nn.Transformer (FP32);
                 both sides end with the result on the host.
+* ``backward``  (1) attention backward, B=4, H=16, d=64, n = 1024 and 4096, causal or not:
+                tfm's fused backward with atomic dQ and with the dQ pass (each tiling of
+                ``attention.BWD_TILINGS``) and its naive backward, against SDPA's backward
+                (``torch.autograd.grad`` on a retained graph) on its math backend (cuBLAS,
+                FP32 on CUDA cores with TF32 off) and its memory-efficient backend (3xTF32 on
+                tensor cores); each checked on two whole heads against float64. FLOPs: 2.5x the
+                forward's (5 matrix products). (2) one training step of the base config
+                (``TransformerConfig.base(final_norm=True, dropout=0.1)``, label smoothing 0.1,
+                Adam 0.9/0.98/1e-9, B=8, n=128): tfm with cuBLAS, with the Numba GEMM and with
+                the dQ pass, against eager PyTorch in float32 with TF32 off (nn.Embedding,
+                sinusoidal positions, nn.Transformer, a bias-free output Linear,
+                F.cross_entropy, torch.optim.Adam), the same weights; each side returns the
+                loss to the host. Checked first at B=2, n=7 against the float64 numpy backend
+                (tfm: loss and every gradient; PyTorch: its loss, same weights, no dropout).
 
-Writes one CSV per family into DIR and ``SUMMARY.md`` (at most 6 files), each as soon as its
+Writes one CSV per family into DIR and ``SUMMARY.md`` (at most 7 files), each as soon as its
 family ends; a case that does not fit in the time left becomes a row with the reason. Every
 failure becomes a row too. Numbers are ratios measured in one process, never across runs.
 """
@@ -47,8 +62,8 @@ import traceback
 
 import numpy as np
 
-FAMILIES = ("gemm", "attention", "launch", "forward", "ptx")
-GPU_FAMILIES = FAMILIES[:4]  # the default: what a GPU run measures (ptx needs no GPU)
+FAMILIES = ("gemm", "attention", "launch", "forward", "backward", "ptx")
+GPU_FAMILIES = FAMILIES[:5]  # the default: what a GPU run measures (ptx needs no GPU)
 FP32_LANES_PER_SM = {(7, 0): 64, (8, 0): 64, (8, 6): 128, (8, 9): 128, (9, 0): 128}
 
 
@@ -617,6 +632,256 @@ def family_forward(budget_s: float, smoke: bool, dev: dict) -> list:
     return rows
 
 
+def attention_backward_heads_reference(q, k, v, dout, heads, causal) -> list:
+    """Float64 (dq, dk, dv) of the given (b, h) heads only, eq. 1's backward (tfm.reference)."""
+    from tfm import reference as ref
+
+    out = []
+    for b, h in heads:
+        qs, ks, vs, ds = (a[b, h].astype(np.float64) for a in (q, k, v, dout))
+        o, lse = ref.scaled_dot_product_attention_train(qs, ks, vs, causal=causal)
+        out.append(ref.scaled_dot_product_attention_backward(qs, ks, vs, o, lse, ds, causal=causal))
+    return out
+
+
+def family_backward(budget_s: float, smoke: bool, dev: dict) -> list:
+    t_end = time.monotonic() + budget_s
+    rows = backward_attention(0.55 * budget_s, smoke, dev)
+    try:
+        rows += backward_training_step(t_end - time.monotonic(), smoke, dev)
+    except Exception as exc:  # the models' own code: a row, the kernel rows above stand
+        traceback.print_exc()
+        rows.append({"part": "training step", "variant": "*", "status": "failed",
+                     "reason": f"{type(exc).__name__}: {exc}"[:300]})
+    return rows
+
+
+def backward_attention(budget_s: float, smoke: bool, dev: dict) -> list:
+    """tfm's attention backward variants and tilings against SDPA's backward, interleaved."""
+    from numba import cuda
+
+    from tfm.backends.cuda import CudaBackend, attention
+    from tfm.backends.cuda._launch import default_tuning
+
+    rng = np.random.default_rng(3)
+    b, h, d = (1, 2, 8) if smoke else (4, 16, 64)
+    ns = [13] if smoke else [1024, 4096]
+    tilings = [(8, 8, 2, 2)] if smoke else list(attention.BWD_TILINGS)
+    torch, torch_reason = torch_cuda()
+    base_tuning = default_tuning()
+    heads = [(0, 0), (b - 1, h - 1)]
+    rows = []
+    t_end = time.monotonic() + budget_s
+    cases = [(n, causal) for n in ns for causal in (False, True)]
+    for i, (n, causal) in enumerate(cases):
+        left = t_end - time.monotonic()
+        base = {"part": "attention backward", "B": b, "H": h, "n": n, "d": d, "causal": causal}
+        if left < 3:
+            rows.append(dict(base, variant="*", status="skipped", reason="lab budget spent"))
+            continue
+        q, k, v, dout = (rng.standard_normal((b, h, n, d)).astype(np.float32) for _ in range(4))
+        expect = attention_backward_heads_reference(q, k, v, dout, heads, causal)
+        dq_, dk_, dv_, ddo = (cuda.to_device(a) for a in (q, k, v, dout))
+        ref_bk = CudaBackend(gemm="numba")
+        out, lse = ref_bk.attention_train(dq_, dk_, dv_, causal=causal)
+        variants, outputs = {}, {}
+
+        def tfm_variant(bk, key, impl="fused"):
+            def fn():
+                outputs[key] = bk.attention_backward(dq_, dk_, dv_, out, lse, ddo, causal=causal, impl=impl)
+            return fn
+
+        # the default first (atomic dQ, default tiling), then the dQ pass, then the other tilings
+        for tiles in tilings:
+            for mode in ("atomic", "pass"):
+                t = base_tuning.replace(attn_bwd=tiles, attn_bwd_dq=mode)
+                variants[f"fused_{mode}{tiles}"] = tfm_variant(CudaBackend(tuning=t, gemm="numba"),
+                                                                f"fused_{mode}{tiles}")
+        free = ref_bk.free_memory_bytes()
+        naive_bytes = 2 * b * h * n * n * 4
+        if naive_bytes > 0.8 * free:
+            variants["tfm_naive"] = f"needs {naive_bytes / 2**30:.0f} GiB for S and dP; {free / 2**30:.0f} GiB free"
+        else:
+            variants["tfm_naive"] = tfm_variant(CudaBackend(gemm="numba"), "tfm_naive", "naive")
+        if torch is not None:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            tq, tk, tv = (torch.as_tensor(a, device="cuda").requires_grad_() for a in (q, k, v))
+            tdo = torch.as_tensor(dout, device="cuda")
+            for label, backend, copies in (("sdpa_math", SDPBackend.MATH, 3),
+                                           ("sdpa_mem_efficient", SDPBackend.EFFICIENT_ATTENTION, 0)):
+                if copies * b * h * n * n * 4 > 0.8 * free:  # the graph keeps the weights (and more)
+                    variants[label] = f"would need about {copies * b * h * n * n * 4 / 2**30:.0f} GiB"
+                    continue
+                with sdpa_kernel(backend):  # the forward once; the timed call is its backward
+                    tout = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=causal)
+
+                def sdpa_backward(label=label, tout=tout):
+                    outputs[label] = torch.autograd.grad(tout, (tq, tk, tv), tdo, retain_graph=True)
+                variants[label] = sdpa_backward
+        else:
+            variants["sdpa_math"] = variants["sdpa_mem_efficient"] = torch_reason
+
+        def check(name, fn):
+            fn()
+            sync()
+            errs = []
+            for grad, want in zip(outputs[name], zip(*expect)):
+                host = grad.detach().cpu().numpy() if hasattr(grad, "cpu") else grad.copy_to_host()
+                errs.append(rel_err(np.stack([host[bb, hh] for bb, hh in heads]), np.stack(want)))
+            return max(errs)
+
+        flops = 10.0 * b * h * n * n * d / (2 if causal else 1)  # 5 products of 2 n^2 d: 2.5x the forward
+        first = len(rows)
+        run_case(rows, base, variants, check, max(1.0, 0.9 * left / (len(cases) - i)), 1e-4, flops=flops,
+                 peak=dev["fp32_peak_gflops"], peer="sdpa_math" if torch is not None else None)
+        mem_eff = [r["median_ms"] for r in rows[first:] if r["variant"] == "sdpa_mem_efficient" and "median_ms" in r]
+        for r in rows[first:]:  # the second peer (3xTF32 on tensor cores: not like for like)
+            if mem_eff and "median_ms" in r:
+                r["speed_vs_sdpa_mem_efficient"] = mem_eff[0] / r["median_ms"]
+        del dq_, dk_, dv_, ddo, out, lse, outputs
+    return rows
+
+
+class _TorchTransformer:
+    """The eager PyTorch peer of tfm.Transformer (built lazily: torch is imported only here)."""
+
+    @staticmethod
+    def build(torch, cfg):
+        import math as _math
+
+        from tfm.reference import positional_encoding
+
+        nn = torch.nn
+
+        class Model(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.src_embed = nn.Embedding(cfg.src_vocab, cfg.d_model)
+                self.tgt_embed = nn.Embedding(cfg.tgt_vocab, cfg.d_model)
+                self.transformer = nn.Transformer(cfg.d_model, cfg.n_heads, cfg.n_encoder_layers,
+                                                  cfg.n_decoder_layers, cfg.d_ff, dropout=cfg.dropout,
+                                                  batch_first=True)
+                self.generator = nn.Linear(cfg.d_model, cfg.tgt_vocab, bias=False)
+                self.drop = nn.Dropout(cfg.dropout)
+                self.register_buffer("pe", torch.as_tensor(positional_encoding(cfg.max_len, cfg.d_model),
+                                                           dtype=torch.float32))
+                self.scale = _math.sqrt(cfg.d_model)
+
+            def forward(self, src, tgt_in):
+                ns, nt = src.shape[1], tgt_in.shape[1]
+                x = self.drop(self.src_embed(src) * self.scale + self.pe[:ns])
+                y = self.drop(self.tgt_embed(tgt_in) * self.scale + self.pe[:nt])
+                mask = nn.Transformer.generate_square_subsequent_mask(nt, device=src.device, dtype=x.dtype)
+                return self.generator(self.transformer(x, y, tgt_mask=mask, tgt_is_causal=True))
+
+        return Model()
+
+    @staticmethod
+    def load(torch, module, params: dict) -> None:
+        """tfm's parameter names are nn.Transformer's under ``transformer.``."""
+        state = {}
+        for name, value in params.items():
+            key = f"transformer.{name}" if name.startswith(("encoder.", "decoder.")) else name
+            state[key] = torch.as_tensor(np.asarray(value, np.float32))
+        state["pe"] = module.pe
+        module.load_state_dict(state)
+
+
+def backward_training_step(budget_s: float, smoke: bool, dev: dict) -> list:
+    """A base-config training step, tfm (cuBLAS, Numba GEMM, dQ pass) vs eager PyTorch, same weights."""
+    import tfm
+    from tfm.backends.cuda import CudaBackend
+    from tfm.backends.cuda._launch import default_tuning
+    from tfm.models import Transformer
+
+    torch, torch_reason = torch_cuda()
+    cfg = (tfm.TransformerConfig(d_model=12, n_heads=3, d_ff=20, n_encoder_layers=1, n_decoder_layers=1, src_vocab=11,
+                                 tgt_vocab=13, max_len=32, final_norm=True, dropout=0.1) if smoke
+           else tfm.TransformerConfig.base(final_norm=True, dropout=0.1))
+    b, n = (2, 5) if smoke else (8, 128)
+    base = {"part": "training step", "config": "toy" if smoke else "base", "B": b, "n": n}
+    rng = np.random.default_rng(4)
+    src, tgt = rng.integers(0, cfg.src_vocab, (b, n)), rng.integers(0, cfg.tgt_vocab, (b, n + 1))
+    # the check batch: small enough for the float64 numpy backend on the host
+    c_src, c_tgt = rng.integers(0, cfg.src_vocab, (2, 7)), rng.integers(0, cfg.tgt_vocab, (2, 8))
+    start = Transformer(cfg, seed=0, backend="numpy")
+    params = start.params
+    want_loss, want_grads = start.eval().loss_and_grad(c_src, c_tgt, label_smoothing=0.1)
+    variants, models, checks = {}, {}, {}
+    lr = tfm.optim.noam(cfg.d_model, warmup_steps=4000)
+
+    def tfm_variant(name, **backend_kw):
+        try:
+            bk = CudaBackend(**backend_kw)
+        except ValueError as exc:
+            return str(exc)
+        model = Transformer.from_params(cfg, params, backend=bk)
+        opt = tfm.optim.Adam(model, lr=lr)
+        models[name] = model
+
+        def check():
+            model.eval()
+            loss, grads = model.loss_and_grad(c_src, c_tgt, label_smoothing=0.1)
+            model.train()
+            return max([abs(loss - want_loss) / abs(want_loss)] + [rel_err(g, want_grads[k]) for k, g in grads.items()])
+        checks[name] = check
+
+        def fn():
+            model.train_step(opt, src, tgt, label_smoothing=0.1)
+        return fn
+
+    variants["tfm_cublas"] = tfm_variant("tfm_cublas", gemm="cupy")
+    variants["tfm_cublas_dq_pass"] = tfm_variant("tfm_cublas_dq_pass", gemm="cupy",
+                                                 tuning=default_tuning().replace(attn_bwd_dq="pass"))
+    variants["tfm_numba"] = tfm_variant("tfm_numba", gemm="numba")
+    if torch is not None:
+        module = _TorchTransformer.build(torch, cfg)
+        _TorchTransformer.load(torch, module, params)
+        module = module.cuda().train()
+        opt_t = torch.optim.Adam(module.parameters(), lr=lr(1), betas=(0.9, 0.98), eps=1e-9)
+        ts, tt = torch.as_tensor(src, device="cuda"), torch.as_tensor(tgt, device="cuda")
+
+        def torch_check():
+            module.eval()
+            with torch.no_grad():
+                cs, ct = torch.as_tensor(c_src, device="cuda"), torch.as_tensor(c_tgt, device="cuda")
+                logits = module(cs, ct[:, :-1])
+                loss = torch.nn.functional.cross_entropy(logits.reshape(-1, cfg.tgt_vocab), ct[:, 1:].reshape(-1),
+                                                         label_smoothing=0.1).item()
+            module.train()
+            return abs(loss - want_loss) / abs(want_loss)
+        checks["torch_eager"] = torch_check
+
+        def torch_step():
+            opt_t.zero_grad(set_to_none=True)
+            logits = module(ts, tt[:, :-1])
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, cfg.tgt_vocab), tt[:, 1:].reshape(-1),
+                                                     label_smoothing=0.1)
+            loss.backward()
+            opt_t.step()
+            loss.item()  # the loss on the host, as tfm's train_step returns it
+        variants["torch_eager"] = torch_step
+    else:
+        variants["torch_eager"] = torch_reason
+
+    def check(name, fn):
+        err = checks[name]()  # the same weights, before any step
+        fn()  # one step (compiles what the check did not)
+        sync()
+        return err
+
+    rows = []
+    run_case(rows, base, variants, check, max(1.0, 0.9 * budget_s), 1e-4,
+             peer="torch_eager" if torch is not None else None)
+    for row in rows:
+        if "median_ms" in row:
+            row["tokens_per_s"] = b * n / (row["median_ms"] / 1e3)
+            row["peer_note"] = ("eager nn.Transformer + nn.Embedding + F.cross_entropy + Adam (foreach), "
+                                "float32, TF32 off" if row["variant"] == "torch_eager" else "")
+    return rows
+
+
 def ptx_mix(ptx: str) -> dict:
     """Instruction counts of a kernel's PTX body: the static mix (loops counted once), and the
     FMA share of the basic block with the most FMAs, the hot inner loop, which is what the
@@ -657,7 +922,7 @@ def family_ptx(budget_s: float, smoke: bool, dev: dict) -> list:
 
     if _offline.toolkit()[0] is None:
         return [{"variant": "*", "status": "skipped", "reason": "no CUDA toolkit (libNVVM, libdevice)"}]
-    f1, f3 = T.Array(T.float32, 1, "C"), T.Array(T.float32, 3, "C")
+    f1, f3 = T.Array(T.float32, 1, "C"), T.Array(T.float32, 3, "C")  # f3 also: lse and D (B, H, Nq)
     s4, mask = T.Array(T.float32, 4, "A"), T.Array(T.boolean, 4, "A")
     s32 = np.dtype(np.float32)
     cases = []
@@ -673,7 +938,19 @@ def family_ptx(budget_s: float, smoke: bool, dev: dict) -> list:
             cases.append(({"kernel": "attention_fused d=64", "version": v, "tiling": str(attn),
                            "threads": tiles[2] * tiles[3]},
                           attention.fused_kernel(s32, 64, 64, *tiles, False, False, v),
-                          (s4,) * 4 + (mask,) + (T.int64,) * 4 + (T.float32, T.int64, T.int64)))
+                          (s4,) * 4 + (f3, mask) + (T.int64,) * 4 + (T.float32, T.int64, T.int64)))
+    bwd_tail = (mask,) + (T.int64,) * 4 + (T.float32, T.int64, T.int64)
+    for tiling in attention.BWD_TILINGS:
+        (bq, bkv, ty, tx), single = attention.fused_bwd_plan(t.replace(attn_bwd=tiling), 64, 64, 4)
+        for atomic in (True, False):
+            cases.append(({"kernel": f"attention_backward_kv d=64 {'atomic dQ' if atomic else 'no dQ'}", "version": 1,
+                           "tiling": str(tiling), "threads": ty * tx},
+                          attention.bwd_kv_kernel(s32, 64, 64, bq, bkv, ty, tx, False, False, atomic, single),
+                          (s4,) * 4 + (f3, f3) + (s4,) * 3 + bwd_tail))
+        cases.append(({"kernel": "attention_backward_dq_pass d=64", "version": 1, "tiling": str(tiling),
+                       "threads": ty * tx},
+                      attention.bwd_dq_kernel(s32, 64, 64, bq, bkv, ty, tx, False, False),
+                      (s4,) * 4 + (f3, f3, s4) + bwd_tail))
     rows = []
     t_end = time.monotonic() + budget_s
     with _offline.offline():
@@ -735,7 +1012,7 @@ def summary(results: dict, dev: dict, args, budget: Budget) -> str:
     for family, rows in results.items():
         lines += [f"## {family}", ""]
         for row in rows:
-            shape = ", ".join(f"{k}={row[k]}" for k in ("M", "K", "N", "B", "H", "n", "d", "causal", "config")
+            shape = ", ".join(f"{k}={row[k]}" for k in ("part", "M", "K", "N", "B", "H", "n", "d", "causal", "config")
                               if k in row)
             if row.get("status") == "ok":
                 extra = "".join(f", {k} {row[k]:.2f}" for k in row if k.startswith("speed_vs_"))
@@ -794,8 +1071,8 @@ def main(argv=None) -> int:
                                                                "clock_mhz": 0.0, "fp32_peak_gflops": math.nan}
     log(budget, f"device: {dev}")
     runners = {"gemm": family_gemm, "attention": family_attention, "launch": family_launch,
-               "forward": family_forward, "ptx": family_ptx}
-    weights = {"gemm": 0.3, "attention": 0.4, "launch": 0.05, "forward": 0.25, "ptx": 0.3}
+               "forward": family_forward, "backward": family_backward, "ptx": family_ptx}
+    weights = {"gemm": 0.3, "attention": 0.4, "launch": 0.05, "forward": 0.25, "backward": 0.5, "ptx": 0.3}
     results = {}
     for i, family in enumerate(families):
         left = budget.left() - 3.0  # keep time to write the summary

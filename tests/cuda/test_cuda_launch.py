@@ -166,11 +166,12 @@ def test_lab_smoke_writes_every_family(tmp_path):
 
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     res = subprocess.run([sys.executable, "-m", "dev.cuda.lab", "--out", str(tmp_path), "--smoke",
-                          "--budget-s", "120"], cwd=root, capture_output=True, text=True,
+                          "--budget-s", "240"], cwd=root, capture_output=True, text=True,
                          env={**os.environ, "NUMBA_ENABLE_CUDASIM": "1"})
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert sorted(os.listdir(tmp_path)) == ["SUMMARY.md", "attention.csv", "forward.csv", "gemm.csv", "launch.csv"]
-    for family in ("gemm", "attention", "forward"):
+    assert sorted(os.listdir(tmp_path)) == ["SUMMARY.md", "attention.csv", "backward.csv", "forward.csv", "gemm.csv",
+                                            "launch.csv"]
+    for family in ("gemm", "attention", "forward", "backward"):
         with open(tmp_path / f"{family}.csv") as fh:
             rows = list(csv.DictReader(fh))
         ours = [r for r in rows if not r["variant"].startswith(("torch", "sdpa", "tfm_cublas", "cupy"))]
