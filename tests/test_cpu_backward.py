@@ -194,6 +194,14 @@ def test_cross_entropy_against_autograd(rng, smoothing):
     assert rel_err(dz, tz.grad.numpy()) < 1e-12
 
 
+def test_cross_entropy_bad_targets(rng):
+    z = randn(rng, 4, 5)
+    with pytest.raises(ValueError, match=r"\[0, 5\)"):
+        cpu.cross_entropy(z, np.array([0, 1, 5, 2]), np.ones(4))
+    with pytest.raises(ValueError, match="must be"):
+        cpu.cross_entropy(z, np.array([0, 1]), np.ones(4))
+
+
 # ---------------------------------------------------------------------------- embedding
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bnv", [(1, 1, 1), (2, 37, 5), (3, 97, 1000), (8, 300, 3000)])

@@ -491,6 +491,13 @@ def cross_entropy(logits, targets, weights, label_smoothing=0.0):
     z = np.ascontiguousarray(logits)
     targets = np.ascontiguousarray(targets, np.int64).reshape(-1)
     weights = np.ascontiguousarray(weights, np.float64).reshape(-1)
+    if targets.shape != (z.shape[0],) or weights.shape != (z.shape[0],):
+        raise ValueError(f"cross_entropy: targets {targets.shape} and weights {weights.shape} "
+                         f"must be ({z.shape[0]},) for logits {z.shape}")
+    if targets.size and not (0 <= targets.min() and targets.max() < z.shape[1]):
+        # the kernel indexes the logits row by the target: never read or write outside it
+        raise ValueError(f"cross_entropy: targets must lie in [0, {z.shape[1]}), got "
+                         f"[{targets.min()}, {targets.max()}]")
     losses = np.empty(z.shape[0], np.float64)
     dz = np.empty_like(z)
     args = (z, targets, weights, float(label_smoothing), losses, dz)
