@@ -233,3 +233,22 @@ def test_table2_paper_estimate_and_costs():
                        for m, f in (("transformer", 1e9), ("convs2s", 2e9)) for s in range(3)])
     c = table2.costs(df).set_index("model")
     assert c.loc["convs2s", "flops_ratio"] == pytest.approx(2.0) and c.loc["transformer", "flops_ratio"] == 1.0
+
+
+def test_checks_of_the_path_length_argument():
+    agree = _rows({("self_attention", 2): [1.0, 1.0], ("self_attention", 24): [0.99, 1.0],
+                   ("recurrent", 2): [1.0, 0.98], ("recurrent", 24): [0.1, 0.2],
+                   ("convolutional", 2): [1.0, 1.0], ("convolutional", 24): [0.1, 0.12]})
+    c = learning_distance.checks(agree)
+    assert set(c["check"]) == {"flat", "declines", "chance", "reference at least as good"}
+    assert (c["verdict"] != "disagrees").all(), c
+    assert c.loc[c["check"] == "chance", "delta"].tolist() == [24]  # delta 2 is within two conv layers' reach
+    contradict = _rows({("self_attention", 2): [1.0, 1.0], ("self_attention", 24): [0.5, 0.5],
+                        ("recurrent", 2): [0.9, 0.9], ("recurrent", 24): [0.9, 0.9],
+                        ("convolutional", 2): [1.0, 1.0], ("convolutional", 24): [0.6, 0.7]})
+    c = learning_distance.checks(contradict).set_index(["check", "model"])
+    assert c.loc[("flat", "self_attention"), "verdict"] == "disagrees"
+    assert c.loc[("declines", "recurrent"), "verdict"] == "disagrees"
+    assert c.loc[("chance", "convolutional"), "verdict"] == "disagrees"
+    assert c.loc[("reference at least as good", "recurrent"), "verdict"].tolist() == ["agrees", "disagrees"]
+    assert "disagree" in learning_distance.findings(contradict)[0]
