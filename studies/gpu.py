@@ -16,7 +16,11 @@ soon as it ends, with progress and elapsed time on stdout:
   correctness  correctness.csv  real sizes: fused attention B=4 H=16 d=64 up to n = 16384,
                                 naive to 4097 (key padding, causal or not), each GEMM at model
                                 shapes, recurrent, convolutional and restricted layers, the
-                                base-config encoder-decoder, all against float64
+                                base-config encoder-decoder, all against float64; backward
+                                passes (check_backward): attention (fused with atomic dQ and
+                                with the dQ pass, naive) to n = 4096, linear, layer norm,
+                                cross-entropy, LSTM BPTT at d = 512, and a base-config training
+                                step's loss and gradients against the float64 numpy backend
   studies      studies.csv      the studies on backend "cuda" with their ``gpu`` grids, in the
                                 studies' own row format (fingerprint, status, reason,
                                 tfm_source), one ``study`` column naming each; the report
@@ -72,9 +76,11 @@ MIN_SECONDS = {"smoke": 20.0, "correctness": 20.0, "study": 15.0}
 GRIDS = {
     "gpu": dict(attn_bhd=(4, 16, 64), attn_n=(1, 37, 1000, 4097, 16384), naive_max_n=4097, torch_full_max_n=4097,
                 gemm=((2048, 512, 2048), (2048, 2048, 512), (8192, 512, 1536)), layers_bnd=(4, 1000, 512),
-                model="base", model_bn=(2, 19, 16), conformance="ragged"),
+                model="base", model_bn=(2, 19, 16), conformance="ragged",
+                bwd_n=(37, 1000, 4096), bwd_naive_max_n=4096, ce_tv=(1024, 32000), train_bn=(2, 7)),
     "smoke": dict(attn_bhd=(1, 2, 8), attn_n=(1, 13), naive_max_n=13, torch_full_max_n=13, gemm=((9, 12, 10),),
-                  layers_bnd=(2, 9, 8), model="tiny", model_bn=(2, 5, 4), conformance="tiny"),
+                  layers_bnd=(2, 9, 8), model="tiny", model_bn=(2, 5, 4), conformance="tiny",
+                  bwd_n=(13,), bwd_naive_max_n=13, ce_tv=(9, 11), train_bn=(2, 5)),
 }
 
 
@@ -278,6 +284,106 @@ def check_model(bk, grid, rng, emit) -> None:
          "float32 cuda vs float64 numpy backend, same weights")
 
 
+def check_backward(bk, grid, rng, emit) -> None:
+    """Backward passes at real sizes against float64: attention (two whole heads of B=4, H=16,
+    d=64 per n; key padding, causal or not), linear (both GEMMs), layer norm with residual,
+    cross-entropy with label smoothing, LSTM backpropagation through time at d=512, and a
+    training step's loss and every parameter gradient (dropout on, the same masks) against the
+    float64 numpy backend with the same weights."""
+    from tfm import get_backend
+    from tfm import reference as ref
+    from tfm.backends.cuda import CudaBackend
+    from tfm.bench.conformance import rel_err
+    from tfm.config import TransformerConfig
+    from tfm.models import Transformer
+    from tfm.reference import baselines as ref_base
+
+    b, h, d = grid["attn_bhd"]
+    heads = [(0, 0), (b - 1, h - 1)]
+    pass_bk = CudaBackend(tuning=bk.tuning.replace(attn_bwd_dq="pass"), gemm=bk.gemm)
+    for n in grid["bwd_n"]:
+        q, k, v, dout = (rng.standard_normal((b, h, n, d), dtype=np.float32) for _ in range(4))
+        keep = np.ones((b, n), bool)
+        keep[0, n - max(1, n // 5):] = False  # padding at the end of sequence 0
+        dev, dmask = [bk.asarray(a) for a in (q, k, v, dout)], bk.asarray(keep[:, None, None, :])
+        for causal in (False, True):
+            want = []
+            for hb, hh in heads:
+                args = [a[hb, hh].astype(np.float64) for a in (q, k, v)]
+                out, lse = ref.scaled_dot_product_attention_train(*args, mask=keep[hb], causal=causal)
+                want.append(ref.scaled_dot_product_attention_backward(*args, out, lse, dout[hb, hh].astype(np.float64),
+                                                                      mask=keep[hb], causal=causal))
+            for label, other, impl in (("fused_atomic", bk, "fused"), ("fused_pass", pass_bk, "fused"),
+                                       ("naive", bk, "naive")):
+                if (impl == "naive" and n > grid["bwd_naive_max_n"]) or (other is pass_bk and not causal):
+                    continue  # the dQ pass causal only: each mask form it meets is one more compilation
+                out, lse = other.attention_train(*dev[:3], dmask, causal, impl)
+                grads = [other.to_numpy(g) for g in other.attention_backward(*dev[:3], out, lse, dev[3], dmask,
+                                                                             causal, impl)]
+                err = max(rel_err(np.stack([g[hb, hh] for hb, hh in heads]), np.stack([w[i] for w in want]))
+                          for i, g in enumerate(grads))
+                emit(f"attention_backward_{label}", f"B={b} H={h} n={n} d={d}", causal, err, 5e-5,
+                     f"dq, dk, dv of heads {heads} vs float64 NumPy; key padding")
+
+    m, kk, nn = grid["gemm"][0]
+    x, w, dy = (rng.standard_normal(shape, dtype=np.float32) for shape in ((m, kk), (nn, kk), (m, nn)))
+    want = ref.linear_backward(x, w, dy)
+    for gemm in ("numba", "cupy"):
+        try:
+            other = CudaBackend(tuning=bk.tuning, gemm=gemm)
+        except ValueError as exc:  # CuPy absent
+            emit(f"linear_backward_{gemm}", f"{m}x{kk} -> {nn}", False, math.nan, 2e-5, str(exc), status="unavailable")
+            continue
+        got = other.linear_backward(other.asarray(x), other.asarray(w), other.asarray(dy))
+        emit(f"linear_backward_{gemm}", f"{m}x{kk} -> {nn}", False,
+             max(rel_err(other.to_numpy(g), e) for g, e in zip(got, want)), 2e-5, "dx, dW, db vs float64 NumPy")
+
+    b, n, d = grid["layers_bnd"]
+    x, res, dy = (rng.standard_normal((b, n, d), dtype=np.float32) for _ in range(3))
+    gamma, beta = (rng.standard_normal(d, dtype=np.float32) for _ in range(2))
+    _, mean, rstd = bk.layer_norm_train(bk.asarray(x), bk.asarray(gamma), bk.asarray(beta), 1e-5, bk.asarray(res))
+    got = bk.layer_norm_backward(bk.asarray(dy), bk.asarray(x), bk.asarray(gamma), mean, rstd, bk.asarray(res))
+    _, w_mean, w_rstd = ref.layer_norm_train(x, gamma, beta, 1e-5, res)
+    want = ref.layer_norm_backward(dy, x, gamma, w_mean, w_rstd, res)
+    emit("layer_norm_backward", f"B={b} n={n} d={d} + residual", False,
+         max(rel_err(bk.to_numpy(g), e) for g, e in zip(got, want)), 2e-5, "dx, dgamma, dbeta vs float64 NumPy")
+
+    t, vocab = grid["ce_tv"]
+    z = (3 * rng.standard_normal((t, vocab))).astype(np.float32)
+    targets, weights = rng.integers(0, vocab, t), np.full(t, 1.0 / t)
+    losses, dz = bk.cross_entropy(bk.asarray(z), targets, weights, 0.1)
+    err = max(rel_err(losses, ref.cross_entropy(z, targets, 0.1)),
+              rel_err(bk.to_numpy(dz), ref.cross_entropy_backward(z, targets, weights, 0.1)))
+    emit("cross_entropy", f"T={t} V={vocab} smoothing=0.1", False, err, 2e-5, "losses and dlogits vs float64 NumPy")
+
+    s = 1.0 / math.sqrt(d)
+    args = [rng.standard_normal((b, n, d), dtype=np.float32)] + [(0.5 * rng.standard_normal((b, d))).astype(np.float32)
+                                                                for _ in range(2)]
+    args += [(s * rng.standard_normal((4 * d, d))).astype(np.float32) for _ in range(2)]
+    args += [(0.1 * rng.standard_normal(4 * d)).astype(np.float32) for _ in range(2)]
+    cots = [rng.standard_normal((b, n, d), dtype=np.float32)] + [rng.standard_normal((b, d), dtype=np.float32)
+                                                                 for _ in range(2)]
+    *_, saved = bk.lstm_layer_train(*(bk.asarray(a) for a in args))
+    got = bk.lstm_layer_backward(saved, *(bk.asarray(c) for c in cots))
+    *_, w_saved = ref_base.lstm_layer_train(*args)
+    want = ref_base.lstm_layer_backward(w_saved, *cots)
+    emit("lstm_backward", f"B={b} n={n} d={d}", False, max(rel_err(bk.to_numpy(g), e) for g, e in zip(got, want)),
+         1e-4, "BPTT: dx, dh0, dc0 and the four parameter gradients vs float64 NumPy")
+
+    cfg = (TransformerConfig.base(dropout=0.1) if grid["model"] == "base" else
+           TransformerConfig.tiny(n_encoder_layers=1, n_decoder_layers=1, d_model=16, n_heads=2, d_ff=24, dropout=0.1))
+    bt, nt = grid["train_bn"]
+    model = Transformer(cfg, seed=0, backend=bk).train(seed=3)
+    oracle = Transformer.from_params(cfg, model.params, backend=get_backend("numpy")).train(seed=3)
+    src, tgt = rng.integers(0, cfg.src_vocab, (bt, nt)), rng.integers(0, cfg.tgt_vocab, (bt, nt + 1))
+    loss, grads = model.loss_and_grad(src, tgt, label_smoothing=0.1)
+    w_loss, w_grads = oracle.loss_and_grad(src, tgt, label_smoothing=0.1)
+    err = max([abs(loss - w_loss) / abs(w_loss)] + [rel_err(g, w_grads[name]) for name, g in grads.items()])
+    emit("training_step_gradients", f"{grid['model']} B={bt} n={nt}", True, err, 1e-4,
+         f"loss and all {len(grads)} parameter gradients (dropout 0.1, label smoothing 0.1, same masks) vs the "
+         f"float64 numpy backend, same weights")
+
+
 def section_correctness(run: Run, bk, grid: dict, seed: int) -> None:
     rows: list[dict] = []
 
@@ -290,7 +396,7 @@ def section_correctness(run: Run, bk, grid: dict, seed: int) -> None:
         run.write_csv("correctness", pd.DataFrame(rows))
 
     rng = np.random.default_rng(seed)
-    for part in (check_attention, check_layers, check_model):
+    for part in (check_attention, check_layers, check_model, check_backward):
         try:
             part(bk, grid, rng, emit)
         except KeyboardInterrupt:
