@@ -327,3 +327,35 @@ def test_a_whole_forward_pass_launches_through_the_direct_path(monkeypatch):
             assert out.shape == (2, 5, 16) and _launch.COUNTS["launches"] - before == 21
     entries = list(_launch._OVERLOADS.values())
     assert len(entries) >= 6 and all(e.verified and e.mode == "direct" for e in entries)
+
+
+def test_a_whole_training_step_launches_through_the_direct_path(monkeypatch):
+    """Host side of a toy Transformer's training step (dropout, label smoothing, Adam) on made-up
+    device memory: every kernel of the forward, the backward and the update goes through the
+    cached direct path, with its marshalling (uint64 dropout keys, float64 scalars, strided
+    head views) verified against numba's on the first launch; the only download is the loss."""
+    import tfm
+    from tfm.backends.cuda import CudaBackend, _launch
+
+    for name, fresh in (("_OVERLOADS", {}), ("_CONFIGS", {}), ("_STREAM", []), ("_mode", None)):
+        monkeypatch.setattr(_launch, name, fresh)
+    cfg = tfm.TransformerConfig(d_model=16, n_heads=2, d_ff=24, n_encoder_layers=1, n_decoder_layers=1,
+                                src_vocab=11, tgt_vocab=13, max_len=16, dropout=0.1)
+    rng = np.random.default_rng(0)
+    src, tgt = rng.integers(0, 11, (2, 5)), rng.integers(0, 13, (2, 6))
+    pad = np.zeros((2, 5), bool)
+    pad[1, 3:] = True
+    with _offline.offline(stub_launch=True, fake_memory=True):
+        model = tfm.Transformer(cfg, seed=0, backend=CudaBackend(gemm="numba"))
+        opt = tfm.optim.Adam(model, lr=1e-3)
+        _launch.set_launch_mode("direct")
+        before = _launch.COUNTS["launches"]
+        loss = model.train_step(opt, src, tgt, label_smoothing=0.1, src_pad_mask=pad)
+        launches = _launch.COUNTS["launches"] - before
+    assert loss == 0.0  # the made-up memory downloads zeros
+    assert launches > 100  # forward, backward and one Adam launch per parameter (146 here)
+    entries = list(_launch._OVERLOADS.values())
+    assert all(e.verified and e.mode == "direct" for e in entries)
+    assert {"dropout", "adam", "cross_entropy", "embedding_backward", "attention_backward_kv", "attention_backward_pre",
+            "layer_norm_backward", "layer_norm_param_grads", "merge_heads_into", "column_sums",
+            "activation_backward[relu]", "fill", "axpy"} <= {e.name for e in entries}

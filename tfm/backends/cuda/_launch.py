@@ -246,7 +246,7 @@ def set_launch_mode(mode: str) -> None:
     _mode = mode
 
 
-_SCALARS = frozenset((int, float, bool, np.int64, np.int32, np.float32, np.float64, np.bool_))
+_SCALARS = frozenset((int, float, bool, np.int64, np.int32, np.uint64, np.float32, np.float64, np.bool_))
 
 
 def _arg_key(a):
