@@ -19,6 +19,8 @@ dW_hh for the recurrent side), so forward + backward = 3x the forward's count.
 
 from __future__ import annotations
 
+import os
+
 import numba
 import numpy as np
 from threadpoolctl import threadpool_limits
@@ -26,6 +28,7 @@ from threadpoolctl import threadpool_limits
 from tfm import cost
 from tfm.backends.cpu import recurrent as rec
 from tfm.backends.cpu._threads import single_threaded_blas
+from tfm.backends.cpu.linear import linear
 from tfm.reference import baselines as ref
 
 from .common import check, compare, interleave, main, print_rows, rel_err
@@ -42,6 +45,11 @@ VARIANTS = {
 }
 GATES = {"rnn": 1, "lstm": 4, "gru": 3}
 B, D = 8, 512
+
+
+def _load() -> dict:
+    """The 1-minute load average when a comparison ends: this machine is shared."""
+    return {"load_1min": os.getloadavg()[0]}
 
 
 class Case:
@@ -236,7 +244,8 @@ def versus_torch(rng, quick, checks) -> list[dict]:
                                tol=2e-5 if name == "tfm" else 1e-4)
                 flops = 3 * case.flops_forward()
                 extra = {name: {"gflops": flops / float(np.median(t)) / 1e9,
-                                "torch_threads": torch.get_num_threads()} for name, t in times.items()}
+                                "torch_threads": torch.get_num_threads(), **_load()}
+                         for name, t in times.items()}
                 got = compare("recurrent_backward", f"{kind} forward + backward vs PyTorch, B={B} "
                               f"I=H={D} n={n}", times, "torch", extra)
                 print_rows(got)
@@ -248,15 +257,16 @@ def versus_torch(rng, quick, checks) -> list[dict]:
 
 def where_time_goes(rng, quick, checks) -> list[dict]:
     """The phases of forward + backward, timed interleaved, each as GFLOP/s of its products
-    and as a fraction of the machine's sgemm ceiling measured here (NumPy, 2048^3, all BLAS
-    threads): the training forward (input projection of all steps; the recurrence), the
+    and as a fraction of the sgemm ceiling: a float32 2048^3 product through the dense
+    kernels' ``linear`` (OpenBLAS sgemm blocks, one per Numba thread: tfm's thread policy;
+    NumPy's own threaded sgemm ran slower than that under load), timed in the same rounds
+    (this machine's load moves it by 2-3x within minutes).
+    Phases: the training forward (input projection of all steps; the recurrence) and the
     backward (reverse sweep; weight gradients). Ratios against the whole training forward."""
-    from tfm.bench.machine import measure_sgemm_gflops
-
-    ceiling = measure_sgemm_gflops()
-    print(f"  sgemm ceiling {ceiling:.1f} GFLOP/s")
     rows = []
     n = 32 if quick else 128
+    side = 1024 if quick else 2048
+    sa, sb = (rng.standard_normal((side, side)).astype(np.float32) for _ in range(2))
     for kind in ("lstm", "gru"):
         case = Case(rng, kind, B, n, D, D)
         g, m = GATES[kind] * D, B * n
@@ -296,12 +306,14 @@ def where_time_goes(rng, quick, checks) -> list[dict]:
             outs["sweep"] = sweep()
 
         grads = case.weight_grads("library", swept)
+        ceiling_name = f"sgemm {side}^3 (linear, Numba threads)"
         fns = {"training forward": lambda: case.train(rec)(*a),
                "  input projection": lambda: rec._prepare(a[0], a[1], w_ih, w_hh, bias, GATES[kind]),
                "  recurrence": recurrence,
                "backward": backward,
                "  reverse sweep": sweep_and_keep,
-               "  weight gradients": lambda: outs.__setitem__("grads", grads())}
+               "  weight gradients": lambda: outs.__setitem__("grads", grads()),
+               ceiling_name: lambda: linear(sa, sb)}
         times = interleave(fns, budget_s=1.0 if quick else 20.0, min_rounds=3 if quick else 7)
         case.check("library backward, after timing", outs["backward"], checks)
         case.check("sweep + weight gradients, after timing",
@@ -309,17 +321,19 @@ def where_time_goes(rng, quick, checks) -> list[dict]:
         product = 2 * m * g  # one (B*N) x G product per unit of inner dimension
         flops = {"training forward": product * (D + D), "  input projection": product * D,
                  "  recurrence": product * D, "backward": product * (3 * D),
-                 "  reverse sweep": product * D, "  weight gradients": product * 3 * D}
+                 "  reverse sweep": product * D, "  weight gradients": product * 3 * D,
+                 ceiling_name: 2 * side ** 3}
+        ceiling = flops[ceiling_name] / float(np.median(times[ceiling_name])) / 1e9
         extra = {}
         for name, t in times.items():
             gflops = flops[name] / float(np.median(t)) / 1e9
             extra[name] = {"gflops": gflops, "sgemm_ceiling_gflops": ceiling,
                            "fraction_of_ceiling": gflops / ceiling,
-                           "schedules": f"forward by {schedule}, sweep by {bptt}"}
+                           "schedules": f"forward by {schedule}, sweep by {bptt}", **_load()}
         got = compare("recurrent_backward", f"where the time goes, {kind} B={B} I=H={D} n={n}",
                       times, "training forward", extra)
         for r in got:
-            print(f"  {r['variant']:<22} {r['median_ms']:8.2f} ms  {r['gflops']:6.1f} GFLOP/s  "
+            print(f"  {r['variant']:<36} {r['median_ms']:8.2f} ms  {r['gflops']:6.1f} GFLOP/s  "
                   f"{r['fraction_of_ceiling']:.2f} of sgemm")
         rows += got
     return rows
@@ -351,7 +365,7 @@ def sweep_schedules(rng, quick, checks) -> list[dict]:
             case.check(f"sweep {name}, after timing", got, checks)
         flops = 2 * b * n * GATES[kind] * D * D
         extra = {name: {"gflops": flops / float(np.median(t)) / 1e9,
-                        "us_per_step": 1e6 * float(np.median(t)) / n} for name, t in times.items()}
+                        "us_per_step": 1e6 * float(np.median(t)) / n, **_load()} for name, t in times.items()}
         baseline = [name for name in fns if name.endswith("(library)")][0]
         got = compare("recurrent_backward", f"reverse sweep, {kind} B={b} H={D} n={n}", times,
                       baseline, extra)
@@ -378,7 +392,7 @@ def weight_gradients(rng, quick, checks) -> list[dict]:
             case.check(f"weight grads {variant}, after timing", case.assemble(swept, got), checks)
         g = GATES[kind] * D
         flops = 2 * B * n * g * 3 * D
-        extra = {name: {"gflops": flops / float(np.median(t)) / 1e9} for name, t in times.items()}
+        extra = {name: {"gflops": flops / float(np.median(t)) / 1e9, **_load()} for name, t in times.items()}
         got = compare("recurrent_backward", f"weight gradients, {kind} B={B} I=H={D} n={n}", times,
                       "library", extra)
         print_rows(got)
@@ -386,7 +400,52 @@ def weight_gradients(rng, quick, checks) -> list[dict]:
     return rows
 
 
-PARTS = (versus_torch, where_time_goes, sweep_schedules, weight_gradients)
+def _offset(shape, offset_bytes, rng):
+    """A float32 array of random normals that starts ``offset_bytes`` past a cache line."""
+    size = int(np.prod(shape))
+    buf = np.empty(size + 64, np.float32)
+    start = ((-buf.ctypes.data) % 64 + offset_bytes) // 4
+    a = buf[start:start + size].reshape(shape)
+    assert a.ctypes.data % 64 == offset_bytes
+    a[...] = rng.standard_normal(shape)
+    return a
+
+
+@numba.njit(cache=True)
+def _sweep_products(dgh, w, acc, width):
+    """The reverse sweep's products alone: every step's dgh_{t+1} W_hh in ``width``-unit blocks."""
+    for t in range(dgh.shape[1]):
+        for u0 in range(0, w.shape[1], width):
+            rec._hidden_block(dgh[:, t], w, acc, u0, width)
+
+
+def alignment(rng, quick, checks) -> list[dict]:
+    """The step product ``_hidden_block`` as the by-units sweep runs it (B=8, G=2048 deep,
+    256-unit blocks of H=512, n steps, one thread) with W_hh and acc 0, 16 or 32 bytes past
+    a cache line: NumPy's big arrays start 16 or 48 bytes in, Numba's 0 or 32; the library
+    now allocates both on a line (``_aligned_empty``)."""
+    n = 32 if quick else 128
+    g, h, width = 4 * D, D, 256
+    dgh = rng.standard_normal((B, n, g)).astype(np.float32)
+    ws = {off: _offset((g, h), off, rng) for off in (0, 16, 32)}
+    for w in list(ws.values())[1:]:  # the same values at each offset
+        w[...] = ws[0]
+    accs = {off: _offset((B, width), off, rng) for off in (0, 32)}
+    fns = {f"W +{wo} B, acc +{ao} B": (lambda w=ws[wo], acc=accs[ao]: _sweep_products(dgh, w, acc, width))
+           for wo in ws for ao in accs}
+    times = interleave(fns, budget_s=1.0 if quick else 15.0, min_rounds=3 if quick else 9)
+    want = dgh[:, -1].astype(np.float64) @ ws[0][:, h - width:].astype(np.float64)  # the last block
+    for (wo, ao), name in zip([(wo, ao) for wo in ws for ao in accs], fns):
+        check(f"step product {name}, after timing", rel_err(accs[ao][:, :width], want), 1e-5, checks)
+    flops = 2 * B * n * g * h
+    extra = {name: {"gflops": flops / float(np.median(t)) / 1e9, **_load()} for name, t in times.items()}
+    got = compare("recurrent_backward", f"sweep step products, B={B} G={g} H={h}, {width}-unit "
+                  f"blocks, n={n}, alignment", times, "W +0 B, acc +0 B", extra)
+    print_rows(got)
+    return got
+
+
+PARTS = (versus_torch, where_time_goes, sweep_schedules, weight_gradients, alignment)
 
 if __name__ == "__main__":
     raise SystemExit(main("recurrent_backward", PARTS, run_checks, __doc__))

@@ -72,6 +72,65 @@ factory's kernels replaced six written-out ones (``python -m dev.cpu.ab --rev 1d
 time 0.93-1.11 of before, 12 of the 16 intervals spanning 1, one below it, three above it
 (RNN B=8 and B=16 at H=512, a 1-ms float64 LSTM): no difference this loaded machine can
 tell from its noise; a quiet rerun should confirm.
+
+Training: backpropagation through time (``*_layer_train``, ``*_layer_backward``).
+
+1'. The training forward is phases 1 and 2 with a training block (``_lstm_train_block``,
+    ``_gru_train_block``, on the same schedules) that also keeps, per step, the activated
+    gates, the LSTM's c_t and the GRU's W_hn h_{t-1} + b_hn, in PyTorch's gate-major layout
+    (``LSTMSaved``, ``GRUSaved``); the RNN keeps only its outputs (act' is a function of h_t).
+3.  The reverse sweep, n steps in reverse: per step and unit block, the recurrent part of
+    dh_t, dgh_{t+1} W_hh (the same ``_hidden_block``, G deep, reading W_hh as stored), then
+    the gate gradients dgi_t, dgh_t of those units and the carried dc (LSTM) or dh z (GRU)
+    (``_lstm_bptt_block`` and its twins). Same schedule rule as the forward's; by units, one
+    block per thread (``_split_units``); by rows, BPTT_UNITS-unit blocks.
+4.  The weight gradients over all B*N steps at once: dx = dgi W_ih, dW_ih = dgi^T x,
+    dW_hh = dgh^T h_prev, each split into one single-threaded gemm per thread (3 x threads
+    items in one prange), the bias sums (float64) beside dW.
+The buffers the step products stream (acc, h_buf, W_hh^T, the saved W_hh) start on a cache
+line (``_aligned_empty``); the forward's outputs stay bitwise identical (``python -m
+dev.cpu.ab --rev 9d81f7f --only recurrent``: 8 of 8 workloads).
+
+Verdicts from ``python -m dev.cpu.recurrent_backward`` (dev/cpu/results/recurrent_backward.csv,
+its ``load_1min`` column: 4.7-8.2 on this 2-core VM, whose float32 sgemm fell to 45-52
+GFLOP/s from ~165 quiet; rerun on a quiet machine). float32, B=8, I=H=512, n=128 unless
+said; paired ratios as above.
+
+    forward + backward / PyTorch's (module call + torch.autograd.grad of x, h0 (c0) and the
+    four parameters; 2 threads each):
+      LSTM n=128 1.08 (1.01-1.32), n=512 1.25 (1.15-1.64)  nn.LSTM runs oneDNN's RNN
+                                                            primitive (mkldnn_rnn_layer)
+      GRU  n=128 0.39 (0.34-0.43), n=512 0.38 (0.33-0.48)  PyTorch's per-step ATen ops
+      RNN  n=128 0.42 (0.40-0.44), n=512 0.46 (0.39-0.53)
+    The LSTM misses the 1.0x goal in this run; GRU and RNN meet it.
+
+    where the time goes, LSTM (GRU), ms and fraction of an sgemm 2048^3 through ``linear``
+    on the same threads, timed in the same rounds (45 (52) GFLOP/s):
+      training forward 168 (99): input projection 58 (39) at 0.81 (0.80), recurrence
+      86 (58) at 0.55 (0.53); backward 313 (198): reverse sweep 132 (57) at 0.35 (0.54),
+      weight gradients 185 (127) at 0.77 (0.73). The products of all steps run near the
+      ceiling; the recurrences, a (8, 512) x (512, 2048)-sized product and a barrier per
+      step, at half of it.
+
+    reverse sweep alone, time / the library's (by units, 256-unit blocks, at B=8):
+      LSTM: by rows (one thread) 512 units 0.68 (0.49-0.88), 256 0.93 (0.80-1.31), 128 0.99
+      (0.72-1.25); by units, 128-unit blocks 1.16 (0.98-1.40).
+      GRU: by rows 512 0.80 (0.66-0.96), 256 0.88 (0.76-1.34), 128 1.08 (0.94-1.46); by units,
+      128 1.27 (1.08-1.57).
+      RNN (library: by rows, 512): 256 units 0.80 (0.71-0.89), 128 1.06 (0.89-1.20); by units,
+      256 0.99 (0.86-1.06), 128 1.22 (1.07-1.33).
+      B=16, LSTM (library: two row groups, 512 units): 256 units 0.82 (0.51-1.52), by units
+      256 0.97 (0.63-1.44).
+    On this loaded machine one thread beat the per-step barrier at B=8, as in the forward's
+    table; the rule stays the forward's until a quiet run decides both.
+
+    weight gradients, time / the library's gemm items: the same gemms on one thread LSTM
+    0.83 (0.72-0.96), GRU 1.05 (0.86-1.22); NumPy on OpenBLAS's own threads 0.98
+    (0.75-1.09), 1.17 (0.99-1.41). Kept: one thread pool (``_threads.py``).
+
+    step products of the sweep (B=8, G=2048, 256-unit blocks, one thread) with W_hh 16 or
+    32 bytes past a cache line / aligned: 1.26 (1.09-1.33), 1.10 (1.02-1.17); acc 32 bytes
+    off: 1.00 (0.96-1.15).
 """
 
 from __future__ import annotations
@@ -108,6 +167,30 @@ _NONLINEARITIES = {"tanh": 0, "relu": 1}
 
 
 # ------------------------------------------------------------------------------ kernels
+# Buffers the step products read or write with vector instructions start on a cache line:
+# Numba's allocator returns 32-byte-aligned arrays and NumPy's big ones start 16 or 48 bytes
+# into a line; a misaligned W_hh^T or W_hh slows the step product (the header's figures).
+@njit(cache=True)
+def _aligned_empty(shape, dtype):
+    """``np.empty(shape, dtype)`` starting on a 64-byte boundary (a view into a larger buffer)."""
+    size = 1
+    for s in shape:
+        size *= s
+    buf = np.empty(size + 64, dtype)  # 64 spare elements: at least 64 spare bytes
+    off = ((-buf.ctypes.data) % 64) // buf.itemsize
+    return buf[off:off + size].reshape(shape)
+
+
+def _aligned(shape, dtype) -> np.ndarray:
+    """``_aligned_empty`` for host code (shape an int or a tuple)."""
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    dtype = np.dtype(dtype)
+    size = int(np.prod(shape, dtype=np.int64))
+    buf = np.empty(size + 64, dtype)
+    off = ((-buf.ctypes.data) % 64) // dtype.itemsize
+    return buf[off:off + size].reshape(shape)
+
+
 # fastmath={"contract"} here only: fuses each multiply-add into one FMA (one rounding instead
 # of two, so never less accurate; no reassociation, no finite-math assumptions); v4 in the
 # header is this loop without it.
@@ -351,8 +434,8 @@ def _schedules(name: str, n_gates: int, cell=_cell_block):
         h_n = np.empty((batch, hidden), dtype=xw.dtype)
         for grp in prange(starts.shape[0] - 1):
             r0, r1 = starts[grp], starts[grp + 1]
-            acc = np.empty((r1 - r0, n_gates * units), dtype=xw.dtype)
-            h_buf = np.empty((2, r1 - r0, hidden), dtype=xw.dtype)
+            acc = _aligned_empty((r1 - r0, n_gates * units), xw.dtype)
+            h_buf = _aligned_empty((2, r1 - r0, hidden), xw.dtype)
             h_buf[0] = h0[r0:r1]
             for t in range(n):
                 for blk in range(n_blocks):
@@ -366,8 +449,8 @@ def _schedules(name: str, n_gates: int, cell=_cell_block):
         batch, n, gates = xw.shape
         hidden = gates // n_gates
         n_blocks = (hidden + units - 1) // units
-        acc = np.empty((n_blocks, batch, n_gates * units), dtype=xw.dtype)
-        h_buf = np.empty((2, batch, hidden), dtype=xw.dtype)
+        acc = _aligned_empty((n_blocks, batch, n_gates * units), xw.dtype)
+        h_buf = _aligned_empty((2, batch, hidden), xw.dtype)
         h_buf[0] = h0
         for t in range(n):
             for blk in prange(n_blocks):
@@ -533,7 +616,7 @@ def _bptt_schedules(name: str, n_gates: int):
         n_blocks = (hidden + units - 1) // units
         for grp in prange(starts.shape[0] - 1):
             r0, r1 = starts[grp], starts[grp + 1]
-            acc = np.empty((r1 - r0, units), dtype=dgi.dtype)
+            acc = _aligned_empty((r1 - r0, units), dgi.dtype)
             for s in range(n):
                 t = n - 1 - s
                 da_next = dgh[r0:r1, min(t + 1, n - 1)]
@@ -550,7 +633,7 @@ def _bptt_schedules(name: str, n_gates: int):
         batch, n, gates = dgi.shape
         hidden = w_hh.shape[1]
         n_blocks = (hidden + units - 1) // units
-        acc = np.empty((n_blocks, batch, units), dtype=dgi.dtype)
+        acc = _aligned_empty((n_blocks, batch, units), dgi.dtype)
         for s in range(n):
             t = n - 1 - s
             da_next = dgh[:, min(t + 1, n - 1)]
@@ -642,7 +725,7 @@ def _permuted_transpose(w, perm):
     element, takes 1.47x as long (header).
     """
     g, hidden = w.shape
-    out = np.empty((hidden, g), dtype=w.dtype)
+    out = _aligned_empty((hidden, g), w.dtype)
     for j0 in range(0, g, 16):
         j1 = min(j0 + 16, g)
         for k0 in range(0, hidden, 16):
@@ -762,11 +845,15 @@ class GRUSaved(NamedTuple):
 
 # Every array the training kernels must fill comes from here (the tests swap in a NaN fill,
 # so an element a kernel leaves unwritten cannot pass).
-_alloc = np.empty
+_alloc = _aligned
 
 
 def _weights(w_ih, w_hh, dtype):
-    return np.ascontiguousarray(w_ih, dtype), np.ascontiguousarray(w_hh, dtype)
+    """W_ih as it is (only gemm reads it); W_hh copied onto a cache line: the reverse
+    sweep's step product streams its rows."""
+    w_hh_aligned = _aligned(np.shape(w_hh), dtype)
+    w_hh_aligned[...] = w_hh
+    return np.ascontiguousarray(w_ih, dtype), w_hh_aligned
 
 
 def rnn_layer_train(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity="tanh"):
@@ -837,8 +924,8 @@ def _cotangent(name, c, shape, dtype):
 # Hidden units per block of the reverse sweep's product dgh W_hh (G-deep, its output the
 # block's units). By rows: blocks of BPTT_UNITS (512: the forward's 512-column accumulator,
 # all of H = 512). By units: one block per thread (``_split_units``), each reading the step's
-# dgh once: 256-unit blocks took 0.68 (0.57-0.91) of 128-unit ones' time (LSTM B=8, H=512;
-# the header's sweep table).
+# dgh once; two 128-unit blocks per thread took 1.16 (0.98-1.40) (LSTM) and 1.27 (1.08-1.57)
+# (GRU) times as long (B=8, H=512; the header's sweep table).
 BPTT_UNITS = 512
 
 
