@@ -1204,7 +1204,7 @@ def fused_backward(q, k, v, out, lse, dout, tuning, *, mask4=None, factors=(0, 0
     b, h, nq, dk = q.shape
     nk, dv = k.shape[2], v.shape[3]
     dtype = np.dtype(q.dtype)
-    if nk == 0 or nq == 0:  # an empty sum: zero gradients
+    if min(b, h, nq, nk) == 0:  # an empty sum: zero gradients
         return (zeros_heads(b, h, nq, dk, dtype, tuning), zeros_heads(b, h, nk, dk, dtype, tuning),
                 zeros_heads(b, h, nk, dv, dtype, tuning))
     (bq, bkv, ty, tx), single = fused_bwd_plan(tuning, dk, dv, dtype.itemsize)
@@ -1308,7 +1308,7 @@ def attention_backward(q, k, v, out, lse, dout, mask, causal, impl, tuning, free
         if tuple(a.shape) != shape:
             raise ValueError(f"attention_backward: {name} must have shape {shape}, got {tuple(a.shape)}")
     mask4, factors = _mask4(mask) if mask is not None else (None, (0, 0, 0, 0))
-    if impl == "naive":
+    if impl == "naive" and min(b, h, nq, nk) > 0:
         return naive_backward(q, k, v, out, lse, dout, tuning, mask4=mask4, factors=factors, causal=causal,
                               free_bytes=free_bytes)
     return fused_backward(q, k, v, out, lse, dout, tuning, mask4=mask4, factors=factors,
