@@ -10,13 +10,16 @@ tilings each version is timed at in ``TILINGS``). Every verdict comes from
 ``python3 -m dev.cuda.lab --out DIR --family attention`` (B=4, H=16, d=64, n = 1024, 4096,
 16384, against SDPA's math and memory-efficient backends), and the static figures from
 ``python3 -m dev.cuda.lab --out DIR --family ptx`` (no GPU needed; committed output in
-dev/cuda/host/).
+dev/cuda/host/). GPU figures: NVIDIA H200, dev/cuda/gpu/attention.csv (lab at --budget-s 90;
+"Nx SDPA's speed" = SDPA's time / tfm's time), and the peers study of ``python3 -m
+studies.gpu`` (results/gpu/studies.csv, study=peers; "time ratio" = tfm time / peer time,
+with its bootstrap 95% interval).
 
 * ``naive`` — the O(n^2)-memory reference point: the batched GEMM (``linear.gemm``) writes
   the scaled (B*H, Nq, Nk) scores, the row softmax (``norm.softmax_kernel``) applies
   mask/causal in place, a second GEMM multiplies by V; one score array, so its memory guard
-  counts one. Verdict: v1 GEMMs, 56 ms at n = 4096 on the first GPU run
-  (results/gpu/attention.csv); with the v2 GEMM not yet measured on a GPU.
+  counts one. Verdict: v1 GEMMs, 56 ms at n = 4096 on the first GPU run (commit 1f1f9ac,
+  results/gpu/attention.csv); with the v2 GEMM not timed on the H200 run (lab budget).
 * ``fused_v1`` — FlashAttention-2 style, one kernel, scores never leave the chip. One block
   per (query tile of BQ rows, b*h), TY x TX threads; Q (pre-scaled by 1/sqrt(d_k)) and each
   K tile staged d-major in shared memory, V row-major; per K tile: (1) a (BQ/TY) x (BK/TX)
@@ -25,9 +28,11 @@ dev/cuda/host/).
   shuffles: the simulator has none); (3) online softmax in registers (partial row sums
   combined once, at the end), probabilities to a shared P tile; (4) O += P V into a
   (BQ/TY) x ceil(Dv/TX) register tile. Scalar shared loads: 8 per 16 FMAs for the scores,
-  12 per 32 for P V. Verdict: 29.5 ms at n = 4096 (9.3 TFLOP/s, 14% of the FP32 peak,
-  0.27x SDPA's default backend) on the first GPU run (results/gpu/attention.csv); 110
-  registers at 128 threads, 43.8 KB shared memory, no spills (ptx family).
+  12 per 32 for P V. Verdict (H200, at (64, 32, 16, 8)): 29.9 ms at n = 4096 non-causal,
+  13.7% of the FP32 peak, 0.52x SDPA math's speed; 443.8 ms at n = 16384, 0.27x SDPA
+  mem-efficient's speed; (64, 32, 8, 8) slower (45.7 ms at n = 4096), (32, 32, 8, 8) not timed
+  on the H200 run (lab budget). 110 registers at 128 threads, 43.8 KB shared memory, no
+  spills (ptx family).
 * ``fused_v2`` (default) — v1's algorithm with the instruction overhead cut: 4-wide register
   blocks (rows ``4*ty + r + g*4*TY``, keys ``4*tx + c + g*4*TX``) read from 16-byte aligned
   shared rows in 16-byte loads (2 per 16 FMAs for the scores, 3 per 32 for P V); scores in
@@ -36,8 +41,15 @@ dev/cuda/host/).
   unconditional, unsigned-index loads. 230 registers at 128 threads, 46.1 KB shared memory,
   no spills; its hottest basic block issues 64 FMAs in 101 PTX instructions (ptx family;
   v1's scores loop: 16 FMAs in 82); where its tiles
-  cannot fit 48 KB (d = 128 in float32, float64) ``fused_plan`` runs v1. Verdict: not yet
-  measured on a GPU (goal: >= 1.0x SDPA's math backend, n = 1024..16384).
+  cannot fit 48 KB (d = 128 in float32, float64) ``fused_plan`` runs v1. Verdict (H200, at
+  (64, 32, 16, 8)): 1.20 / 13.78 ms at n = 1024 / 4096 non-causal, 1.10 / 8.19 ms causal:
+  1.7-2.2x v1's speed, 1.04x / 1.14x SDPA math's speed non-causal and 1.55x / 2.45x causal
+  (29.8% of the FP32 peak at n = 4096); n = 16384: 200.8 ms, 0.61x SDPA mem-efficient's speed
+  (122.0 ms). (64, 16, 16, 4): faster non-causal (1.05 / 13.18 ms), slower causal (1.25 /
+  8.44 ms). The peers study: time ratio to SDPA math 1.10 [1.08, 1.12] at n = 1024
+  non-causal, 0.41-0.89 in the other three cases; to SDPA mem-efficient 1.64-2.07 for
+  n = 1024..16384 (n = 16384: one round, no interval). Goal (>= 1.0x SDPA math) met except
+  at n = 1024 non-causal in the peers study; the memory-efficient backend stays ahead.
 
 Common to both: extra device memory is the output only (O(n*d)), so n = 16384 and beyond
 run. Masking: an optional broadcast boolean mask read through per-axis 0/1 index factors
@@ -50,12 +62,16 @@ row; -inf where a row sees no key), all the backward needs besides q, k, v and t
 Backward variants (``BWD_VARIANTS``; the fused one's dQ summation in ``BWD_DQ``, chosen by
 ``Tuning.attn_bwd_dq``, its tilings (BQ, BKV, TY, TX) in ``BWD_TILINGS``). Verdicts from
 ``python3 -m dev.cuda.lab --out DIR --family backward`` (B=4, H=16, d=64, n = 1024, 4096,
-against SDPA's math and memory-efficient backward) and ``--family ptx`` (no GPU needed):
+against SDPA's math and memory-efficient backward; on the H200, dev/cuda/gpu/backward.csv,
+only n = 1024 at (32, 32, 8, 16) and SDPA math were timed before the lab budget ran out),
+the peers study (as above) and ``--family ptx`` (no GPU needed):
 
 * ``naive_backward`` — S = Q K^T / sqrt(d_k) and dP = dO V^T as two (B*H, Nq, Nk) arrays
   (batched Numba GEMMs), one elementwise kernel turning them into P = exp(S - lse) and dS =
   P (dP - D), then dV = P^T dO, dQ = dS K, dK = dS^T Q (the GEMM with A transposed).
-  Refuses with InsufficientMemoryError what would not fit. Verdict: not yet measured on a GPU.
+  Refuses with InsufficientMemoryError what would not fit. Verdict: correct on the H200 up to
+  n = 4096 (``python3 -m studies.gpu``; results/gpu/correctness.csv); not timed on the H200
+  run (lab budget).
 * ``fused_atomic`` (default) — FlashAttention-2's backward (Dao 2023, Algorithm 2) in one
   key-block kernel (``bwd_kv_kernel``): a block keeps its BKV keys' dK and dV in registers
   while it walks the query tiles that can see them, recomputing S and P from q, k and lse,
@@ -65,13 +81,19 @@ against SDPA's math and memory-efficient backward) and ``--family ptx`` (no GPU 
   At the default (32, 32, 8, 16): 127 registers at 128 threads, 44.3 KB shared memory, no
   spills (ptxas, sm_90): 4 blocks per SM. Loading the next Q/dO tile into registers during
   the current one (as the forward v2 does) took it to 254 registers (2 blocks per SM): the
-  loads go straight to shared memory and other blocks hide their latency. Verdict: not yet
-  measured on a GPU (goal: >= 1.0x SDPA's math-backend backward in float32).
+  loads go straight to shared memory and other blocks hide their latency. Verdict (H200,
+  n = 1024): 3.79 ms non-causal, 2.47 ms causal: 0.52x / 0.69x SDPA math backward's speed,
+  1.49x / 1.41x fused_pass's. The peers study: time ratio to SDPA math backward 2.40
+  [2.37, 2.43] / 2.16 [2.15, 2.17] at n = 1024 / 4096 non-causal, 1.69 / 1.16 causal; to SDPA
+  mem-efficient backward 1.95-2.40 for n = 1024..16384 (n = 16384: one round). Goal
+  (>= 1.0x SDPA's math-backend backward in float32) not met.
 * ``fused_pass`` — the same key-block kernel without dQ, then a query-block kernel
   (``bwd_dq_kernel``) that recomputes S and dP for its BQ queries and sums dQ = dS K over
   the key tiles in registers: 7 matrix products per tile instead of 5, no atomics,
-  deterministic. 96-128 registers at 128 threads, no spills. Verdict: not yet measured on
-  a GPU; kept for the lab to measure against the atomic variant.
+  deterministic. 96-128 registers at 128 threads, no spills. Verdict (H200, n = 1024):
+  5.63 ms non-causal (IQR 9.93 ms), 3.49 ms causal, 0.35x / 0.49x SDPA math backward's speed;
+  a base training step (B=8, n=128) with it took 181.0 ms against fused_atomic's 138.9 ms
+  (IQR 188.5 ms). Kept as the deterministic option.
 
 Both fused backwards take the same masks and bands as the forward (causal: a key block
 visits only the queries from its first key on; restricted attention: only its window).

@@ -4,30 +4,42 @@ Variants (``VARIANTS``; the Numba GEMM's versions in ``GEMM_VERSIONS``, chosen b
 ``Tuning.gemm_version``, each timed at the ``TILINGS``). Verdicts come from
 ``python3 -m dev.cuda.lab --out DIR --family gemm`` (base-model shapes and 4096^3, against
 torch.matmul with TF32 off), static figures from ``--family ptx`` (no GPU needed; committed
-output in dev/cuda/host/).
+output in dev/cuda/host/). GPU figures: NVIDIA H200, dev/cuda/gpu/gemm.csv (M x K x N;
+"Nx torch.matmul's speed" = torch.matmul's time / tfm's time), and the peers study of
+``python3 -m studies.gpu`` (results/gpu/studies.csv, study=peers; "time ratio" = tfm time /
+peer time, with its bootstrap 95% interval).
 
 * ``cupy`` (the default where CuPy imports and passes the backend's self-check) — cuBLAS
   SGEMM/DGEMM called through CuPy's raw bindings on the numba arrays' device pointers
   (``_cublas.py``: no CuPy arrays, no ``__cuda_array_interface__`` synchronisation, no CuPy
   allocation), then one elementwise kernel adds the bias and applies ReLU/GELU in place.
-  Verdict: through ``cupy.matmul`` it ran 44 TFLOP/s at 4096^3, 0.93x torch.matmul, on the
-  first GPU run (results/gpu/gemm.csv); the raw-binding path is not yet measured on a GPU.
+  Verdict (H200): 3.41 ms at 4096^3, 60.3% of the FP32 peak, 0.87x torch.matmul's speed; at
+  the base model's 1024 x 512 x 1536 and 1024 x 2048 x 512, 0.30 and 0.21 ms against
+  torch.matmul's 0.064 and 0.067 ms (0.21x and 0.31x its speed): host cost per call. The
+  first GPU run's path through ``cupy.matmul`` (the lab's cupy_matmul_v0) was faster at all
+  three shapes (0.23, 0.14, 3.06 ms). The peers study: time ratio to torch.matmul 1.12
+  [1.11, 1.15] at 4096^3, 1.43 [1.42, 1.44] at 8192 x 512 x 2048.
 * ``numba_v1`` — tiled SIMT GEMM ``C = alpha * A @ op(B) (+ bias, + activation)``: a block
   computes a BM x BN tile of C, K advances in BK-wide k-major slabs in shared memory, each
   thread accumulates a TM x TN register tile with interleaved rows/columns
   (``ty + i*TY``, ``tx + j*TX``); bias and activation fused into the epilogue; small
   products switch to ``gemm_small`` so the grid fills the GPU (``Tuning.min_blocks``).
-  Verdict: 4.4-7.7 TFLOP/s (7-12% of the FP32 peak) on the first GPU run
-  (results/gpu/gemm.csv): each k step spent 4-5 integer instructions per scalar shared load
-  on 64-bit addresses and negative-index selects (ptx family: 64 FMAs in 162 PTX
+  Verdict (H200): 20.07 ms at 4096^3 at (128, 128, 16, 8, 8), 10.2% of the FP32 peak (11.4%
+  at (64, 64, 16, 4, 4), its best): each k step spent 4-5 integer instructions per scalar
+  shared load on 64-bit addresses and negative-index selects (ptx family: 64 FMAs in 162 PTX
   instructions per k step at 128 x 128), and each slab's global loads waited at a barrier.
 * ``numba_v2`` (default) — 4 x 4 register blocks (rows ``4*ty + r + g*4*TY``) read in 16-byte
   shared loads from 16-byte aligned, padded slabs; the next slab loaded into registers
   while the current one is multiplied, double-buffered slabs (one barrier per k step);
   clamped unconditional global loads; unsigned indices (no wraparound selects). 218
   registers at 256 threads, 33.8 KB shared memory, no spills; its k loop issues 64 FMAs in
-  88 PTX instructions (v1: 64 in 162; ptx family). Verdict: not yet measured on a GPU
-  (goal: 40% of FP32 peak).
+  88 PTX instructions (v1: 64 in 162; ptx family). Verdict (H200): 6.05 ms at 4096^3 at
+  (128, 128, 16, 8, 8), 34.0% of the FP32 peak (goal 40%: not met), 3.3x v1's speed, 0.49x
+  torch.matmul's; at 1024 x 512 x 1536 and 1024 x 2048 x 512 with (64, 64, 16, 4, 4), the
+  tiling the default picks there, 0.26 and 0.20 ms (0.25x and 0.34x torch.matmul's speed).
+  The peers study: time ratio to torch.matmul 2.10 [2.10, 2.13] at 4096^3, 2.33 [2.31, 2.35]
+  at 8192 x 512 x 2048. In a base forward pass (B=8, n=128, caching pool off; ``--family
+  forward``, dev/cuda/gpu/forward.csv) it took 29.1 ms against 34.9 ms with ``cupy``.
 
 Backward (``linear_backward``; after the forward below): dx = dy W and dW = dy^T x through
 the backend's GEMM, db by a column-sum kernel. With ``cupy`` both products are cuBLAS calls
@@ -36,8 +48,10 @@ without transpose and dW the tiled GEMM reading A transposed (``trans_a``: its s
 walk A's contiguous axis, coalesced), its rows (the reduction axis) split into batches when
 the (out, in) output alone has fewer tiles than ``Tuning.min_blocks`` (a 512 x 512 weight is
 16 tiles of 128 x 128 on 132 SMs), the partial products summed in a fixed order (no
-atomics). Verdicts: not yet measured on a GPU; a base training step runs them in the lab's
-``backward`` family (``python3 -m dev.cuda.lab --out DIR --family backward``).
+atomics). Verdicts: both correct on the H200 (2048 x 512 -> 2048, results/gpu/correctness.csv);
+not timed on their own. A base training step (B=8, n=128; ``python3 -m dev.cuda.lab --out DIR
+--family backward``, dev/cuda/gpu/backward.csv) took 138.9 ms with ``cupy`` (IQR 188.5 ms)
+and 179.3 ms with ``numba``, eager PyTorch 47.5 ms.
 """
 
 from __future__ import annotations

@@ -8,7 +8,12 @@ gates' dot products with h_{t-1} and the cell update. W_hh is transposed once pe
 h_{t-1}[b, :] is a broadcast read. h and c are double-buffered on the device; nothing
 returns to the host between steps. The n dependent launches are the sequential
 bottleneck Table 1 is about (O(n) sequential operations). Verdict: correct under the
-simulator and on the first GPU run; not yet timed on a GPU.
+simulator and on the H200 (LSTM and GRU at B=4, n=1000, d=512; ``python3 -m studies.gpu``,
+results/gpu/correctness.csv). The peers study (results/gpu/studies.csv, study=peers; time
+ratio = tfm time / peer time, bootstrap 95% interval) at B=64, n=256, d=512: 3.65 [3.62,
+3.71] against nn.LSTM, 4.73 [4.67, 4.84] against nn.GRU. The sequential study (same file,
+study=sequential; LSTM, d=64): 0.94 ms at n=16 to 210.7 ms at n=8192 at batch 1, 201.3 ms
+at n=8192 at batch 64: the time grows with n whatever the batch.
 
 Training (``*_layer_train`` / ``*_layer_backward``, backpropagation through time): the train
 forward is the same launches with each step also writing what the reverse sweep needs (LSTM:
@@ -20,8 +25,11 @@ dh_{t+1} z_{t+1} for the GRU), then the gate-input gradients of step t from the 
 and the cell carry dc (LSTM) kept per thread in a (B, H) buffer. Nothing returns to the host
 between steps. Then dx = dA W_ih and the weight gradients dW_ih = dA^T x, dW_hh = dA^T h_prev
 are one product each over all B*N steps (the backend's GEMM), the biases' column sums of dA.
-Verdict: correct under the simulator; not yet timed on a GPU (goal: ``make gpu-check``'s
-LSTM BPTT at d = 512).
+Verdict: correct under the simulator and on the H200 (LSTM BPTT at B=4, n=1000, d=512 in
+results/gpu/correctness.csv; RNN and LSTM backward in smoke.csv; the GRU's through the peers
+study's check against torch.autograd, rel. err 8.9e-07). Forward + backward time ratio
+(peers, as above, B=64, n=256, d=512): 4.26 [4.11, 4.30] against nn.LSTM, 4.05 [3.97, 4.18]
+against nn.GRU.
 """
 
 from __future__ import annotations

@@ -23,8 +23,12 @@ memory-bound (axpy reads two arrays and writes one, Adam reads four and writes t
   arithmetic: one division per element, hidden behind its memory traffic).
 
 Variants: one each. Verdict: correct under the simulator (tests/cuda/test_cuda_training.py);
-not yet measured on a GPU (they run inside the lab's ``backward`` family's training step,
-``python3 -m dev.cuda.lab --out DIR --family backward``).
+on the H200 (``python3 -m studies.gpu``) axpy passed results/gpu/smoke.csv and dropout the
+base training step's gradient check (correctness.csv, training_step_gradients, rel. err
+7.18e-07); Adam has no GPU check of its own. Not timed on their own: they run inside the
+lab's training step (``python3 -m dev.cuda.lab --out DIR --family backward``,
+dev/cuda/gpu/backward.csv): 138.9 ms per base step (B=8, n=128; IQR 188.5 ms), 0.34x eager
+PyTorch's speed (47.5 ms).
 """
 
 from __future__ import annotations
