@@ -35,7 +35,7 @@ BENCH_NAME ?= $(shell uname -m)-$(shell nproc)cpu
 BENCH_FAIL ?= median:25%
 BENCH_ARGS ?=
 
-.PHONY: all venv test test-cpu test-cudasim bench bench-compare bench-baseline studies studies-quick gpu-check clean
+.PHONY: all venv test test-cpu test-cudasim test-cudasim-log bench bench-compare bench-baseline studies studies-quick gpu-check clean
 
 all: test
 
@@ -46,7 +46,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test,torch]'
 	touch $(STAMP)
 
-test: test-cpu test-cudasim
+# The two suites run side by side: the CPU suite is mostly Numba compiling on one core, the
+# simulator suite is Python threads under one GIL (on 2 cores: 17 minutes one after the other).
+# The CPU suite shows its progress; the simulator suite's output follows when it ends.
+test: $(STAMP)
+	@echo "make test: the CPU suite and the CUDA-simulator suite run side by side (log: $(VENV)/test-cudasim.log)"
+	@$(MAKE) --no-print-directory -j2 test-cpu test-cudasim-log
 
 test-cpu: $(STAMP)
 	$(PY) -m pytest -q --ignore=tests/cuda --benchmark-disable -p no:cacheprovider
@@ -54,6 +59,10 @@ test-cpu: $(STAMP)
 # Numba reads NUMBA_ENABLE_CUDASIM when it is first imported: this must be its own process.
 test-cudasim: $(STAMP)
 	NUMBA_ENABLE_CUDASIM=1 $(PY) -m pytest -q tests/cuda --benchmark-disable -p no:cacheprovider
+
+test-cudasim-log: $(STAMP)
+	@$(MAKE) --no-print-directory test-cudasim > $(VENV)/test-cudasim.log 2>&1; rc=$$?; \
+		echo "---- the CUDA-simulator suite (tests/cuda) ----"; cat $(VENV)/test-cudasim.log; exit $$rc
 
 bench: $(STAMP)
 	$(PY) -m pytest tests/benchmarks --benchmark-only --benchmark-save=$(BENCH_NAME) \

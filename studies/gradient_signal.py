@@ -290,7 +290,13 @@ def path_lengths(rep, n: int) -> dict:
     return out
 
 
-def findings(fit: pd.DataFrame) -> list[str]:
+def _task_delta(df):
+    """The delayed-recall distance the trained rows were trained at (None without trained rows)."""
+    d = df["task_delta"].dropna() if "task_delta" in df.columns else pd.Series(dtype=float)
+    return float(d.iloc[0]) if len(d) else None
+
+
+def findings(fit: pd.DataFrame, task_delta=None) -> list[str]:
     out = []
     init = fit[fit["state"] == "init"]
     if not init.empty:
@@ -313,8 +319,16 @@ def findings(fit: pd.DataFrame) -> list[str]:
                        f"{len(same)} of {len(cut)} (layer, depth) cases")
     tr = fit[fit["state"] == "trained"]
     if not tr.empty:
-        out.append("after training on delayed recall the gradient peaks at distance " + ", ".join(
-            f"{r.peak_delta} ({_label(r.layer)})" for r in tr.itertuples()))
+        before = init.set_index(["layer", "n_layers"]) if not init.empty else None
+        parts = []
+        for r in tr.itertuples():
+            s = f"{_label(r.layer)} peaks at distance {r.peak_delta}"
+            if before is not None and (r.layer, r.n_layers) in before.index:
+                b = before.loc[(r.layer, r.n_layers)]
+                s += f" (at initialisation {int(b['peak_delta'])}; slope {b['slope']:.3g} -> {r.slope:.3g} per position)"
+            parts.append(s)
+        at = f" at delta = {int(task_delta)}" if task_delta is not None and np.isfinite(task_delta) else ""
+        out.append(f"after training on delayed recall{at}: " + ", ".join(parts))
     return out
 
 
@@ -337,7 +351,7 @@ def section(rep) -> str:
     if good.empty:
         return s + "Not measured.\n\n" + rep.sources(sys.modules[__name__])
     fit = fits(good)
-    s += "**What the profiles say:** " + "; ".join(findings(fit)) + ".\n\n"
+    s += "**What the profiles say:** " + "; ".join(findings(fit, _task_delta(good))) + ".\n\n"
     n = int(good["n"].iloc[0])
     measured = path_lengths(rep, n)
     show = fit.copy()
@@ -356,7 +370,7 @@ def readme(rep) -> list[str]:
     good = rep.rows(NAME)
     if good.empty:
         return []
-    return ["- **Gradient signal over distance:** " + "; ".join(findings(fits(good))) + "."]
+    return ["- **Gradient signal over distance:** " + "; ".join(findings(fits(good), _task_delta(good))) + "."]
 
 
 def main(argv=None):

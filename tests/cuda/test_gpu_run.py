@@ -58,7 +58,7 @@ def test_make_gpu_check_smoke_on_a_clone_without_venv(tmp_path):
     correct = pd.read_csv(out / "correctness.csv")
     usable = correct["status"] == "ok"
     assert correct.loc[usable, "passed"].all()
-    assert set(correct.loc[~usable, "check"]) <= {"linear_cupy"}  # the simulator has no cuBLAS
+    assert set(correct.loc[~usable, "check"]) <= {"linear_cupy", "linear_backward_cupy"}  # the simulator: no cuBLAS
     assert {"attention_fused", "attention_naive", "linear_numba", "lstm", "gru", "conv1d_dilated_causal",
             "restricted_attention", "encoder_decoder_forward"} <= set(correct["check"])
     studies = pd.read_csv(out / "studies.csv")
@@ -68,7 +68,18 @@ def test_make_gpu_check_smoke_on_a_clone_without_venv(tmp_path):
     assert (studies["status"] != "error").all(), studies.loc[studies["status"] == "error", ["study", "reason"]]
     good = studies[studies["status"] == "ok"]
     assert set(good["study"]) == set(GPU_STUDIES)  # every study measured something
-    assert (good["backend"] == "cuda").all() and good["tfm_source"].eq(machine["tfm_source"]).all()
+    ours = good[~good["backend"].str.startswith("torch")]  # throughput's rows name each side: "tfm cuda", "torch ..."
+    assert ours["backend"].isin(["cuda", "tfm cuda"]).all() and good["tfm_source"].eq(machine["tfm_source"]).all()
+    seq = studies[studies["study"] == "sequential"]
+    assert (seq["status"] == "ok").all() and (seq["repeats"].dropna() == 1).all()  # timed once: a simulator
+    assert (good["device_name"] == "cuda simulator").all()
+    peers = studies[studies["study"] == "peers"]  # PyTorch on the host under the simulator: tfm's device side checked
+    ok = peers[peers["status"] == "ok"]
+    assert ok["pair"].str.startswith(("attention vs SDPA (math)", "attention backward vs SDPA (math)", "gemm",
+                                      "tiny forward", "tiny training step", "lstm", "gru", "conv1d")).all() \
+        and len(ok) >= 8 and ok["pair"].str.contains("training step").any()
+    assert (ok["rel_err"] < 1e-3).all() and ok["tfm_arithmetic"].str.contains("CUDA").all()
+    assert (peers.loc[peers["status"] != "ok", "reason"].str.len() > 0).all()
     summary = (out / "SUMMARY.md").read_text()
     assert "## Smoke" in summary and "## Correctness at real sizes" in summary and "- peers:" in summary
 
