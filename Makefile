@@ -1,6 +1,8 @@
 # tfm: every target sets up its own virtual environment (.venv) on first use.
 #   make test           the whole test suite (CPU, then CUDA kernels under Numba's simulator)
-#   make studies        every study on the default grid -> results/ (tables, figures, REPORT.md)
+#   make studies        every study on the default grid -> results/ (tables, figures, REPORT.md);
+#                       rows already measured by the same tfm sources are reused
+#                       (STUDIES_ARGS=--fresh measures everything again)
 #   make studies-quick  a small grid in a few minutes (into $(QUICK_OUT))
 #   make bench          the pytest-benchmark suite, saved under this machine's name; its
 #                       tfm-vs-PyTorch table -> results/tables/benchmarks.csv (in the report)
@@ -34,6 +36,7 @@ QUICK_OUT ?= $(CURDIR)/results-quick
 BENCH_NAME ?= $(shell uname -m)-$(shell nproc)cpu
 BENCH_FAIL ?= median:25%
 BENCH_ARGS ?=
+STUDIES_ARGS ?=
 
 .PHONY: all venv test test-cpu test-cudasim test-cudasim-log bench bench-compare bench-baseline studies studies-quick gpu-check clean
 
@@ -75,7 +78,7 @@ bench-compare: $(STAMP)
 		--benchmark-sort=fullname $(BENCH_ARGS)
 
 studies: $(STAMP)
-	$(PY) -m studies.run_all
+	$(PY) -m studies.run_all $(STUDIES_ARGS)
 
 studies-quick: $(STAMP)
 	$(PY) -m studies.run_all --quick --out $(QUICK_OUT)

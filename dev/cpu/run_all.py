@@ -1,4 +1,5 @@
-"""The whole CPU lab in one process: fastmath, recurrent, attention; then a summary.
+"""The whole CPU lab in one process: fastmath, recurrent, attention, and the training
+kernels (attention_backward, recurrent_backward, training_ops); then a summary.
 
     python -m dev.cpu.run_all [--out DIR] [--quick]
 
@@ -14,10 +15,12 @@ import csv
 import time
 from pathlib import Path
 
-from . import attention, fastmath, recurrent
+from . import attention, attention_backward, fastmath, recurrent, recurrent_backward, training_ops
 from .common import machine, parse_out, run_family, write_machine
 
-FAMILIES = {"fastmath": fastmath, "recurrent": recurrent, "attention": attention}
+FAMILIES = {"fastmath": fastmath, "recurrent": recurrent, "attention": attention,
+            "attention_backward": attention_backward, "recurrent_backward": recurrent_backward,
+            "training_ops": training_ops}
 
 
 def summary(out: Path, info: dict, seconds: float) -> str:
