@@ -26,8 +26,8 @@ import tfm  # noqa: E402,F401  (sets OMP_WAIT_POLICY=PASSIVE unless set; see tfm
 from tfm.backends import BACKENDS  # noqa: E402
 
 # PyTorch (CPU wheel) and Numba's "omp" threading layer share the system libgomp. If a Numba
-# parallel kernel initialises it before torch is imported, PyTorch's kernels run ~3x slower
-# (SDPA, B=1, H=8, n=4096, d=64: 154 ms -> 454-498 ms; tfm's kernels are unaffected), which
+# parallel kernel initialises it before torch is imported, PyTorch's kernels run slower (SDPA,
+# B=1, H=8, n=4096, d=64: 1.94x its time alone; python -m dev.cpu.omp_order), which
 # would flatter tfm in every side-by-side table. So torch, when installed, is loaded right
 # after tfm (whose import sets the wait policy libgomp reads when torch loads it), before any kernel.
 try:
