@@ -41,7 +41,8 @@ from tfm.backends.cpu.norm import exp2_shift
 from tfm.reference import scaled_dot_product_attention_backward as reference_backward
 from tfm.reference import scaled_dot_product_attention_train as reference_train
 
-from .common import check, compare, interleave, parse_out, print_rows, rel_err, run_family, write_csv
+from .common import (check, compare, interleave, parse_out, print_rows, rel_err, run_family, torch_threads,
+                     write_csv)
 
 VARIANTS = {
     "naive": "per (b, h): S and dP as full (Nq, Nk) matrices, five gemms over them",
@@ -231,16 +232,11 @@ def _check_timed(label, outs: dict, q, k, v, do, causal, checks) -> None:
 def versus_sdpa(rng, quick, checks) -> list[dict]:
     """attention_backward (fused) against autograd through torch's SDPA, alternating, same
     threads; the quoted figure is the median of the per-round ratios with its interval."""
-    try:
-        import torch
-        import torch.nn.functional as F
-    except ImportError as exc:
-        print(f"  (no PyTorch: {exc})")
-        return []
-    threads = torch.get_num_threads()
-    torch.set_num_threads(numba.get_num_threads())
     rows = []
-    try:
+    with torch_threads(numba.get_num_threads()) as torch:
+        if torch is None:
+            return []
+        F = torch.nn.functional
         for n in (1024,) if quick else (1024, 4096):
             q, k, v, do = _inputs(rng, n, n)
             tq, tk, tv = (torch.from_numpy(x).requires_grad_() for x in (q, k, v))
@@ -270,8 +266,6 @@ def versus_sdpa(rng, quick, checks) -> list[dict]:
                               "torch SDPA backward", extra)
                 print_rows(got)
                 rows += got
-    finally:
-        torch.set_num_threads(threads)
     return rows
 
 

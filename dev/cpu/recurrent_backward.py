@@ -31,7 +31,7 @@ from tfm.backends.cpu._threads import single_threaded_blas
 from tfm.backends.cpu.linear import linear
 from tfm.reference import baselines as ref
 
-from .common import check, compare, interleave, main, print_rows, rel_err
+from .common import check, compare, interleave, main, print_rows, rel_err, torch_threads
 
 VARIANTS = {
     "sweep by rows": "a thread's batch rows through all n steps (no barrier); "
@@ -222,15 +222,10 @@ def versus_torch(rng, quick, checks) -> list[dict]:
     """tfm forward + backward (``*_layer_train`` then ``*_layer_backward``) against PyTorch's
     module call then ``torch.autograd.grad`` of the output and final states with respect to
     x, the initial states and the four parameters; the same threads, interleaved."""
-    try:
-        import torch
-    except ImportError as exc:
-        print(f"  (no PyTorch: {exc})")
-        return []
-    threads = torch.get_num_threads()
-    torch.set_num_threads(numba.get_num_threads())
     rows = []
-    try:
+    with torch_threads(numba.get_num_threads()) as torch:
+        if torch is None:
+            return []
         for kind in ("lstm", "gru", "rnn"):
             for n in (32,) if quick else (128, 512):
                 case = Case(rng, kind, B, n, D, D)
@@ -250,8 +245,6 @@ def versus_torch(rng, quick, checks) -> list[dict]:
                               f"I=H={D} n={n}", times, "torch", extra)
                 print_rows(got)
                 rows += got
-    finally:
-        torch.set_num_threads(threads)
     return rows
 
 

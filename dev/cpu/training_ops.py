@@ -31,7 +31,7 @@ from tfm.backends.cpu import linear as lin
 from tfm.backends.cpu import conv, norm, restricted, training
 from tfm.backends.cpu._threads import SMALL_ELEMENTS
 
-from .common import check, compare, interleave, main, print_rows, rel_err
+from .common import check, compare, interleave, main, print_rows, rel_err, torch_threads
 
 VARIANTS = {
     "tfm": "the library's kernel",
@@ -209,16 +209,11 @@ def run_checks(rng) -> list[dict]:
 
 def versus_torch(rng, quick, checks) -> list[dict]:
     """tfm against PyTorch per op, interleaved, same threads; outputs checked after timing."""
-    try:
-        import torch
-    except ImportError as exc:
-        print(f"  (no PyTorch: {exc})")
-        return []
-    threads = torch.get_num_threads()
-    torch.set_num_threads(numba.get_num_threads())
     rows = []
-    d = _data(rng)
-    try:
+    with torch_threads(numba.get_num_threads()) as torch:
+        if torch is None:
+            return []
+        d = _data(rng)
         for op in OPS:
             outs = {}
             tfm_fn, torch_fn = _tfm(op, d), _torch(op, d)
@@ -235,8 +230,6 @@ def versus_torch(rng, quick, checks) -> list[dict]:
                           {name: {"torch_threads": torch.get_num_threads()} for name in times})
             print_rows(got)
             rows += got
-    finally:
-        torch.set_num_threads(threads)
     return rows
 
 
