@@ -49,14 +49,19 @@ def arg_parser():
     return p
 
 
-def cases(grid: str, layers=LAYERS) -> list[dict]:
-    g = GRIDS[grid]
+def sweep_cases(g: dict, layers, **fixed) -> list[dict]:
+    """Each layer's n-sweeps (at each of ``g["n_ds"]``) and its d-sweep (at ``g["d_n"]``), each
+    case led by the ``fixed`` keys; the training-step study sweeps the same way."""
     out = []
     for layer in layers:
         for d in g["n_ds"]:
-            out += [{"layer": layer, "sweep": "n", "n": n, "d": d} for n in g["n"]]
-        out += [{"layer": layer, "sweep": "d", "n": g["d_n"], "d": d} for d in g["d"]]
+            out += [{**fixed, "layer": layer, "sweep": "n", "n": n, "d": d} for n in g["n"]]
+        out += [{**fixed, "layer": layer, "sweep": "d", "n": g["d_n"], "d": d} for d in g["d"]]
     return out
+
+
+def cases(grid: str, layers=LAYERS) -> list[dict]:
+    return sweep_cases(GRIDS[grid], layers)
 
 
 def measure(case: dict, ctx) -> dict:

@@ -245,14 +245,11 @@ def arg_parser():
 
 
 def cases(grid: str, layers=LAYERS) -> list[dict]:
+    from .scaling import sweep_cases
+
     g = GRIDS[grid]
-    out = []
-    for layer in layers:
-        for d in g["n_ds"]:
-            out += [{"part": "time", "layer": layer, "sweep": "n", "n": n, "d": d} for n in g["n"]]
-        out += [{"part": "time", "layer": layer, "sweep": "d", "n": g["d_n"], "d": d} for d in g["d"]]
-    out += [{"part": "count", "layer": row, "sweep": "", "n": n, "d": COUNT_D} for row in ROWS for n in g["count_n"]]
-    return out
+    return sweep_cases(g, layers, part="time") + [{"part": "count", "layer": row, "sweep": "", "n": n, "d": COUNT_D}
+                                                    for row in ROWS for n in g["count_n"]]
 
 
 def _count(case: dict, backend: str) -> dict:
