@@ -24,6 +24,7 @@ Conventions shared by every backend
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 
 import numpy as np
@@ -293,3 +294,15 @@ class Backend(ABC):
 
     def __repr__(self) -> str:
         return f"<tfm backend {self.name!r}>"
+
+
+def adam_scalars(step, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float) -> tuple:
+    """The scalars of one ``adam_step`` update, validated, in the order the kernels take them:
+    (1 - beta1, beta2, 1 - beta2, sqrt(1 - beta2^step), eps, -lr / (1 - beta1^step), weight_decay)."""
+    if not (lr >= 0 and weight_decay >= 0):
+        raise ValueError(f"adam_step: lr must be >= 0 and weight_decay >= 0 (got {lr}, {weight_decay})")
+    step = int(step)
+    if step < 1:
+        raise ValueError(f"adam_step: step must be >= 1, got {step}")
+    return (1.0 - beta1, beta2, 1.0 - beta2, math.sqrt(1.0 - beta2 ** step), eps, -lr / (1.0 - beta1 ** step),
+            weight_decay)

@@ -32,6 +32,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from ..base import adam_scalars
 from ._threads import SMALL_ELEMENTS
 
 CHUNK = 1 << 14  # elements per parallel work item (64 KiB of float32)
@@ -107,11 +108,7 @@ def adam_step(param, grad, m, v, step, lr, beta1, beta2, eps, weight_decay=0.0):
         raise ValueError("adam_step: param, grad, m and v must have the same shape")
     if not (mf.dtype == vf.dtype == p.dtype):
         raise TypeError("adam_step: m and v must have the parameter's dtype")
-    if not (lr >= 0 and weight_decay >= 0):
-        raise ValueError(f"adam_step: lr must be >= 0 and weight_decay >= 0 (got {lr}, {weight_decay})")
-    step = int(step)
-    scalars = np.array([1.0 - beta1, beta2, 1.0 - beta2, math.sqrt(1.0 - beta2 ** step), eps,
-                        -lr / (1.0 - beta1 ** step), weight_decay], dtype=p.dtype)
+    scalars = np.array(adam_scalars(step, lr, beta1, beta2, eps, weight_decay), dtype=p.dtype)
     args = (p, g, mf, vf, scalars, bool(weight_decay))
     if p.size < SMALL_ELEMENTS:
         _adam_range(*args, 0, p.size)

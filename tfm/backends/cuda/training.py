@@ -40,6 +40,7 @@ from functools import lru_cache
 import numpy as np
 from numba import cuda, uint64
 
+from ..base import adam_scalars
 from ._launch import grid_1d, launch, numba_dtype, simulator_enabled
 from ._views import c_view
 
@@ -144,19 +145,12 @@ def adam_step(param, grad, m, v, step, lr, beta1, beta2, eps, weight_decay, tuni
     dtype = np.dtype(param.dtype)
     if not (np.dtype(m.dtype) == np.dtype(v.dtype) == np.dtype(grad.dtype) == dtype):
         raise TypeError("adam_step: grad, m and v must have the parameter's dtype")
-    if not (lr >= 0 and weight_decay >= 0):
-        raise ValueError(f"adam_step: lr must be >= 0 and weight_decay >= 0 (got {lr}, {weight_decay})")
-    step = int(step)
-    if step < 1:
-        raise ValueError(f"adam_step: step must be >= 1, got {step}")
+    scalars = adam_scalars(step, lr, beta1, beta2, eps, weight_decay)
     if param.size == 0:
         return
     grad = contiguous(grad, tuning) if len(grad.shape) in (3, 4) else grad
-    t = dtype.type
     launch("adam", _adam_kernel(dtype, bool(weight_decay)), grid_1d(param.size, tuning.elem_threads),
-           tuning.elem_threads, flat(param), flat(grad), flat(m), flat(v), t(1.0 - beta1), t(beta2),
-           t(1.0 - beta2), t(math.sqrt(1.0 - beta2 ** step)), t(eps), t(-lr / (1.0 - beta1 ** step)),
-           t(weight_decay))
+           tuning.elem_threads, flat(param), flat(grad), flat(m), flat(v), *map(dtype.type, scalars))
 
 
 @lru_cache(maxsize=None)
